@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`. Each sets itself up (idempotent, quick when done).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.longtail-installed
+
+# torch/torchvision pins: wheels that exist on this project's machines (x86_64: CUDA build, runs on CPU too).
+ifeq ($(shell uname -m),aarch64)
+TORCH_PINS := torch==2.9.1 torchvision==0.24.1
+else
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install sysdeps test demo lint clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PINS)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' $(TORCH_PINS)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+sysdeps:
+	@bash scripts/sysdeps.sh
+
+test: install sysdeps
+	$(VENV)/bin/ruff check src tests benchmarks
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): check PYTEST_ARGS / tests/" >&2; fi; \
+	  exit $$rc
+
+demo: install sysdeps
+	$(VENV)/bin/longtail demo $(DEMO_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,199 @@
+import math
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+
+from longtail.guidance import (
+    GuidanceWindow,
+    eps_from_model_output,
+    guided_eps,
+    longtail_grad,
+    make_score_fn,
+    model_output_from_eps,
+    predicted_z0,
+)
+from longtail.sampling import GuidanceConfig, check_scheduler, initial_latents, sample
+
+
+def ddim():
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, clip_sample=False, set_alpha_to_one=False)
+
+
+def test_eq8_and_eq11_on_numbers():
+    z, eps = torch.tensor([2.0]), torch.tensor([1.0])
+    a = 0.64  # sqrt(a) = 0.8, sqrt(1 - a) = 0.6
+    assert predicted_z0(z, eps, a).item() == pytest.approx((2.0 - 0.6) / 0.8)
+    assert guided_eps(eps, torch.tensor([0.5]), a, weight=2.0).item() == pytest.approx(1.0 - 2.0 * 0.6 * 0.5)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_model_output_conversions_round_trip(kind):
+    torch.manual_seed(0)
+    z, out = torch.randn(3, 4), torch.randn(3, 4)
+    eps = eps_from_model_output(out, z, 0.3, kind)
+    assert torch.allclose(model_output_from_eps(eps, z, 0.3, kind), out, atol=1e-5)
+
+
+def _toy_parts(dtype=torch.float64):
+    torch.manual_seed(0)
+    decoder = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh()).to(dtype)
+    classifier = torch.nn.Linear(10, 3).to(dtype)
+    denoise = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()).to(dtype)
+    return decoder, classifier, denoise
+
+
+@pytest.mark.parametrize("through_denoiser", [False, True])
+def test_latent_gradient_matches_finite_differences(through_denoiser):
+    decoder, classifier, denoise = _toy_parts()
+    score_fn = make_score_fn(decoder, classifier, "entropy")
+    a = 0.5
+    z = torch.randn(2, 6, dtype=torch.float64)
+    eps_const = denoise(z).detach()
+
+    def f(zz):
+        e = denoise(zz) if through_denoiser else eps_const
+        return score_fn(predicted_z0(zz, e, a))[0]
+
+    lg = (longtail_grad(z, a, score_fn, eps_fn=denoise) if through_denoiser
+          else longtail_grad(z, a, score_fn, eps=eps_const))
+    h = 1e-6
+    numeric = torch.zeros_like(z)
+    for b in range(2):
+        for j in range(6):
+            dz = torch.zeros_like(z)
+            dz[b, j] = h
+            numeric[b, j] = (f(z + dz)[b] - f(z - dz)[b]) / (2 * h)
+    assert torch.allclose(lg.grad, numeric, atol=1e-6, rtol=1e-5)
+    assert lg.finite.all()
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """The exact eps-predictor for data z0 ~ N(mu, s^2 I): eps = sqrt(1-a) (z - sqrt(a) mu) / (a s^2 + 1 - a)."""
+
+    def __init__(self, scheduler, mu=2.0, s=0.5):
+        super().__init__()
+        self.alphas, self.mu, self.s = scheduler.alphas_cumprod, mu, s
+
+    def forward(self, z, t, cond):
+        a = self.alphas[int(t)]
+        return (1 - a).sqrt() * (z - a.sqrt() * self.mu) / (a * self.s**2 + 1 - a)
+
+
+def boundary_classifier(x):
+    """Two classes split at mean(x) = 0: data at mu = 2 are confident; entropy peaks at the boundary."""
+    m = x.flatten(1).mean(dim=1, keepdim=True)
+    return torch.cat([0.5 * m, -0.5 * m], dim=1)
+
+
+def test_guidance_raises_the_signal_on_a_known_toy_problem():
+    sched = ddim()
+    den = GaussianDenoiser(sched)
+    z_T = initial_latents(range(16), (4,))
+    cond = torch.zeros(16, 1)
+    labels = torch.zeros(16, dtype=torch.long)
+    kw = dict(num_steps=20, classifier=boundary_classifier, labels=labels)
+    plain = sample(den, sched, lambda z: z, cond, z_T, **kw)
+    guided = sample(den, sched, lambda z: z, cond, z_T, guidance=GuidanceConfig("entropy", weight=3.0), **kw)
+    # Unguided samples sit near mu = 2 (confident); guidance toward higher entropy pulls them to the boundary.
+    assert plain.latents.mean().item() == pytest.approx(2.0, abs=0.35)
+    assert guided.latents.mean() < plain.latents.mean() - 0.3
+    assert guided.signal.mean() > plain.signal.mean() + 0.05
+    assert guided.p_class.mean() < plain.p_class.mean()
+    assert guided.p_class.mean() > 0.5  # still the intended class on average: in distribution
+    assert len(guided.trajectory) == 20 and guided.nonfinite == 0
+
+
+def tiny_sd_parts():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
+    ).eval()
+    vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+    return unet, vae
+
+
+def test_weight_zero_gives_exactly_the_unguided_sample(tiny_cnn):
+    unet, vae = tiny_sd_parts()
+    sched = ddim()
+
+    def denoiser(z, t, cond):
+        return unet(z, t, encoder_hidden_states=cond).sample
+
+    def decode(z):
+        return vae.decode(z).sample
+
+    cond, uncond = torch.randn(3, 5, 12), torch.zeros(3, 5, 12)
+    z_T = initial_latents([1, 2, 3], (4, 8, 8))
+    kw = dict(uncond=uncond, cfg_scale=3.0, num_steps=2, classifier=tiny_cnn.eval(), labels=torch.tensor([0, 1, 2]))
+    plain = sample(denoiser, sched, decode, cond, z_T, **kw)
+    zero = sample(denoiser, sched, decode, cond, z_T, guidance=GuidanceConfig("entropy", weight=0.0), **kw)
+    strong = sample(denoiser, sched, decode, cond, z_T, guidance=GuidanceConfig("entropy", weight=50.0), **kw)
+    assert torch.equal(plain.latents, zero.latents)
+    assert torch.equal(plain.images, zero.images)
+    assert len(zero.trajectory) == 2  # the signal was computed, just not applied
+    assert not torch.equal(plain.latents, strong.latents)
+    assert plain.images.shape == (3, 1, 16, 16)
+
+
+class NaNForFirst(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        g[0] = float("nan")
+        return g
+
+
+def test_non_finite_gradients_fall_back_to_unguided_per_sample():
+    sched = ddim()
+    den = GaussianDenoiser(sched)
+    z_T = initial_latents([5, 6], (4,))
+    cond = torch.zeros(2, 1)
+    plain = sample(den, sched, lambda z: z, cond, z_T, num_steps=5, classifier=boundary_classifier)
+    guided = sample(den, sched, NaNForFirst.apply, cond, z_T, num_steps=5, classifier=boundary_classifier,
+                    guidance=GuidanceConfig("entropy", weight=3.0))
+    assert guided.nonfinite == 5  # sample 0 at each of the 5 steps
+    assert torch.equal(guided.latents[0], plain.latents[0])
+    assert not torch.allclose(guided.latents[1], plain.latents[1])
+    assert torch.isfinite(guided.latents).all()
+
+
+def test_initial_latents_do_not_depend_on_the_batch():
+    a = initial_latents([3, 4, 5], (2, 2))
+    b = initial_latents([5], (2, 2))
+    assert torch.equal(a[2], b[0])
+
+
+def test_guidance_window():
+    w = GuidanceWindow(0.0, 0.5, every=2)
+    assert [i for i in range(10) if w.active(i, 10)] == [0, 2, 4]
+    w = GuidanceWindow(0.25, 1.0)
+    assert [i for i in range(8) if w.active(i, 8)] == [2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="window"):
+        GuidanceWindow(0.6, 0.5)
+
+
+def test_scheduler_checks():
+    with pytest.raises(ValueError, match="clip_sample"):
+        check_scheduler(DDIMScheduler())  # diffusers' default clip_sample=True: the latent-collapse trap
+    with pytest.raises(ValueError, match="not supported"):
+        check_scheduler(EulerDiscreteScheduler())
+    check_scheduler(ddim())
+
+
+def test_through_denoiser_mode_runs_in_the_sampler():
+    sched = ddim()
+    den = GaussianDenoiser(sched)
+    z_T = initial_latents(range(4), (4,))
+    res = sample(den, sched, lambda z: z, torch.zeros(4, 1), z_T, num_steps=4, classifier=boundary_classifier,
+                 guidance=GuidanceConfig("entropy", weight=1.0, through_denoiser=True))
+    assert torch.isfinite(res.latents).all() and not math.isnan(res.signal.mean().item())
