@@ -132,3 +132,13 @@ def test_overhead_cli_prints_the_percentage_last():
     percents = re.findall(r"([0-9.]+)%", out)
     assert percents and float(percents[-1]) == pytest.approx(0.45, abs=0.005)
     assert "384,000" in out
+
+
+def test_head_signals_have_input_gradients_when_the_base_is_frozen(tiny_cnn):
+    model = EpistemicClassifier(tiny_cnn, num_heads=3).eval()
+    x = torch.randn(2, 1, 6, 6, requires_grad=True)
+    assert model.base_trainable() and not model(x).features.requires_grad  # training: stop-grad
+    model.requires_grad_(False)
+    out = model(x)
+    epistemic(out.head_logits).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

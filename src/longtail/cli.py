@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Longtail Guidance: mine a classifier's longtail.")
@@ -25,6 +27,46 @@ def heads_overhead(
     extra = stats["added_with_bias"] - stats["added_params"]
     typer.echo(f"added parameters: {stats['added_params']:,} (K x d x C) + {extra:,} biases")
     typer.echo(f"overhead: {stats['percent']:.2f}%")
+
+
+@app.command()
+def demo(
+    config: Path | None = typer.Option(None, help="YAML config (see configs/demo.yaml); flags override it"),
+    quick: bool = typer.Option(False, "--quick", help="a few-minute run: one seed, smaller sizes"),
+    out: str | None = typer.Option(None, help="run directory (default runs/demo, or runs/demo-quick with --quick)"),
+    seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
+    set_: list[str] = typer.Option([], "--set", help="override any config key: --set mining.rounds=3"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """The embedded default end to end: train, detect, sweep the weight, mine, summarise (resumable)."""
+    from .config import load_config
+    from .demo import DemoConfig, quick_overrides, run_demo
+
+    overrides = list(set_)
+    if seeds:
+        overrides.append(f"seeds=[{seeds}]")
+    if out:
+        overrides.append(f"out={out}")
+    elif quick:
+        overrides.append("out=runs/demo-quick")
+    cfg = load_config(DemoConfig, config, overrides, base=quick_overrides() if quick else None)
+    run_demo(cfg, show=progress)
+
+
+@app.command("train-generator")
+def train_generator_cmd(
+    out: Path = typer.Option(..., help="output directory (diffusers layout + longtail_generator.json)"),
+    config: Path | None = typer.Option(None, help="YAML with TinyGeneratorConfig keys"),
+    set_: list[str] = typer.Option([], "--set", help="override a key: --set unet_steps=2000"),
+    data_dir: Path | None = typer.Option(None, help="Fashion-MNIST directory (default: the Debian package's)"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Train the embedded text-conditioned latent diffusion model on full Fashion-MNIST."""
+    from .config import load_config
+    from .models.tiny import TinyGeneratorConfig, train_generator
+
+    cfg = load_config(TinyGeneratorConfig, config, set_)
+    train_generator(out, cfg, data_dir=data_dir, show=progress)
 
 
 def main() -> None:

@@ -110,6 +110,12 @@ def longtail_grad(
         else:
             e = eps.detach() if eps is not None else eps_fn(z)
             score, out = score_fn(predicted_z0(z, e, alpha_bar_t))
+        if not score.requires_grad:
+            raise ValueError(
+                "the longtail signal does not depend on the latent: is the classifier's output detached? "
+                "(an EpistemicClassifier detaches its head features while its base is trainable; freeze it with "
+                "requires_grad_(False), as longtail.sampling.sample does)"
+            )
         (grad,) = torch.autograd.grad(score.float().sum(), z)
     finite = torch.isfinite(grad).flatten(1).all(dim=1)
     if not bool(finite.all()):

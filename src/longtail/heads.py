@@ -118,10 +118,12 @@ class ClassifierOutput:
 
 
 class EpistemicClassifier(nn.Module):
-    """A base classifier plus an Epistemic Head fed by the base head's input, detached (stop-grad).
+    """A base classifier plus an Epistemic Head fed by the base head's input, behind a stop-grad.
 
     ``forward(x)`` runs the base model once; a forward pre-hook on its head captures the features.
-    The base model's parameters and outputs are never changed by the head or its loss.
+    While the base is trainable the features are detached, so the base model's parameters and outputs are
+    never changed by the head or its loss. With the base frozen (``requires_grad_(False)``, as the sampler
+    does) the features stay attached and head signals have input gradients.
     """
 
     def __init__(
@@ -146,6 +148,14 @@ class EpistemicClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.heads.weight.shape[1]
 
+    def base_trainable(self) -> bool:
+        """True when any base parameter requires grad: then the heads see detached features.
+
+        With the base frozen (generation), nothing can reach its weights, so the features stay attached and the
+        head signals are differentiable w.r.t. the *input*, which is what guidance needs.
+        """
+        return any(p.requires_grad for p in self.base.parameters())
+
     def forward(self, x: Tensor) -> ClassifierOutput:
         """x ``[B, ...]`` -> ``ClassifierOutput(logits [B, C], head_logits [B, K, C], features [B, D])``."""
         self._features = None
@@ -154,7 +164,9 @@ class EpistemicClassifier(nn.Module):
         self._features = None
         if features is None:
             raise RuntimeError(f"head {self.head_name!r} was not called during the forward pass")
-        features = features.flatten(1).detach()  # stop-grad: the heads never reach the base model
+        features = features.flatten(1)
+        if self.base_trainable():
+            features = features.detach()  # stop-grad: the head loss never reaches the base model's weights
         return ClassifierOutput(logits=logits, head_logits=self.heads(features.to(self.heads.weight.dtype)),
                                 features=features)
 

@@ -13,13 +13,14 @@ the decoded predicted clean latent biases eps (Eq. 11) before the scheduler step
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .guidance import (
     GuidanceWindow,
@@ -108,6 +109,23 @@ def check_scheduler(scheduler: object) -> None:
         raise ValueError(f"{name} has thresholding=True, which is meant for pixel-space models; disable it")
 
 
+@contextlib.contextmanager
+def frozen(module: object) -> Iterator[None]:
+    """Eval mode and no parameter gradients for an ``nn.Module`` while sampling; both restored afterwards."""
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    was_training = module.training
+    flags = [p.requires_grad for p in module.parameters()]
+    module.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
 def initial_latents(
     seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -157,7 +175,17 @@ def sample(
     window's steps and applied with its weight. ``labels [B]`` (intended classes) give P(class) records.
     ``record_signal`` names the signal recorded on the final images (default: the guidance signal, else
     entropy). ``on_step(i, t, z_t, eps)`` is called after each eps (for trajectory analyses).
+
+    A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored after).
     """
+    with frozen(classifier):
+        return _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, cfg_scale, eta,
+                            classifier, labels, guidance, record_signal, generator, on_step)
+
+
+def _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, cfg_scale, eta,
+                 classifier, labels, guidance, record_signal, generator, on_step) -> SampleResult:
+    """The body of ``sample`` (same arguments, positional)."""
     check_scheduler(scheduler)
     if latents.shape[0] != cond.shape[0]:
         raise ValueError(f"latents batch {latents.shape[0]} != cond batch {cond.shape[0]}")

@@ -1,0 +1,372 @@
+"""The embedded default, end to end: mine the longtail of a Fashion-MNIST-LT classifier on the CPU.
+
+Stages (each resumes from the run directory):
+
+1. generator: load the shipped small latent diffusion model (or train it if absent);
+2. base: per seed, train a small CNN + Epistemic Head on the long-tailed subset; accuracy (Many/Medium/Few)
+   and how well each signal detects rare and hard test images (AUROC, paper Figure 5);
+3. sweep: signal and P(class) of generated images against the guidance weight (Figure 2), the weight chosen
+   by the paper's rule (``longtail.calibrate``), guided vs unguided generation time, image grids;
+4. mining: per seed, three conditions with the same synthetic count -- no synthetic data, unguided
+   synthetic data, LTG synthetic data -- fine-tuned round by round (Figure 3);
+5. summary: ``metrics.json``, a printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .calibrate import SweepPoint, choose_weight, sweep
+from .config import dump_config, to_dict
+from .data.datasets import (
+    FASHION_MNIST_CLASSES,
+    class_groups,
+    load_fashion_mnist,
+    longtail_counts,
+    longtail_indices,
+    to_model_range,
+)
+from .evaluation.metrics import accuracy_report, detection_report
+from .generate import Generated, generate, plan_jobs
+from .mining import MiningConfig, load_state, mine, save_state
+from .models.ldm import LatentDiffusion
+from .models.tiny import ASSETS_DIR, TinyGeneratorConfig, class_prompt, load_tiny_generator, train_generator
+from .sampling import GuidanceConfig
+from .train import TrainConfig, fit, make_classifier, predict
+
+
+@dataclass
+class DataSection:
+    data_dir: str | None = None
+    n_max: int = 1000
+    imbalance: float = 100.0
+    data_seed: int = 0  # the long-tailed subset is fixed; run seeds vary training and generation
+    many: int = 100
+    few: int = 20
+
+
+@dataclass
+class ClassifierSection:
+    width: int = 16
+    heads: int = 5
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=2e-3))
+
+
+@dataclass
+class SamplerSection:
+    num_steps: int = 20
+    cfg_scale: float = 3.0
+    batch_size: int = 100
+
+
+@dataclass
+class SweepSection:
+    signals: list[str] = field(default_factory=lambda: ["entropy", "energy", "total", "epistemic"])
+    weights: list[float] = field(default_factory=lambda: [0.3, 1.0, 3.0])
+    images_per_class: int = 8
+    min_p_ratio: float = 0.5
+    normalize: bool = False
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass
+class MiningSection:
+    conditions: list[str] = field(default_factory=lambda: ["none", "unguided", "ltg"])
+    signal: str = "total"
+    weight: float | None = None  # None: the weight the sweep chose for `signal`
+    rounds: int = 2
+    images_per_round: int = 250
+    allocation: str = "even"
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, lr=5e-4))
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo does, sized for 2 CPU cores; ``--quick`` shrinks it (see ``quick_overrides``)."""
+
+    out: str = "runs/demo"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    generator: str | None = None  # a trained generator directory; None: the shipped one (trained if absent)
+    threads: int = 0  # torch CPU threads (0: leave torch's default)
+    data: DataSection = field(default_factory=DataSection)
+    classifier: ClassifierSection = field(default_factory=ClassifierSection)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
+    mining: MiningSection = field(default_factory=MiningSection)
+
+
+def quick_overrides() -> dict:
+    """A few-minute run: one seed, fewer epochs, a smaller sweep and mining volume."""
+    return {
+        "seeds": [0],
+        "classifier": {"train": {"epochs": 12}},
+        "sampler": {"num_steps": 12},
+        "sweep": {"signals": ["entropy", "total"], "weights": [1.0], "images_per_class": 4},
+        "mining": {"rounds": 1, "images_per_round": 100, "finetune": {"epochs": 2}},
+    }
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def uint8_to_input(images: Tensor) -> Tensor:
+    """Stored synthetic images uint8 ``[N, 32, 32]`` -> classifier input ``[N, 1, 32, 32]`` in [-1, 1]."""
+    return images.float().unsqueeze(1) / 127.5 - 1.0
+
+
+def ensure_generator(cfg: DemoConfig, log) -> LatentDiffusion:
+    root = Path(cfg.generator) if cfg.generator else ASSETS_DIR
+    if not (root / "longtail_generator.json").is_file():
+        log(f"no generator at {root}: training one on full Fashion-MNIST (about an hour on 2 cores)")
+        train_generator(root, TinyGeneratorConfig(), data_dir=cfg.data.data_dir, log=log)
+    return load_tiny_generator(root)
+
+
+@dataclass
+class DemoData:
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    counts: list[int]
+    groups: list[str]
+
+
+def load_demo_data(cfg: DemoConfig) -> DemoData:
+    images, labels = load_fashion_mnist("train", cfg.data.data_dir)
+    test_images, test_labels = load_fashion_mnist("test", cfg.data.data_dir)
+    counts = longtail_counts(cfg.data.n_max, cfg.data.imbalance, len(FASHION_MNIST_CLASSES))
+    idx = longtail_indices(labels, counts, cfg.data.data_seed)
+    return DemoData(to_model_range(images[idx]), labels[idx], to_model_range(test_images), test_labels, counts,
+                    class_groups(counts, cfg.data.many, cfg.data.few))
+
+
+def evaluate_classifier(model, data: DemoData, detection: bool = False) -> dict:
+    out = predict(model, data.test_x)
+    report = accuracy_report(out.logits.argmax(-1), data.test_y, data.groups)
+    if detection:
+        report["detection"] = detection_report(out, data.test_y, data.groups)
+    return report
+
+
+# --- stages --------------------------------------------------------------------------------------------------
+
+
+def stage_base(cfg: DemoConfig, data: DemoData, seed: int, run: Path, log, show: bool):
+    """Train (or load) the seed's base classifier + heads; returns (model, metrics)."""
+    model = make_classifier(len(FASHION_MNIST_CLASSES), cfg.classifier.width, cfg.classifier.heads, seed)
+    base_dir = run / f"seed_{seed}" / "base"
+    ckpt, metrics_path = base_dir / "classifier.safetensors", base_dir / "metrics.json"
+    if ckpt.is_file() and metrics_path.is_file():
+        load_state(model, ckpt)
+        return model, _read_json(metrics_path)
+    started = time.perf_counter()
+    train_cfg = TrainConfig(**{**to_dict(cfg.classifier.train), "seed": seed})
+    fit(model, data.train_x, data.train_y, train_cfg, desc=f"base classifier (seed {seed})", show=show)
+    metrics = {**evaluate_classifier(model, data, detection=True), "seconds": time.perf_counter() - started}
+    base_dir.mkdir(parents=True, exist_ok=True)
+    save_state(model, ckpt)
+    _write_json(metrics_path, metrics)
+    log(f"seed {seed}: base classifier top-1 {metrics['top1']:.3f} (many {metrics['many']:.3f}, "
+        f"medium {metrics['medium']:.3f}, few {metrics['few']:.3f})")
+    return model, metrics
+
+
+def _generation_run(ldm: LatentDiffusion, model, cfg: DemoConfig, jobs, show: bool, desc: str):
+    def run(guidance: GuidanceConfig | None) -> Generated:
+        return generate(ldm, jobs, classifier=model, guidance=guidance, num_steps=cfg.sampler.num_steps,
+                        cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.sampler.batch_size, show=show,
+                        desc=f"{desc} {guidance.signal} w={guidance.weight:g}" if guidance else f"{desc} unguided")
+    return run
+
+
+def save_grid(images_by_weight: dict[float, Tensor], labels: Tensor, path: Path, per_class: int) -> None:
+    """PNG grid: one row block per class, columns = weights (unguided first), same seeds across columns."""
+    from torchvision.utils import save_image
+
+    weights = sorted(images_by_weight)
+    rows = []
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()[:per_class]
+        rows.extend(torch.cat([images_by_weight[w][i] for w in weights], dim=-1) for i in idx)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.stack(rows).clamp(-1, 1) * 0.5 + 0.5, path, nrow=per_class, padding=2, pad_value=0.5)
+
+
+def stage_sweep(cfg: DemoConfig, ldm: LatentDiffusion, model, run: Path, log, show: bool) -> dict:
+    """Guidance sweep with the first seed's base classifier; picks the weight per signal by the paper's rule."""
+    out_path = run / "sweep" / "sweep.json"
+    cached = _read_json(out_path)
+    if cached is not None:
+        return cached
+    sw = cfg.sweep
+    jobs = plan_jobs([sw.images_per_class] * len(FASHION_MNIST_CLASSES),
+                     lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]), base_seed=10_000)
+    base_run = _generation_run(ldm, model, cfg, jobs, show, "sweep")
+    images: dict[tuple[str, float], Tensor] = {}
+
+    def run_and_keep(guidance: GuidanceConfig | None) -> Generated:
+        gen = base_run(guidance)
+        images[(guidance.signal, guidance.weight) if guidance else ("", 0.0)] = gen.images
+        return gen
+
+    def show_point(p: SweepPoint) -> None:
+        log(f"  sweep {p.signal:9s} w={p.weight:<5g} signal {p.mean_signal:.3f}  P(class) {p.mean_p_class:.3f}  "
+            f"acc {p.accuracy:.3f}  {p.n / p.seconds:.1f} img/s")
+
+    base = GuidanceConfig(normalize=sw.normalize, start=sw.start, end=sw.end)
+    points = sweep(run_and_keep, sw.signals, sw.weights, base=base, on_point=show_point)
+    choices = {s: to_dict(choose_weight(points, s, sw.min_p_ratio)) for s in sw.signals}
+    unguided = points[0]
+    guided = [p for p in points if p.weight > 0]
+    timing = {
+        "unguided_img_per_s": unguided.n / unguided.seconds,
+        "guided_img_per_s": sum(p.n for p in guided) / sum(p.seconds for p in guided) if guided else math.nan,
+    }
+    timing["slowdown"] = timing["unguided_img_per_s"] / timing["guided_img_per_s"] if guided else math.nan
+    labels = torch.tensor([j.class_id for j in jobs])
+    for s in sw.signals:
+        grid = {0.0: images[("", 0.0)], **{w: images[(s, float(w))] for w in sw.weights if w > 0}}
+        save_grid(grid, labels, run / "sweep" / f"grid_{s}.png", per_class=min(2, sw.images_per_class))
+    result = {"points": [to_dict(p) for p in points], "choices": choices, "timing": timing,
+              "grid_weights": [0.0, *[w for w in sw.weights if w > 0]]}
+    _write_json(out_path, result)
+    for s, ch in choices.items():
+        log(f"  weight for {s}: {ch['reason']}")
+    log(f"  generation: unguided {timing['unguided_img_per_s']:.1f} img/s, guided {timing['guided_img_per_s']:.1f} "
+        f"img/s ({timing['slowdown']:.1f}x slower)")
+    return result
+
+
+def ltg_weight(cfg: DemoConfig, sweep_result: dict) -> float:
+    if cfg.mining.weight is not None:
+        return cfg.mining.weight
+    choice = sweep_result["choices"].get(cfg.mining.signal)
+    if choice is None:
+        raise ValueError(f"mining.signal {cfg.mining.signal!r} was not swept; add it to sweep.signals or set "
+                         "mining.weight")
+    if choice["weight"] is None:
+        # no swept weight passed the rule: take the smallest swept weight and say so
+        return min(w for w in cfg.sweep.weights if w > 0)
+    return float(choice["weight"])
+
+
+def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: int, condition: str, weight: float,
+                 run: Path, show: bool) -> list[dict]:
+    model = make_classifier(len(FASHION_MNIST_CLASSES), cfg.classifier.width, cfg.classifier.heads, seed)
+    load_state(model, run / f"seed_{seed}" / "base" / "classifier.safetensors")
+    guidance = GuidanceConfig(cfg.mining.signal, weight, start=cfg.sweep.start, end=cfg.sweep.end,
+                              normalize=cfg.sweep.normalize) if condition == "ltg" else None
+
+    def synthesize(r: int, clf, counts: list[int]) -> Generated | None:
+        if condition == "none":
+            return None
+        start = [(r - 1) * n for n in counts]  # each round continues the class's indices
+        jobs = plan_jobs(counts, lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]), base_seed=seed, start=start)
+        return generate(ldm, jobs, classifier=clf, guidance=guidance, num_steps=cfg.sampler.num_steps,
+                        cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.sampler.batch_size, show=show,
+                        desc=f"{condition} r{r} (seed {seed})", record_signal=cfg.mining.signal)
+
+    mcfg = MiningConfig(rounds=cfg.mining.rounds, images_per_round=cfg.mining.images_per_round,
+                        allocation=cfg.mining.allocation,
+                        finetune=TrainConfig(**{**to_dict(cfg.mining.finetune), "seed": seed}))
+    meta = {"weight": weight if condition == "ltg" else 0.0, "model": "embedded tiny-ldm",
+            "num_steps": cfg.sampler.num_steps, "cfg_scale": cfg.sampler.cfg_scale}
+    return mine(model, data.train_x, data.train_y, synthesize, mcfg, run / f"seed_{seed}" / "mining" / condition,
+                lambda m: evaluate_classifier(m, data), FASHION_MNIST_CLASSES, uint8_to_input, meta, show)
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarize(cfg: DemoConfig, base: dict[int, dict], mining: dict[int, dict[str, list[dict]]], sweep_result: dict,
+              weight: float) -> dict:
+    conditions = {}
+    for cond in cfg.mining.conditions:
+        finals = [mining[s][cond][-1] for s in cfg.seeds]
+        conditions[cond] = {k: _mean_std([f[k] for f in finals]) for k in ("top1", "many", "medium", "few")}
+    detection = {}
+    for name in next(iter(base.values()))["detection"]:
+        detection[name] = {k: _mean_std([base[s]["detection"][name][k] for s in cfg.seeds])
+                           for k in ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")}
+    return {
+        "seeds": cfg.seeds,
+        "base": {k: _mean_std([base[s][k] for s in cfg.seeds]) for k in ("top1", "many", "medium", "few")},
+        "detection": detection,
+        "sweep": sweep_result,
+        "ltg": {"signal": cfg.mining.signal, "weight": weight},
+        "conditions": conditions,
+        "per_seed": {str(s): {"base": base[s], "mining": mining[s]} for s in cfg.seeds},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"Fashion-MNIST-LT, mean over seeds {summary['seeds']} (test set, 10k balanced)", ""]
+    lines.append(f"{'condition':<22}{'top-1':>9}{'many':>9}{'medium':>9}{'few':>9}")
+    b = summary["base"]
+    lines.append(f"{'base (LT real only)':<22}" + "".join(f"{b[k]['mean']:>9.3f}" for k in ("top1", "many", "medium", "few")))
+    for cond, m in summary["conditions"].items():
+        label = {"none": "+ fine-tune, no synth", "unguided": "+ unguided synthetic",
+                 "ltg": f"+ LTG ({summary['ltg']['signal']}, w={summary['ltg']['weight']:g})"}.get(cond, cond)
+        lines.append(f"{label:<22}" + "".join(f"{m[k]['mean']:>9.3f}" for k in ("top1", "many", "medium", "few")))
+    lines += ["", f"{'signal':<12}{'AUROC rare':>12}{'AUROC hard':>12}{'acc>q90':>10}{'acc<q90':>10}"]
+    for name, d in summary["detection"].items():
+        lines.append(f"{name:<12}{d['auroc_rare']['mean']:>12.3f}{d['auroc_hard']['mean']:>12.3f}"
+                     f"{d['acc_above_q90']['mean']:>10.3f}{d['acc_below_q90']['mean']:>10.3f}")
+    t = summary["sweep"]["timing"]
+    lines += ["", f"generation: unguided {t['unguided_img_per_s']:.1f} img/s, guided {t['guided_img_per_s']:.1f} img/s "
+              f"({t['slowdown']:.1f}x slower)"]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig, show: bool = True, log=print) -> dict:
+    """Run (or resume) every stage; returns the summary also written to ``<out>/metrics.json``."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run / "config.yaml")
+    started = time.perf_counter()
+    ldm = ensure_generator(cfg, log)
+    data = load_demo_data(cfg)
+    log(f"long-tailed training set: {sum(data.counts)} images, per class {data.counts}")
+    base, models = {}, {}
+    for seed in cfg.seeds:
+        models[seed], base[seed] = stage_base(cfg, data, seed, run, log, show)
+    sweep_result = stage_sweep(cfg, ldm, models[cfg.seeds[0]], run, log, show)
+    weight = ltg_weight(cfg, sweep_result)
+    mining: dict[int, dict[str, list[dict]]] = {}
+    for seed in cfg.seeds:
+        mining[seed] = {}
+        for cond in cfg.mining.conditions:
+            mining[seed][cond] = stage_mining(cfg, ldm, data, seed, cond, weight, run, show)
+            final = mining[seed][cond][-1]
+            log(f"seed {seed} {cond:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
+    summary = summarize(cfg, base, mining, sweep_result, weight)
+    summary["seconds"] = time.perf_counter() - started
+    _write_json(run / "metrics.json", summary)
+    table = format_summary(summary)
+    (run / "summary.txt").write_text(table + "\n")
+    log(table)
+    return summary

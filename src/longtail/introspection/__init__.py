@@ -1,0 +1,1 @@
+"""Longtail Introspection: compare captions of guided and unguided images to find longtail words."""

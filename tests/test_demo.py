@@ -1,0 +1,118 @@
+"""The embedded demo end to end on a tiny config: fake data, random-weight generator, a few steps per stage."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import fake_fashion_mnist, tiny_generator
+from longtail.config import load_config
+from longtail.demo import DemoConfig, run_demo
+
+ROUNDS, PER_ROUND = 2, 10
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return fake_fashion_mnist(root / "data"), tiny_generator(root / "gen")
+
+
+def overrides(out: Path, data: Path, gen: Path) -> list[str]:
+    return [
+        f"out={out}", f"generator={gen}", f"data.data_dir={data}", "data.n_max=30", "data.imbalance=10",
+        "data.many=20", "data.few=5", "seeds=[0]", "classifier.train.epochs=2", "sampler.num_steps=2",
+        "sampler.batch_size=16", "sweep.signals=[entropy,total]", "sweep.weights=[0.5,2.0]",
+        "sweep.images_per_class=2", f"mining.rounds={ROUNDS}", f"mining.images_per_round={PER_ROUND}",
+        "mining.finetune.epochs=1",
+    ]
+
+
+def manifest(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_mini_demo_writes_a_complete_consistent_run(tmp_path, parts):
+    out = tmp_path / "run"
+    cfg = load_config(DemoConfig, overrides=overrides(out, *parts))
+    summary = run_demo(cfg, show=False, log=lambda _msg: None)
+
+    assert (out / "config.yaml").is_file() and (out / "summary.txt").is_file()
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(summary))
+    assert load_config(DemoConfig, out / "config.yaml") == cfg  # the resolved config reproduces the run
+    # detection: every signal, AUROC in [0, 1]
+    assert set(summary["detection"]) == {"entropy", "energy", "total", "aleatoric", "epistemic"}
+    for d in summary["detection"].values():
+        assert 0.0 <= d["auroc_hard"]["mean"] <= 1.0
+    # sweep: unguided + 2 weights per signal, a weight choice and a grid per signal, timing measured
+    points = summary["sweep"]["points"]
+    assert sorted((p["signal"], p["weight"]) for p in points) == sorted(
+        (s, w) for s in ("entropy", "total") for w in (0.0, 0.5, 2.0))
+    assert all(p["n"] == 20 for p in points)
+    for s in ("entropy", "total"):
+        assert (out / "sweep" / f"grid_{s}.png").stat().st_size > 0
+    assert summary["sweep"]["timing"]["slowdown"] > 0
+    weight = summary["ltg"]["weight"]
+    assert weight in (0.5, 2.0)
+    # mining: three conditions, ROUNDS rounds each, synthetic stores consistent with the rounds
+    seed_dir = out / "seed_0" / "mining"
+    for cond in ("none", "unguided", "ltg"):
+        history = summary["per_seed"]["0"]["mining"][cond]
+        assert [h["round"] for h in history] == list(range(ROUNDS + 1))
+        assert summary["conditions"][cond]["few"]["mean"] == history[-1]["few"]
+        for r in range(1, ROUNDS + 1):
+            assert (seed_dir / cond / f"round_{r}" / "classifier.safetensors").is_file()
+        expected = 0 if cond == "none" else ROUNDS * PER_ROUND
+        assert history[-1]["synthetic"] == expected
+        if cond == "none":
+            assert not (seed_dir / cond / "synthetic").exists()
+            continue
+        rows = manifest(seed_dir / cond / "synthetic" / "manifest.csv")
+        assert len(rows) == expected and len({r["id"] for r in rows}) == expected
+        assert all((seed_dir / cond / "synthetic" / r["path"]).is_file() for r in rows)
+        assert {float(r["weight"]) for r in rows} == {weight if cond == "ltg" else 0.0}
+        assert sorted(int(r["round"]) for r in rows) == sorted([1] * PER_ROUND + [2] * PER_ROUND)
+        assert {r["class_name"] for r in rows} == set(cfg_classes())
+
+
+def cfg_classes():
+    from longtail.data.datasets import FASHION_MNIST_CLASSES
+
+    return FASHION_MNIST_CLASSES
+
+
+def test_demo_resumes_after_a_kill(tmp_path, parts):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "longtail", "demo", "--no-progress"]
+    for item in [*overrides(out, *parts), "mining.rounds=3"]:
+        args += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = out / "seed_0" / "mining" / "none" / "round_2" / "metrics.json"
+    deadline = time.time() + 120
+    while not marker.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.is_file(), proc.stderr.read().decode()[-2000:]
+    assert not (out / "metrics.json").is_file(), "the run finished before the kill; the test needs a slower config"
+    base_ckpt = out / "seed_0" / "base" / "classifier.safetensors"
+    sweep_json = out / "sweep" / "sweep.json"
+    stamps = {p: p.stat().st_mtime_ns for p in (base_ckpt, sweep_json, marker)}
+
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "finished stages were redone"
+    summary = json.loads((out / "metrics.json").read_text())
+    for cond in ("unguided", "ltg"):
+        rows = manifest(out / "seed_0" / "mining" / cond / "synthetic" / "manifest.csv")
+        assert len(rows) == 3 * PER_ROUND == len({r["id"] for r in rows})
+        assert summary["per_seed"]["0"]["mining"][cond][-1]["synthetic"] == 3 * PER_ROUND
+    assert not list(out.rglob("*.tmp"))
