@@ -4,7 +4,9 @@ Parts, all supplied by the caller so the same loop serves the embedded model and
 
 * ``denoiser(z_t [B,...], t [] , cond [B,...]) -> model output`` (eps, v or x0, per the scheduler's config)
 * a diffusers scheduler (DDIM first; any variance-preserving one whose ``step`` takes a noise prediction)
-* ``decode(z [B,...]) -> image [B, C, H, W]`` (the VAE decoder, scaling included)
+* ``decode(z [B,...]) -> image [B, C, H, W]`` (the VAE decoder, scaling included); optionally a cheaper
+  ``guide_decode`` used only on the guidance path (a distilled or TAESD-style decoder), final images still
+  come from ``decode``
 * ``classifier(image) -> logits [B, C] | ClassifierOutput`` (optional; needed for guidance and records)
 
 Per step: classifier-free guidance gives eps; when the guidance window is open, the longtail gradient of
@@ -36,8 +38,9 @@ from .signals import get_signal
 
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-# Schedulers whose latents are variance preserving (z_t = sqrt(a_t) z0 + sqrt(1-a_t) eps) and whose `step`
-# consumes a noise prediction: Eq. 8 and Eq. 11 apply to them as written.
+# Schedulers whose `step` consumes a (modifiable) noise prediction. The loop works in variance-preserving
+# space, z_vp = scale_model_input(z, t) (z itself for DDIM-like schedulers, x / sqrt(1 + sigma^2) for Euler),
+# where Eq. 8 and Eq. 11 apply as written; the scheduler steps its own variable with the guided prediction.
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler",
     "DDPMScheduler",
@@ -45,6 +48,8 @@ SUPPORTED_SCHEDULERS = (
     "DPMSolverSinglestepScheduler",
     "UniPCMultistepScheduler",
     "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
 )
 
 
@@ -126,6 +131,15 @@ def frozen(module: object) -> Iterator[None]:
         module.train(was_training)
 
 
+def _alpha_bar(scheduler: object, alphas: Tensor, i: int, t: Tensor) -> Tensor:
+    """``alpha_bar`` of step ``i``: from the scheduler's own sigma where it keeps one per step (Euler, DPM-Solver:
+    ``a = 1 / (1 + sigma^2)``, exact for fractional timesteps), else ``alphas_cumprod[t]``."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, Tensor) and len(sigmas) == len(scheduler.timesteps) + 1:
+        return 1.0 / (1.0 + sigmas[i].to(alphas.device, torch.float32) ** 2)
+    return alphas[int(t)]
+
+
 def initial_latents(
     seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -167,6 +181,7 @@ def sample(
     record_signal: str | None = None,
     generator: torch.Generator | None = None,
     on_step: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+    guide_decode: Callable[[Tensor], Tensor] | None = None,
 ) -> SampleResult:
     """Run the (optionally guided) sampler from ``latents`` = z_T ``[B, ...]``.
 
@@ -175,16 +190,17 @@ def sample(
     window's steps and applied with its weight. ``labels [B]`` (intended classes) give P(class) records.
     ``record_signal`` names the signal recorded on the final images (default: the guidance signal, else
     entropy). ``on_step(i, t, z_t, eps)`` is called after each eps (for trajectory analyses).
+    ``guide_decode`` replaces ``decode`` on the guidance path only (a cheap surrogate decoder).
 
     A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored after).
     """
     with frozen(classifier):
         return _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, cfg_scale, eta,
-                            classifier, labels, guidance, record_signal, generator, on_step)
+                            classifier, labels, guidance, record_signal, generator, on_step, guide_decode)
 
 
 def _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, cfg_scale, eta,
-                 classifier, labels, guidance, record_signal, generator, on_step) -> SampleResult:
+                 classifier, labels, guidance, record_signal, generator, on_step, guide_decode) -> SampleResult:
     """The body of ``sample`` (same arguments, positional)."""
     check_scheduler(scheduler)
     if latents.shape[0] != cond.shape[0]:
@@ -198,24 +214,23 @@ def _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, 
     step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
     alphas = scheduler.alphas_cumprod.to(latents.device)
     window = guidance.window() if guidance is not None else None
-    score_fn = make_score_fn(decode, classifier, guidance.signal) if guidance is not None else None
+    score_fn = make_score_fn(guide_decode or decode, classifier, guidance.signal) if guidance is not None else None
 
     z = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     result = SampleResult(images=torch.empty(0), latents=torch.empty(0))
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
-        a_t = alphas[int(t)].to(z.dtype)
-        z_in = scheduler.scale_model_input(z, t)
-        eps = _cfg_eps(denoiser, z_in, t, cond, uncond, cfg_scale, a_t, prediction_type)
+        a_t = _alpha_bar(scheduler, alphas, i, t).to(z.dtype)
+        z_vp = scheduler.scale_model_input(z, t)  # the variance-preserving latent (z itself for DDIM)
+        eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction_type)
         if on_step is not None:
-            on_step(i, t, z, eps)
+            on_step(i, t, z_vp, eps)
         if window is not None and window.active(i, len(timesteps)):
             eps_fn = None
             if guidance.through_denoiser:
                 def eps_fn(zz: Tensor, _t: Tensor = t, _a: Tensor = a_t) -> Tensor:
-                    return _cfg_eps(denoiser, scheduler.scale_model_input(zz, _t), _t, cond, uncond, cfg_scale,
-                                    _a, prediction_type)
-            lg = longtail_grad(z, a_t, score_fn, eps=None if eps_fn else eps, eps_fn=eps_fn,
+                    return _cfg_eps(denoiser, zz, _t, cond, uncond, cfg_scale, _a, prediction_type)
+            lg = longtail_grad(z_vp, a_t, score_fn, eps=None if eps_fn else eps, eps_fn=eps_fn,
                                on_noisy=guidance.on_noisy)
             grad = normalize_grad(lg.grad, eps) if guidance.normalize else lg.grad
             result.nonfinite += int((~lg.finite).sum())
@@ -223,7 +238,8 @@ def _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, 
                                                 float(grad.float().pow(2).mean().sqrt())))
             if guidance.weight != 0.0:
                 eps = guided_eps(eps, grad, a_t, guidance.weight)
-        z = scheduler.step(model_output_from_eps(eps, z, a_t, prediction_type), t, z, **step_kwargs).prev_sample
+        output = model_output_from_eps(eps, z_vp, a_t, prediction_type)
+        z = scheduler.step(output, t, z, **step_kwargs).prev_sample
 
     images = decode(z)
     result.images, result.latents = images, z
