@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .calibrate import SweepPoint, choose_weight, sweep
@@ -33,7 +34,7 @@ from .data.datasets import (
     longtail_indices,
     to_model_range,
 )
-from .evaluation.metrics import accuracy_report, detection_report
+from .evaluation.metrics import accuracy_report, detection_report, signal_scores
 from .generate import Generated, generate, plan_jobs
 from .mining import MiningConfig, load_state, mine, save_state
 from .models.ldm import LatentDiffusion
@@ -160,11 +161,21 @@ def load_demo_data(cfg: DemoConfig) -> DemoData:
                     class_groups(counts, cfg.data.many, cfg.data.few))
 
 
-def evaluate_classifier(model, data: DemoData, detection: bool = False) -> dict:
+def evaluate_classifier(model, data: DemoData, detection: bool = False, scores_path: Path | None = None) -> dict:
+    """Test-set accuracy (top-1, per class, Many/Medium/Few); with ``detection`` also signal AUROCs.
+
+    ``scores_path`` saves every test example's signals, label and prediction (safetensors) for ROC curves.
+    """
     out = predict(model, data.test_x)
-    report = accuracy_report(out.logits.argmax(-1), data.test_y, data.groups)
+    preds = out.logits.argmax(-1)
+    report = accuracy_report(preds, data.test_y, data.groups)
     if detection:
         report["detection"] = detection_report(out, data.test_y, data.groups)
+    if scores_path is not None:
+        tensors = {f"signal/{k}": v.contiguous() for k, v in signal_scores(out).items()}
+        tensors.update(labels=data.test_y.contiguous(), preds=preds.contiguous(),
+                       rare=torch.tensor([data.groups[int(y)] == "few" for y in data.test_y]))
+        save_file(tensors, str(scores_path))
     return report
 
 
@@ -182,8 +193,9 @@ def stage_base(cfg: DemoConfig, data: DemoData, seed: int, run: Path, log, show:
     started = time.perf_counter()
     train_cfg = TrainConfig(**{**to_dict(cfg.classifier.train), "seed": seed})
     fit(model, data.train_x, data.train_y, train_cfg, desc=f"base classifier (seed {seed})", show=show)
-    metrics = {**evaluate_classifier(model, data, detection=True), "seconds": time.perf_counter() - started}
     base_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {**evaluate_classifier(model, data, detection=True, scores_path=base_dir / "test_scores.safetensors"),
+               "seconds": time.perf_counter() - started}
     save_state(model, ckpt)
     _write_json(metrics_path, metrics)
     log(f"seed {seed}: base classifier top-1 {metrics['top1']:.3f} (many {metrics['many']:.3f}, "
