@@ -35,3 +35,16 @@ def test_rows_without_files_are_ignored_and_unknown_classes_rejected(tmp_path):
 def test_lengths_must_match(tmp_path):
     with pytest.raises(ValueError, match="2 images but 1 records"):
         SyntheticStore(tmp_path).add(np.zeros((2, 4, 4), np.uint8), records(["a"]))
+
+
+def test_parts_from_several_writers_merge_into_one_manifest(tmp_path):
+    a, b = SyntheticStore(tmp_path, part=0), SyntheticStore(tmp_path, part=1)
+    a.add(np.zeros((2, 4, 4), np.uint8), records(["x2", "x0"]))
+    b.add(np.ones((2, 4, 4), np.uint8), records(["x1", "x3"]))
+    assert sorted(SyntheticStore(tmp_path).rows(), key=lambda r: r["id"]) == sorted(
+        a.rows(), key=lambda r: r["id"])
+    assert SyntheticStore(tmp_path).merge() == 4
+    assert not list(tmp_path.glob("manifest.part-*"))
+    assert [r["id"] for r in SyntheticStore(tmp_path).rows()] == ["x0", "x1", "x2", "x3"]
+    # a later writer sees the merged ids as existing
+    assert SyntheticStore(tmp_path, part=3).add(np.zeros((1, 4, 4), np.uint8), records(["x1"])) == 0

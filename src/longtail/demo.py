@@ -35,7 +35,7 @@ from .data.datasets import (
     to_model_range,
 )
 from .evaluation.metrics import accuracy_report, detection_report, signal_scores
-from .generate import Generated, generate, plan_jobs
+from .generate import Generated, generate, gif_prompts, plan_jobs
 from .mining import MiningConfig, load_state, mine, save_state
 from .models.ldm import LatentDiffusion
 from .models.tiny import ASSETS_DIR, TinyGeneratorConfig, class_prompt, load_tiny_generator, train_generator
@@ -282,26 +282,72 @@ def ltg_weight(cfg: DemoConfig, sweep_result: dict) -> float:
     return float(choice["weight"])
 
 
+CONDITION_LABELS = {
+    "none": "+ fine-tune, no synth",
+    "unguided": "+ unguided synthetic",
+    "gif": "+ prompt-tuned (GIF)",
+    "naive": "+ naive guidance (z_t)",
+}
+
+
+def condition_label(cond: str, signal: str, weight: float) -> str:
+    if cond == "ltg":
+        return f"+ LTG ({signal}, w={weight:g})"
+    if cond.startswith("aug:"):
+        return f"+ aug {cond[4:]}"
+    return CONDITION_LABELS.get(cond, cond)
+
+
+def check_condition(cond: str) -> None:
+    from .augment import AUGMENTATIONS
+
+    if cond in ("none", "unguided", "ltg", "gif", "naive"):
+        return
+    if cond.startswith("aug:") and cond[4:] in AUGMENTATIONS:
+        return
+    raise ValueError(f"unknown mining condition {cond!r}: use none, unguided, ltg, gif, naive or "
+                     f"aug:<{'|'.join(AUGMENTATIONS)}>")
+
+
 def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: int, condition: str, weight: float,
                  run: Path, show: bool) -> list[dict]:
+    """One condition of the comparison for one seed, from the seed's base classifier (resumable).
+
+    ``none``: fine-tune on real data only; ``unguided``: + synthetic "a photo of a <class>" images;
+    ``gif``: + synthetic images from GIF's 40 prompt templates; ``ltg``: + Longtail-Guided images (predicted
+    clean state); ``naive``: + images guided on the decoded noisy state (the A.7 ablation);
+    ``aug:<name>``: real data with that augmentation baseline. Same synthetic count for every generator.
+    """
+    check_condition(condition)
     model = make_classifier(len(FASHION_MNIST_CLASSES), cfg.classifier.width, cfg.classifier.heads, seed)
     load_state(model, run / f"seed_{seed}" / "base" / "classifier.safetensors")
-    guidance = GuidanceConfig(cfg.mining.signal, weight, start=cfg.sweep.start, end=cfg.sweep.end,
-                              normalize=cfg.sweep.normalize) if condition == "ltg" else None
+    guidance = None
+    if condition in ("ltg", "naive"):
+        guidance = GuidanceConfig(cfg.mining.signal, weight, start=cfg.sweep.start, end=cfg.sweep.end,
+                                  normalize=cfg.sweep.normalize, on_noisy=condition == "naive")
+    if condition == "gif":
+        table = [gif_prompts(name) for name in FASHION_MNIST_CLASSES]
+
+        def prompt(c: int, i: int) -> str:
+            return table[c][i % len(table[c])]
+    else:
+        def prompt(c: int, i: int) -> str:
+            return class_prompt(FASHION_MNIST_CLASSES[c])
 
     def synthesize(r: int, clf, counts: list[int]) -> Generated | None:
-        if condition == "none":
+        if condition == "none" or condition.startswith("aug:"):
             return None
         start = [(r - 1) * n for n in counts]  # each round continues the class's indices
-        jobs = plan_jobs(counts, lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]), base_seed=seed, start=start)
+        jobs = plan_jobs(counts, prompt, base_seed=seed, start=start)
         return generate(ldm, jobs, classifier=clf, guidance=guidance, num_steps=cfg.sampler.num_steps,
                         cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.sampler.batch_size, show=show,
                         desc=f"{condition} r{r} (seed {seed})", record_signal=cfg.mining.signal)
 
+    augment = condition[4:] if condition.startswith("aug:") else cfg.mining.finetune.augment
     mcfg = MiningConfig(rounds=cfg.mining.rounds, images_per_round=cfg.mining.images_per_round,
                         allocation=cfg.mining.allocation,
-                        finetune=TrainConfig(**{**to_dict(cfg.mining.finetune), "seed": seed}))
-    meta = {"weight": weight if condition == "ltg" else 0.0, "model": "embedded tiny-ldm",
+                        finetune=TrainConfig(**{**to_dict(cfg.mining.finetune), "seed": seed, "augment": augment}))
+    meta = {"weight": weight if guidance is not None else 0.0, "model": "embedded tiny-ldm",
             "num_steps": cfg.sampler.num_steps, "cfg_scale": cfg.sampler.cfg_scale}
     return mine(model, data.train_x, data.train_y, synthesize, mcfg, run / f"seed_{seed}" / "mining" / condition,
                 lambda m: evaluate_classifier(m, data), FASHION_MNIST_CLASSES, uint8_to_input, meta, show)
@@ -333,22 +379,28 @@ def summarize(cfg: DemoConfig, base: dict[int, dict], mining: dict[int, dict[str
     }
 
 
+def _cell(stat: dict[str, float], width: int = 14) -> str:
+    text = f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat["n"] > 1 else "")
+    return f"{text:>{width}}"
+
+
 def format_summary(summary: dict) -> str:
-    lines = [f"Fashion-MNIST-LT, mean over seeds {summary['seeds']} (test set, 10k balanced)", ""]
-    lines.append(f"{'condition':<22}{'top-1':>9}{'many':>9}{'medium':>9}{'few':>9}")
-    b = summary["base"]
-    lines.append(f"{'base (LT real only)':<22}" + "".join(f"{b[k]['mean']:>9.3f}" for k in ("top1", "many", "medium", "few")))
+    """The printed table: accuracy per condition (mean ± std over seeds), detection AUROCs, timing."""
+    keys = ("top1", "many", "medium", "few")
+    lines = [f"Fashion-MNIST-LT test set (10k, balanced); mean ± std over seeds {summary['seeds']}", ""]
+    lines.append(f"{'condition':<26}" + "".join(f"{k:>14}" for k in ("top-1", "many", "medium", "few")))
+    lines.append(f"{'base (LT real only)':<26}" + "".join(_cell(summary["base"][k]) for k in keys))
     for cond, m in summary["conditions"].items():
-        label = {"none": "+ fine-tune, no synth", "unguided": "+ unguided synthetic",
-                 "ltg": f"+ LTG ({summary['ltg']['signal']}, w={summary['ltg']['weight']:g})"}.get(cond, cond)
-        lines.append(f"{label:<22}" + "".join(f"{m[k]['mean']:>9.3f}" for k in ("top1", "many", "medium", "few")))
-    lines += ["", f"{'signal':<12}{'AUROC rare':>12}{'AUROC hard':>12}{'acc>q90':>10}{'acc<q90':>10}"]
+        label = condition_label(cond, summary["ltg"]["signal"], summary["ltg"]["weight"])
+        lines.append(f"{label:<26}" + "".join(_cell(m[k]) for k in keys))
+    lines += ["", f"{'signal':<12}" + "".join(f"{k:>14}" for k in ("AUROC rare", "AUROC hard", "acc > q90",
+                                                                     "acc < q90"))]
     for name, d in summary["detection"].items():
-        lines.append(f"{name:<12}{d['auroc_rare']['mean']:>12.3f}{d['auroc_hard']['mean']:>12.3f}"
-                     f"{d['acc_above_q90']['mean']:>10.3f}{d['acc_below_q90']['mean']:>10.3f}")
+        lines.append(f"{name:<12}" + "".join(_cell(d[k]) for k in ("auroc_rare", "auroc_hard", "acc_above_q90",
+                                                                      "acc_below_q90")))
     t = summary["sweep"]["timing"]
-    lines += ["", f"generation: unguided {t['unguided_img_per_s']:.1f} img/s, guided {t['guided_img_per_s']:.1f} img/s "
-              f"({t['slowdown']:.1f}x slower)"]
+    lines += ["", f"generation: unguided {t['unguided_img_per_s']:.1f} img/s, guided {t['guided_img_per_s']:.1f} "
+              f"img/s ({t['slowdown']:.1f}x slower)"]
     return "\n".join(lines)
 
 
@@ -359,6 +411,8 @@ def run_demo(cfg: DemoConfig, show: bool = True, log=print) -> dict:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run / "config.yaml")
+    for cond in cfg.mining.conditions:
+        check_condition(cond)
     started = time.perf_counter()
     ldm = ensure_generator(cfg, log)
     data = load_demo_data(cfg)

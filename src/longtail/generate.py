@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .data.store import SyntheticStore, to_uint8
 from .heads import ClassifierOutput
 from .models.ldm import LatentDiffusion
 from .sampling import GuidanceConfig, SampleResult, initial_latents, sample
@@ -47,6 +49,21 @@ def plan_jobs(
         for c, n in enumerate(counts)
         for i in range(start[c], start[c] + n)
     ]
+
+
+# GIF's prompt tuning (Zhang et al. 2023), as the LTG paper's A.1 lists it: 5 nouns x 8 adjectives = 40 prompts.
+GIF_NOUNS = ("image", "oil painting", "cartoon image", "sketch", "pencil sketch")
+GIF_ADJECTIVES = ("", "colorful", "stylized", "bright", "sheared", "solarized", "posterized", "high-contrast")
+
+
+def gif_prompts(class_name: str) -> list[str]:
+    """The 40 prompt-tuned variants for a class, e.g. "a colorful oil painting of a coat".
+
+    The paper writes the template as "a <noun> <adjective> of <class>"; we put the adjective first so the
+    prompt reads as English; the 40 (noun, adjective) pairs are the same.
+    """
+    article = "an" if class_name[:1].lower() in "aeiou" else "a"
+    return [" ".join(f"a {adj} {noun} of {article} {class_name}".split()) for noun in GIF_NOUNS for adj in GIF_ADJECTIVES]
 
 
 def even_counts(total: int, num_classes: int) -> list[int]:
@@ -88,6 +105,7 @@ def generate(
     negative_prompt: str = "",
     batch_size: int = 64,
     record_signal: str | None = None,
+    guide_decode: Callable[[Tensor], Tensor] | None = None,
     show: bool = True,
     desc: str = "generate",
 ) -> Generated:
@@ -103,7 +121,7 @@ def generate(
         labels = torch.tensor([j.class_id for j in batch], device=ldm.device)
         results.append(sample(ldm.denoise, ldm.scheduler, ldm.decode, cond, latents, uncond=uncond,
                               num_steps=num_steps, cfg_scale=cfg_scale, classifier=classifier, labels=labels,
-                              guidance=guidance, record_signal=record_signal))
+                              guidance=guidance, record_signal=record_signal, guide_decode=guide_decode))
     outputs = [r.output for r in results]
     output = None
     if outputs and all(o is not None for o in outputs):
@@ -121,3 +139,52 @@ def generate(
         seconds=time.perf_counter() - started,
         nonfinite=sum(r.nonfinite for r in results),
     )
+
+
+def job_id(job: Job, prefix: str = "") -> str:
+    """The file stem of a job's image: ``<prefix>c<class>_<index>``, unique per (class, index)."""
+    return f"{prefix}c{job.class_id}_{job.index:05d}"
+
+
+def records(gen: Generated, class_names: Sequence[str], meta: dict, prefix: str = "") -> list[dict]:
+    """One manifest row per generated image (``longtail.data.store.COLUMNS``)."""
+    rows = []
+    per_image = gen.seconds / max(1, len(gen))
+    for i, job in enumerate(gen.jobs):
+        rows.append({
+            "id": job_id(job, prefix), "class_id": job.class_id, "class_name": class_names[job.class_id],
+            "index": job.index, "seed": job.seed, "prompt": job.prompt, "signal_name": gen.signal_name or "",
+            "signal": f"{float(gen.signal[i]):.6f}" if gen.signal is not None else "",
+            "p_class": f"{float(gen.p_class[i]):.6f}" if gen.p_class is not None else "",
+            "pred": int(gen.pred[i]) if gen.pred is not None else "", "seconds": f"{per_image:.4f}", **meta,
+        })
+    return rows
+
+
+def generate_dataset(
+    ldm: LatentDiffusion,
+    jobs: Sequence[Job],
+    out: str | Path,
+    class_names: Sequence[str],
+    *,
+    meta: dict,
+    process_index: int = 0,
+    num_processes: int = 1,
+    chunk: int = 64,
+    show: bool = True,
+    **generate_kwargs: object,
+) -> dict[str, int]:
+    """Generate ``jobs`` into an ImageFolder store at ``out``, resumably and shardably.
+
+    This process takes ``jobs[process_index::num_processes]`` and skips those already in the store; images are
+    written ``chunk`` at a time, so a kill loses at most one chunk. With several processes each writes its own
+    manifest part; call ``SyntheticStore(out).merge()`` once all are done.
+    """
+    store = SyntheticStore(out, part=process_index if num_processes > 1 else None)
+    mine = list(jobs)[process_index::num_processes]
+    todo = [j for j in mine if job_id(j) not in store]
+    written = 0
+    for start in tqdm(range(0, len(todo), chunk), desc=f"generate [{process_index}]", disable=not show):
+        gen = generate(ldm, todo[start : start + chunk], show=False, **generate_kwargs)
+        written += store.add(to_uint8(gen.images), records(gen, class_names, meta))
+    return {"assigned": len(mine), "skipped": len(mine) - len(todo), "written": written}

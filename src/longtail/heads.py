@@ -99,12 +99,17 @@ class EpistemicHead(nn.Module):
 
 
 def oracle_loss(head_logits: Tensor, targets: Tensor) -> Tensor:
-    """Multiple-choice (oracle) loss: per example only the lowest-loss head counts. ``[B, K, C]``, ``[B]`` -> scalar.
+    """Multiple-choice (oracle) loss: per example only the lowest-loss head counts. ``[B, K, C]`` -> scalar.
 
-    ``min`` routes the gradient to the argmin head alone, which is what makes the heads diverse.
+    ``targets`` are class ids ``[B]`` or class probabilities ``[B, C]`` (mixed labels). ``min`` routes the
+    gradient to the argmin head alone, which is what makes the heads diverse.
     """
-    per_head = F.cross_entropy(head_logits.transpose(1, 2), targets.unsqueeze(1).expand(-1, head_logits.shape[1]),
-                               reduction="none")  # [B, K]
+    k = head_logits.shape[1]
+    if targets.dim() == 1:
+        expanded = targets.unsqueeze(1).expand(-1, k)  # [B, K]
+    else:
+        expanded = targets.unsqueeze(2).expand(-1, -1, k)  # [B, C, K]
+    per_head = F.cross_entropy(head_logits.transpose(1, 2), expanded, reduction="none")  # [B, K]
     return per_head.min(dim=1).values.mean()
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .data.store import SyntheticStore, to_uint8
-from .generate import Generated, even_counts
+from .generate import Generated, even_counts, records
 from .train import TrainConfig, fit
 
 Synthesize = Callable[[int, nn.Module, list[int]], Generated | None]
@@ -75,18 +75,7 @@ def _round_synthetic(
     if gen is None:
         return None
     images = to_uint8(gen.images)
-    records = []
-    for i, job in enumerate(gen.jobs):
-        records.append({
-            "id": f"r{r}_c{job.class_id}_{job.index}", "class_id": job.class_id,
-            "class_name": class_names[job.class_id], "index": job.index, "seed": job.seed, "prompt": job.prompt,
-            "signal_name": gen.signal_name or "", "round": r,
-            "signal": f"{float(gen.signal[i]):.6f}" if gen.signal is not None else "",
-            "p_class": f"{float(gen.p_class[i]):.6f}" if gen.p_class is not None else "",
-            "pred": int(gen.pred[i]) if gen.pred is not None else "",
-            "seconds": f"{gen.seconds / len(gen):.4f}", **meta,
-        })
-    store.add(images, records)
+    store.add(images, records(gen, class_names, {"round": r, **meta}, prefix=f"r{r}_"))
     tensors = {"images": torch.from_numpy(images).contiguous(), "labels": gen.labels.contiguous()}
     tmp = cache.with_name(cache.name + ".tmp")
     save_file(tensors, str(tmp))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .augment import make_augment
 from .heads import ClassifierOutput, EpistemicClassifier, as_output, oracle_loss
 
 
@@ -52,6 +53,7 @@ class TrainConfig:
     rotation: float = 15.0  # degrees, +-
     translate: float = 2.0  # pixels, +- (the small-image analog of random crops)
     hflip: bool = True
+    augment: str | None = None  # an extra baseline augmentation: longtail.augment.AUGMENTATIONS
     seed: int = 0
 
 
@@ -92,6 +94,7 @@ def fit(
         raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    extra = make_augment(cfg.augment, int(labels.max()) + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
@@ -103,6 +106,8 @@ def fit(
             if len(idx) < 2:  # BatchNorm needs two examples
                 continue
             x, y = augment(images[idx], cfg, gen), labels[idx]
+            if extra is not None:
+                x, y = extra(x, y, gen)
             out = as_output(model(x))
             ce = F.cross_entropy(out.logits, y, reduction="none")
             loss = (ce * weights[idx]).sum() / weights[idx].sum() if weights is not None else ce.mean()

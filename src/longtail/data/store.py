@@ -3,6 +3,10 @@
 ``<root>/<class_name>/<id>.png`` and ``<root>/manifest.csv``. An image file is written to a temporary name
 and renamed into place; its manifest row is appended (and flushed) only after the rename. So a row always
 names a complete file, a crash leaves at most an orphan temp file, and re-running skips ids already listed.
+
+Several processes (``accelerate launch``) write to one store safely: each appends to its own part file
+``manifest.part-<k>.csv``; ``merge()`` (run by one process when all are done) folds every part into
+``manifest.csv``, sorted by id and without duplicates, atomically, then removes the parts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 MANIFEST = "manifest.csv"
+PART_GLOB = "manifest.part-*.csv"
 COLUMNS = (
     "id", "path", "class_id", "class_name", "index", "seed", "prompt", "weight", "signal_name", "signal", "p_class",
     "pred", "model", "round", "num_steps", "cfg_scale", "seconds",
@@ -37,17 +42,38 @@ def safe_dirname(name: str) -> str:
 class SyntheticStore:
     """Append-only writer (and reader) of a synthetic ImageFolder with a manifest."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, part: int | None = None) -> None:
         self.root = Path(root)
         self.manifest = self.root / MANIFEST
+        self.writes_to = self.manifest if part is None else self.root / f"manifest.part-{part}.csv"
         self._ids = {row["id"] for row in self.rows()}
 
+    def _manifests(self) -> list[Path]:
+        return ([self.manifest] if self.manifest.is_file() else []) + sorted(self.root.glob(PART_GLOB))
+
     def rows(self) -> list[dict[str, str]]:
-        """Manifest rows whose image file exists (rows are written after their file, so all should)."""
-        if not self.manifest.is_file():
-            return []
-        with self.manifest.open(newline="") as f:
-            return [row for row in csv.DictReader(f) if (self.root / row["path"]).is_file()]
+        """Rows of the manifest and of any part files whose image exists, first occurrence of each id."""
+        seen: dict[str, dict[str, str]] = {}
+        for path in self._manifests():
+            with path.open(newline="") as f:
+                for row in csv.DictReader(f):
+                    if row["id"] not in seen and (self.root / row["path"]).is_file():
+                        seen[row["id"]] = row
+        return list(seen.values())
+
+    def merge(self) -> int:
+        """Fold part files into ``manifest.csv`` (sorted by id, atomic) and delete them; returns the row count."""
+        rows = sorted(self.rows(), key=lambda r: r["id"])
+        parts = sorted(self.root.glob(PART_GLOB))
+        tmp = self.root / (MANIFEST + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.manifest)
+        for part in parts:
+            part.unlink()
+        return len(rows)
 
     def __contains__(self, image_id: str) -> bool:
         return image_id in self._ids
@@ -63,9 +89,9 @@ class SyntheticStore:
         if len(images) != len(records):
             raise ValueError(f"{len(images)} images but {len(records)} records")
         self.root.mkdir(parents=True, exist_ok=True)
-        new_file = not self.manifest.is_file()
+        new_file = not self.writes_to.is_file()
         written = 0
-        with self.manifest.open("a", newline="") as f:
+        with self.writes_to.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
