@@ -77,6 +77,7 @@ def test_mini_demo_writes_a_complete_consistent_run(tmp_path, parts):
         rows = manifest(seed_dir / cond / "synthetic" / "manifest.csv")
         assert len(rows) == expected and len({r["id"] for r in rows}) == expected
         assert all((seed_dir / cond / "synthetic" / r["path"]).is_file() for r in rows)
+        assert not list((seed_dir / cond / "synthetic").glob("manifest.part-*"))
         assert {float(r["weight"]) for r in rows} == {weight if cond == "ltg" else 0.0}
         assert sorted(int(r["round"]) for r in rows) == sorted([1] * PER_ROUND + [2] * PER_ROUND)
         assert {r["class_name"] for r in rows} == set(cfg_classes())

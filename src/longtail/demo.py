@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -34,8 +34,9 @@ from .data.datasets import (
     longtail_indices,
     to_model_range,
 )
+from .data.store import SyntheticStore
 from .evaluation.metrics import accuracy_report, detection_report, signal_scores
-from .generate import Generated, generate, gif_prompts, plan_jobs
+from .generate import Generated, generate, generate_dataset, gif_prompts, plan_jobs
 from .mining import MiningConfig, load_state, mine, save_state
 from .models.ldm import LatentDiffusion
 from .models.tiny import ASSETS_DIR, TinyGeneratorConfig, class_prompt, load_tiny_generator, train_generator
@@ -334,23 +335,35 @@ def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: in
         def prompt(c: int, i: int) -> str:
             return class_prompt(FASHION_MNIST_CLASSES[c])
 
-    def synthesize(r: int, clf, counts: list[int]) -> Generated | None:
-        if condition == "none" or condition.startswith("aug:"):
-            return None
-        start = [(r - 1) * n for n in counts]  # each round continues the class's indices
-        jobs = plan_jobs(counts, prompt, base_seed=seed, start=start)
-        return generate(ldm, jobs, classifier=clf, guidance=guidance, num_steps=cfg.sampler.num_steps,
-                        cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.sampler.batch_size, show=show,
-                        desc=f"{condition} r{r} (seed {seed})", record_signal=cfg.mining.signal)
-
-    augment = condition[4:] if condition.startswith("aug:") else cfg.mining.finetune.augment
-    mcfg = MiningConfig(rounds=cfg.mining.rounds, images_per_round=cfg.mining.images_per_round,
-                        allocation=cfg.mining.allocation,
-                        finetune=TrainConfig(**{**to_dict(cfg.mining.finetune), "seed": seed, "augment": augment}))
+    synthetic = condition not in ("none",) and not condition.startswith("aug:")
     meta = {"weight": weight if guidance is not None else 0.0, "model": "embedded tiny-ldm",
             "num_steps": cfg.sampler.num_steps, "cfg_scale": cfg.sampler.cfg_scale}
-    return mine(model, data.train_x, data.train_y, synthesize, mcfg, run / f"seed_{seed}" / "mining" / condition,
-                lambda m: evaluate_classifier(m, data), FASHION_MNIST_CLASSES, uint8_to_input, meta, show)
+
+    def synthesize(r: int, clf, counts: list[int], store: SyntheticStore) -> None:
+        start = [(r - 1) * n for n in counts]  # each round continues the class's indices
+        jobs = plan_jobs(counts, prompt, base_seed=seed, start=start)
+        generate_dataset(ldm, jobs, store.root, FASHION_MNIST_CLASSES, meta={**meta, "round": r}, prefix=f"r{r}_",
+                         chunk=cfg.sampler.batch_size, show=show, classifier=clf, guidance=guidance,
+                         num_steps=cfg.sampler.num_steps, cfg_scale=cfg.sampler.cfg_scale,
+                         batch_size=cfg.sampler.batch_size, record_signal=cfg.mining.signal,
+                         desc=f"{condition} r{r} (seed {seed})")
+
+    augment = condition[4:] if condition.startswith("aug:") else cfg.mining.finetune.augment
+    recipe = TrainConfig(**{**to_dict(cfg.mining.finetune), "augment": augment})
+    store_dir = run / f"seed_{seed}" / "mining" / condition / "synthetic"
+
+    def finetune(clf, rows: list[dict[str, str]], r: int) -> list[float]:
+        x, y = data.train_x, data.train_y
+        if rows:
+            images, labels = SyntheticStore(store_dir).load(FASHION_MNIST_CLASSES, ids=[row["id"] for row in rows])
+            x = torch.cat([x, uint8_to_input(torch.from_numpy(images))])
+            y = torch.cat([y, torch.from_numpy(labels)])
+        return fit(clf, x, y, replace(recipe, seed=seed * 1000 + r), desc=f"fine-tune {condition} r{r}", show=show)
+
+    mcfg = MiningConfig(rounds=cfg.mining.rounds, images_per_round=cfg.mining.images_per_round,
+                        allocation=cfg.mining.allocation)
+    return mine(model, synthesize if synthetic else None, finetune, lambda m: evaluate_classifier(m, data), mcfg,
+                data.counts, run / f"seed_{seed}" / "mining" / condition)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -168,6 +168,7 @@ def generate_dataset(
     class_names: Sequence[str],
     *,
     meta: dict,
+    prefix: str = "",
     process_index: int = 0,
     num_processes: int = 1,
     chunk: int = 64,
@@ -178,13 +179,15 @@ def generate_dataset(
 
     This process takes ``jobs[process_index::num_processes]`` and skips those already in the store; images are
     written ``chunk`` at a time, so a kill loses at most one chunk. With several processes each writes its own
-    manifest part; call ``SyntheticStore(out).merge()`` once all are done.
+    manifest part; call ``SyntheticStore(out).merge()`` once all are done. ``prefix`` starts every image id
+    (e.g. the mining round).
     """
     store = SyntheticStore(out, part=process_index if num_processes > 1 else None)
     mine = list(jobs)[process_index::num_processes]
-    todo = [j for j in mine if job_id(j) not in store]
+    todo = [j for j in mine if job_id(j, prefix) not in store]
     written = 0
-    for start in tqdm(range(0, len(todo), chunk), desc=f"generate [{process_index}]", disable=not show):
+    desc = str(generate_kwargs.pop("desc", f"generate [{process_index}]"))
+    for start in tqdm(range(0, len(todo), chunk), desc=desc, disable=not show, leave=False):
         gen = generate(ldm, todo[start : start + chunk], show=False, **generate_kwargs)
-        written += store.add(to_uint8(gen.images), records(gen, class_names, meta))
+        written += store.add(to_uint8(gen.images), records(gen, class_names, meta, prefix))
     return {"assigned": len(mine), "skipped": len(mine) - len(todo), "written": written}

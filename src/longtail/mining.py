@@ -1,39 +1,42 @@
 """The iterative mining loop (paper Figure 3, A.1): generate with the current classifier, fine-tune, repeat.
 
 Round r: allocate the round's synthetic images over classes, generate them with the classifier as it is
-*now* (frozen), append them to the training set, fine-tune on real + all synthetic so far, evaluate.
-Every round leaves ``round_<r>/`` with its synthetic images (safetensors), the classifier (safetensors) and
-``metrics.json``; all synthetic images also go to one ImageFolder store with a manifest, ``synthetic/``.
-A re-run resumes after the last complete unit (a round's images, a round's fine-tuning).
+*now* (frozen) into one synthetic store (ImageFolder + manifest, ``<run>/synthetic``), fine-tune on real data
+plus every synthetic image so far, evaluate. Each round leaves ``round_<r>/classifier.safetensors`` and
+``round_<r>/metrics.json``. A re-run resumes at the last complete unit: finished rounds are loaded, and an
+interrupted generation continues where it stopped (the store skips images it already holds).
+
+The loop is generic: the caller supplies how to synthesize (any generator), how to fine-tune (in-memory
+tensors for the embedded default, a DataLoader over ImageFolders for user data) and how to evaluate.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import nn
 
-from .data.store import SyntheticStore, to_uint8
-from .generate import Generated, even_counts, records
-from .train import TrainConfig, fit
+from .data.store import SyntheticStore
+from .generate import even_counts
 
-Synthesize = Callable[[int, nn.Module, list[int]], Generated | None]
+# synthesize(round, model, counts per class, store): write the round's images into the store (resumably)
+Synthesize = Callable[[int, nn.Module, list[int], SyntheticStore], None]
+# finetune(model, synthetic manifest rows so far, round) -> per-epoch losses
+Finetune = Callable[[nn.Module, list[dict[str, str]], int], list[float]]
 
 
 @dataclass
 class MiningConfig:
-    """Schedule and volume: ``rounds`` generations, ``images_per_round`` each, fine-tuning between them."""
+    """Schedule and volume: ``rounds`` generations of ``images_per_round`` each, fine-tuning after each."""
 
     rounds: int = 3
     images_per_round: int = 200
     allocation: str = "even"  # even | frequency | inverse (relative to the real training counts)
-    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, lr=5e-4))
-    synthetic_loss_weight: float = 1.0
 
 
 def allocate(total: int, real_counts: Sequence[int], mode: str = "even") -> list[int]:
@@ -52,6 +55,7 @@ def allocate(total: int, real_counts: Sequence[int], mode: str = "even") -> list
 
 
 def save_state(model: nn.Module, path: Path) -> None:
+    """A model's state dict as safetensors, written to a temporary name and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
@@ -61,87 +65,56 @@ def load_state(model: nn.Module, path: Path) -> None:
     model.load_state_dict(load_file(str(path)))
 
 
-def _round_synthetic(
-    r: int, round_dir: Path, store: SyntheticStore, model: nn.Module, counts: list[int], synthesize: Synthesize,
-    class_names: Sequence[str], meta: dict,
-) -> tuple[Tensor, Tensor] | None:
-    """Load round r's synthetic images (uint8 ``[N, H, W]``, labels) or make them, add them to ``store``
-    (PNG + manifest rows) and cache them as ``round_dir/synthetic.safetensors``."""
-    cache = round_dir / "synthetic.safetensors"
-    if cache.is_file():
-        data = load_file(str(cache))
-        return data["images"], data["labels"]
-    gen = synthesize(r, model, counts)
-    if gen is None:
-        return None
-    images = to_uint8(gen.images)
-    store.add(images, records(gen, class_names, {"round": r, **meta}, prefix=f"r{r}_"))
-    tensors = {"images": torch.from_numpy(images).contiguous(), "labels": gen.labels.contiguous()}
-    tmp = cache.with_name(cache.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(cache)
-    return tensors["images"], tensors["labels"]
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def rows_up_to(store: SyntheticStore, r: int) -> list[dict[str, str]]:
+    """Manifest rows of rounds ``1..r``."""
+    return [row for row in store.rows() if row.get("round") and int(row["round"]) <= r]
 
 
 def mine(
     model: nn.Module,
-    real_images: Tensor,
-    real_labels: Tensor,
-    synthesize: Synthesize,
-    cfg: MiningConfig,
-    run_dir: str | Path,
+    synthesize: Synthesize | None,
+    finetune: Finetune,
     evaluate: Callable[[nn.Module], dict],
-    class_names: Sequence[str],
-    to_input: Callable[[Tensor], Tensor],
-    meta: dict | None = None,
-    show: bool = True,
+    cfg: MiningConfig,
+    real_counts: Sequence[int],
+    run_dir: str | Path,
 ) -> list[dict]:
     """Run (or resume) the loop; returns per-round metrics (round 0 = the starting classifier).
 
-    ``real_images [N, C, H, W]`` are in the classifier's input range; ``to_input`` maps stored uint8 synthetic
-    images ``[M, H, W]`` to that range. ``synthesize(round, model, counts)`` returns ``Generated`` or ``None``
-    (no synthetic data: the real-only control, fine-tuned on the same schedule).
+    ``synthesize=None`` is the real-only control: fine-tuned on the same schedule without synthetic data.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    real_counts = torch.bincount(real_labels, minlength=len(class_names)).tolist()
-    history: list[dict] = []
+    (run_dir / "round_0").mkdir(parents=True, exist_ok=True)
     first = run_dir / "round_0" / "metrics.json"
-    if first.is_file():
-        history.append(json.loads(first.read_text()))
-    else:
-        history.append({"round": 0, "synthetic": 0, **evaluate(model)})
-        first.parent.mkdir(parents=True, exist_ok=True)
-        first.write_text(json.dumps(history[0], indent=2))
+    if not first.is_file():
+        _write_json(first, {"round": 0, "synthetic": 0, **evaluate(model)})
+    history = [json.loads(first.read_text())]
     store = SyntheticStore(run_dir / "synthetic")
-    syn_x: list[Tensor] = []
-    syn_y: list[Tensor] = []
     for r in range(1, cfg.rounds + 1):
         round_dir = run_dir / f"round_{r}"
         round_dir.mkdir(parents=True, exist_ok=True)
         ckpt, metrics_path = round_dir / "classifier.safetensors", round_dir / "metrics.json"
-        counts = allocate(cfg.images_per_round, real_counts, cfg.allocation)
-        made = _round_synthetic(r, round_dir, store, model, counts, synthesize, class_names, meta or {})
-        if made is not None:
-            syn_x.append(made[0])
-            syn_y.append(made[1])
         if ckpt.is_file() and metrics_path.is_file():
             load_state(model, ckpt)
             history.append(json.loads(metrics_path.read_text()))
             continue
-        x, y = real_images, real_labels
-        weights = None
-        if syn_x:
-            sx, sy = to_input(torch.cat(syn_x)), torch.cat(syn_y)
-            x, y = torch.cat([x, sx]), torch.cat([y, sy])
-            weights = torch.cat([torch.ones(len(real_labels)), torch.full((len(sy),), cfg.synthetic_loss_weight)])
-        ft = replace(cfg.finetune, seed=cfg.finetune.seed * 1000 + r)
-        losses = fit(model, x, y, ft, weights=weights, desc=f"fine-tune r{r}", show=show)
+        counts = allocate(cfg.images_per_round, real_counts, cfg.allocation)
+        if synthesize is not None:
+            synthesize(r, model, counts, store)
+            store = SyntheticStore(store.root)  # re-read: the synthesizer may have written through its own handle
+            made = sum(1 for row in store.rows() if row.get("round") and int(row["round"]) == r)
+            if made != sum(counts):
+                raise RuntimeError(f"round {r}: expected {sum(counts)} synthetic images in {store.root}, found {made}")
+        rows = rows_up_to(store, r) if synthesize is not None else []
+        losses = finetune(model, rows, r)
         save_state(model, ckpt)
-        row = {"round": r, "synthetic": int(sum(len(s) for s in syn_y)), "train_loss": losses[-1] if losses else None,
-               **evaluate(model)}
-        tmp = metrics_path.with_name("metrics.json.tmp")
-        tmp.write_text(json.dumps(row, indent=2))
-        tmp.replace(metrics_path)
+        row = {"round": r, "synthetic": len(rows), "train_loss": losses[-1] if losses else None, **evaluate(model)}
+        _write_json(metrics_path, row)
         history.append(row)
     return history
