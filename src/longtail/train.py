@@ -140,3 +140,81 @@ def make_classifier(num_classes: int = 10, width: int = 32, num_heads: int = 5, 
     """The embedded default's classifier: ``SmallCNN`` plus an Epistemic Head of ``num_heads``."""
     torch.manual_seed(seed)
     return EpistemicClassifier(SmallCNN(1, num_classes, width), num_heads=num_heads, seed=seed)
+
+
+# --- DataLoader path (user data of any size; runs under `accelerate launch` as on one device) ---------------
+
+
+def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
+    """Cosine annealing from ``base_lr`` to 0 over ``total_steps`` (one schedule across all mining rounds)."""
+    return 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+
+
+def fit_loader(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    cfg: TrainConfig,
+    *,
+    accelerator: object | None = None,
+    first_epoch: int = 0,
+    last_epoch: int | None = None,
+    total_epochs: int | None = None,
+    desc: str = "fine-tune",
+    show: bool = True,
+) -> list[float]:
+    """Train epochs ``[first_epoch, last_epoch)`` of a cosine schedule over ``total_epochs`` on a DataLoader.
+
+    Base cross-entropy plus the oracle loss for Epistemic Heads, Adam as in the paper's A.1. The loader's own
+    transforms do the augmentation. ``accelerator`` (an ``accelerate.Accelerator``) shards batches across
+    processes under ``accelerate launch``; without one, an ``Accelerator()`` for the local device is made.
+    A fresh Adam starts each call (each mining round); the learning rate continues the global schedule.
+    """
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    last_epoch = cfg.epochs if last_epoch is None else last_epoch
+    total_epochs = total_epochs or last_epoch
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    steps_per_epoch = len(loader)
+    history: list[float] = []
+    model.train()
+    for epoch in tqdm(range(first_epoch, last_epoch), desc=desc, disable=not (show and acc.is_main_process),
+                      leave=False):
+        total = torch.zeros((), device=acc.device)
+        count = 0
+        for i, (x, y) in enumerate(loader):
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(cfg.lr, epoch * steps_per_epoch + i, total_epochs * steps_per_epoch)
+            out = as_output(model(x))
+            loss = F.cross_entropy(out.logits, y)
+            if out.head_logits is not None:
+                loss = loss + oracle_loss(out.head_logits, y)
+            opt.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            opt.step()
+            total += loss.detach() * len(y)
+            count += len(y)
+        history.append(float(acc.reduce(total, "sum")) / max(1, count * acc.num_processes))
+    model.eval()
+    acc.wait_for_everyone()
+    return history
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: torch.utils.data.DataLoader, accelerator: object | None = None
+                   ) -> tuple[ClassifierOutput, Tensor]:
+    """Logits (and head logits) plus labels over a DataLoader, gathered from every process."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator()
+    model, loader = acc.prepare(model, loader)
+    model.eval()
+    logits, heads, labels = [], [], []
+    for x, y in loader:
+        out = as_output(model(x))
+        logits.append(acc.gather_for_metrics(out.logits))
+        heads.append(acc.gather_for_metrics(out.head_logits) if out.head_logits is not None else None)
+        labels.append(acc.gather_for_metrics(y))
+    head_logits = torch.cat(heads).cpu() if heads and all(h is not None for h in heads) else None
+    return ClassifierOutput(logits=torch.cat(logits).cpu(), head_logits=head_logits), torch.cat(labels).cpu()
