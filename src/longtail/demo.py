@@ -35,12 +35,15 @@ from .data.datasets import (
     to_model_range,
 )
 from .data.store import SyntheticStore
+from .evaluation.distribution import distribution_report
+from .evaluation.features import LayerFeatures, extract
 from .evaluation.metrics import accuracy_report, detection_report, signal_scores
+from .evaluation.trajectory import format_trajectory, trajectory_analysis
 from .generate import Generated, generate, generate_dataset, gif_prompts, plan_jobs
 from .mining import MiningConfig, load_state, mine, save_state
 from .models.ldm import LatentDiffusion
 from .models.tiny import ASSETS_DIR, TinyGeneratorConfig, class_prompt, load_tiny_generator, train_generator
-from .sampling import GuidanceConfig
+from .sampling import GuidanceConfig, initial_latents
 from .train import TrainConfig, fit, make_classifier, predict
 
 
@@ -98,6 +101,7 @@ class DemoConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     generator: str | None = None  # a trained generator directory; None: the shipped one (trained if absent)
     threads: int = 0  # torch CPU threads (0: leave torch's default)
+    trajectory: bool = True  # the A.7 trajectory analysis
     data: DataSection = field(default_factory=DataSection)
     classifier: ClassifierSection = field(default_factory=ClassifierSection)
     sampler: SamplerSection = field(default_factory=SamplerSection)
@@ -283,6 +287,61 @@ def ltg_weight(cfg: DemoConfig, sweep_result: dict) -> float:
     return float(choice["weight"])
 
 
+def stage_trajectory(cfg: DemoConfig, ldm: LatentDiffusion, model, data: DemoData, weight: float, run: Path,
+                     log) -> dict:
+    """A.7: FID of decoded predicted-clean vs decoded noisy latents along the steps; signal at w=0 vs w."""
+    path = run / "trajectory.json"
+    cached = _read_json(path)
+    if cached is not None:
+        return cached
+    per_class = max(2, cfg.sweep.images_per_class)
+    jobs = plan_jobs([per_class] * len(FASHION_MNIST_CLASSES), lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]),
+                     base_seed=20_000)
+    features = LayerFeatures(model)
+    real = extract(features, data.test_x[:2000])
+    cond = ldm.encode_prompts([j.prompt for j in jobs])
+    uncond = ldm.encode_prompts([""] * len(jobs))
+    latents = initial_latents([j.seed for j in jobs], ldm.latent_shape)
+    guidance = GuidanceConfig(cfg.mining.signal, weight, start=cfg.sweep.start, end=cfg.sweep.end,
+                              normalize=cfg.sweep.normalize)
+    rows = trajectory_analysis(ldm.denoise, ldm.scheduler, ldm.decode, cond, latents, features, real, model,
+                               guidance, uncond=uncond, cfg_scale=cfg.sampler.cfg_scale,
+                               num_steps=cfg.sampler.num_steps)
+    result = {"signal": cfg.mining.signal, "weight": weight, "images": len(jobs), "rows": rows}
+    _write_json(path, result)
+    log(format_trajectory(rows, weight))
+    return result
+
+
+def stage_distribution(cfg: DemoConfig, data: DemoData, run: Path) -> dict:
+    """FID / precision / recall of each condition's synthetic images vs real test images (per seed), on the
+    seed's base-classifier features, with the paper's between-class real reference."""
+    path = run / "distribution.json"
+    cached = _read_json(path)
+    if cached is not None:
+        return cached
+    result: dict[str, dict] = {"features": "base classifier, input of its head", "conditions": {}}
+    for seed in cfg.seeds:
+        model = make_classifier(len(FASHION_MNIST_CLASSES), cfg.classifier.width, cfg.classifier.heads, seed)
+        load_state(model, run / f"seed_{seed}" / "base" / "classifier.safetensors")
+        features = LayerFeatures(model)
+        real = extract(features, data.test_x)
+        for cond in cfg.mining.conditions:
+            store = SyntheticStore(run / f"seed_{seed}" / "mining" / cond / "synthetic")
+            if not store.manifest.is_file():
+                continue
+            images, labels = store.load(FASHION_MNIST_CLASSES)
+            fake = extract(features, uint8_to_input(torch.from_numpy(images)))
+            report = distribution_report(real, data.test_y, fake, torch.from_numpy(labels), FASHION_MNIST_CLASSES)
+            result["conditions"].setdefault(cond, {})[str(seed)] = report
+    result["summary"] = {
+        cond: {key: _mean_std([r["overall"][key] for r in per_seed.values()]) for key in ("fid", "precision", "recall")}
+        for cond, per_seed in result["conditions"].items()
+    }
+    _write_json(path, result)
+    return result
+
+
 CONDITION_LABELS = {
     "none": "+ fine-tune, no synth",
     "unguided": "+ unguided synthetic",
@@ -411,6 +470,11 @@ def format_summary(summary: dict) -> str:
     for name, d in summary["detection"].items():
         lines.append(f"{name:<12}" + "".join(_cell(d[k]) for k in ("auroc_rare", "auroc_hard", "acc_above_q90",
                                                                       "acc_below_q90")))
+    if summary.get("distribution"):
+        lines += ["", f"{'synthetic vs real':<26}" + "".join(f"{k:>14}" for k in ("FID", "precision", "recall"))]
+        for cond, d in summary["distribution"].items():
+            label = condition_label(cond, summary["ltg"]["signal"], summary["ltg"]["weight"])
+            lines.append(f"{label:<26}" + "".join(_cell(d[k]) for k in ("fid", "precision", "recall")))
     t = summary["sweep"]["timing"]
     lines += ["", f"generation: unguided {t['unguided_img_per_s']:.1f} img/s, guided {t['guided_img_per_s']:.1f} "
               f"img/s ({t['slowdown']:.1f}x slower)"]
@@ -443,6 +507,9 @@ def run_demo(cfg: DemoConfig, show: bool = True, log=print) -> dict:
             final = mining[seed][cond][-1]
             log(f"seed {seed} {cond:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
     summary = summarize(cfg, base, mining, sweep_result, weight)
+    if cfg.trajectory:
+        summary["trajectory"] = stage_trajectory(cfg, ldm, models[cfg.seeds[0]], data, weight, run, log)
+    summary["distribution"] = stage_distribution(cfg, data, run)["summary"]
     summary["seconds"] = time.perf_counter() - started
     _write_json(run / "metrics.json", summary)
     table = format_summary(summary)

@@ -180,7 +180,7 @@ def sample(
     guidance: GuidanceConfig | None = None,
     record_signal: str | None = None,
     generator: torch.Generator | None = None,
-    on_step: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+    on_step: Callable[[int, Tensor, Tensor, Tensor, Tensor], None] | None = None,
     guide_decode: Callable[[Tensor], Tensor] | None = None,
 ) -> SampleResult:
     """Run the (optionally guided) sampler from ``latents`` = z_T ``[B, ...]``.
@@ -189,7 +189,8 @@ def sample(
     ``guidance=None`` is the plain sampler; with a ``GuidanceConfig`` the longtail gradient is computed on the
     window's steps and applied with its weight. ``labels [B]`` (intended classes) give P(class) records.
     ``record_signal`` names the signal recorded on the final images (default: the guidance signal, else
-    entropy). ``on_step(i, t, z_t, eps)`` is called after each eps (for trajectory analyses).
+    entropy). ``on_step(i, t, z_vp, eps, alpha_bar)`` is called after each (unguided) eps, with the
+    variance-preserving latent, for trajectory analyses.
     ``guide_decode`` replaces ``decode`` on the guidance path only (a cheap surrogate decoder).
 
     A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored after).
@@ -224,7 +225,7 @@ def _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, 
         z_vp = scheduler.scale_model_input(z, t)  # the variance-preserving latent (z itself for DDIM)
         eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction_type)
         if on_step is not None:
-            on_step(i, t, z_vp, eps)
+            on_step(i, t, z_vp, eps, a_t)
         if window is not None and window.active(i, len(timesteps)):
             eps_fn = None
             if guidance.through_denoiser:
