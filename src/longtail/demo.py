@@ -94,6 +94,18 @@ class MiningSection:
 
 
 @dataclass
+class IntrospectionSection:
+    """Longtail Introspection (paper 4.3, A.2) on the first seed's base classifier."""
+
+    images_per_class: int = 40  # guided and unguided images captioned per class (the paper: 100)
+    keywords: int = 3  # K keywords per caption
+    pairs: int = 10  # P (caption, keywords) pairs kept per class (the paper: 40)
+    llm_url: str | None = None  # an OpenAI-compatible chat endpoint; None: the offline template
+    llm_model: str = "default"
+    min_distance: float = 0.0
+
+
+@dataclass
 class DemoConfig:
     """Everything the demo does, sized for 2 CPU cores; ``--quick`` shrinks it (see ``quick_overrides``)."""
 
@@ -107,6 +119,7 @@ class DemoConfig:
     sampler: SamplerSection = field(default_factory=SamplerSection)
     sweep: SweepSection = field(default_factory=SweepSection)
     mining: MiningSection = field(default_factory=MiningSection)
+    introspection: IntrospectionSection = field(default_factory=IntrospectionSection)
 
 
 def quick_overrides() -> dict:
@@ -342,7 +355,69 @@ def stage_distribution(cfg: DemoConfig, data: DemoData, run: Path) -> dict:
     return result
 
 
+def stage_introspection(cfg: DemoConfig, ldm: LatentDiffusion, model, weight: float, run: Path, log,
+                        show: bool) -> dict[str, list[str]]:
+    """Caption guided vs unguided images per class, mine longtail keywords, turn them into prompts.
+
+    Writes ``introspection/{keywords,class_keywords,prompts}.json`` and example pairs per class; returns the
+    refined prompts per class name. Resumes from ``prompts.json``.
+    """
+    from .introspection import (
+        AttributeCaptioner,
+        TransformersTokenEmbedder,
+        class_keywords,
+        make_chat_fn,
+        mine_keywords,
+        refine_prompts,
+        save_prompts,
+    )
+    from .introspection.prompts import prompt_texts
+
+    out = run / "introspection"
+    if (out / "prompts.json").is_file():
+        return json.loads((out / "prompts.json").read_text())
+    ic = cfg.introspection
+    jobs = plan_jobs([ic.images_per_class] * len(FASHION_MNIST_CLASSES),
+                     lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]), base_seed=30_000)
+    kw = dict(classifier=model, num_steps=cfg.sampler.num_steps, cfg_scale=cfg.sampler.cfg_scale,
+              batch_size=cfg.sampler.batch_size, show=show)
+    guidance = GuidanceConfig(cfg.mining.signal, weight, start=cfg.sweep.start, end=cfg.sweep.end,
+                              normalize=cfg.sweep.normalize)
+    guided = generate(ldm, jobs, guidance=guidance, desc="introspection: guided", **kw)
+    plain = generate(ldm, jobs, desc="introspection: unguided", **kw)
+    names = [FASHION_MNIST_CLASSES[j.class_id] for j in jobs]
+    captioner = AttributeCaptioner()
+    guided_caps, plain_caps = captioner.caption(guided.images, names), captioner.caption(plain.images, names)
+    embedder = TransformersTokenEmbedder()
+    backend = make_chat_fn(ic.llm_url, ic.llm_model) if ic.llm_url else "template"
+    keywords, stats, prompts, errors = {}, {}, {}, {}
+    for c, name in enumerate(FASHION_MNIST_CLASSES):
+        idx = [i for i, j in enumerate(jobs) if j.class_id == c]
+        pairs = mine_keywords([guided_caps[i] for i in idx], [plain_caps[i] for i in idx], name, embedder,
+                              k=ic.keywords, pairs=ic.pairs, min_distance=ic.min_distance)
+        keywords[name] = [p.to_dict() for p in pairs]
+        stats[name] = [{"word": k.word, "count": k.count, "mean_distance": k.mean_distance}
+                       for k in class_keywords(pairs)]
+        refined = refine_prompts(pairs, name, backend=backend)
+        prompts[name] = prompt_texts(refined, unique=True) or [class_prompt(name)]
+        errors[name] = [r.error for r in refined if r.error]
+        top = ", ".join(f"{k['word']} ({k['count']})" for k in stats[name][:4])
+        log(f"  {name:<11} keywords: {top or '-'}; e.g. {prompts[name][0]!r}")
+        save_grid({0.0: plain.images[idx[:4]], 1.0: guided.images[idx[:4]]}, torch.zeros(min(4, len(idx)), dtype=torch.long),
+                  out / "examples" / f"{name.replace(' ', '_')}.png", per_class=min(4, len(idx)))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "keywords.json", keywords)
+    _write_json(out / "class_keywords.json", stats)
+    _write_json(out / "captions.json", {"guided": guided_caps, "unguided": plain_caps,
+                                        "classes": [j.class_id for j in jobs]})
+    if any(errors.values()):
+        _write_json(out / "errors.json", errors)
+    save_prompts(out / "prompts.json", prompts)
+    return prompts
+
+
 CONDITION_LABELS = {
+    "introspect": "+ introspection prompts",
     "none": "+ fine-tune, no synth",
     "unguided": "+ unguided synthetic",
     "gif": "+ prompt-tuned (GIF)",
@@ -361,21 +436,22 @@ def condition_label(cond: str, signal: str, weight: float) -> str:
 def check_condition(cond: str) -> None:
     from .augment import AUGMENTATIONS
 
-    if cond in ("none", "unguided", "ltg", "gif", "naive"):
+    if cond in ("none", "unguided", "ltg", "gif", "naive", "introspect"):
         return
     if cond.startswith("aug:") and cond[4:] in AUGMENTATIONS:
         return
-    raise ValueError(f"unknown mining condition {cond!r}: use none, unguided, ltg, gif, naive or "
+    raise ValueError(f"unknown mining condition {cond!r}: use none, unguided, ltg, gif, naive, introspect or "
                      f"aug:<{'|'.join(AUGMENTATIONS)}>")
 
 
 def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: int, condition: str, weight: float,
-                 run: Path, show: bool) -> list[dict]:
+                 run: Path, show: bool, prompts: dict[str, list[str]] | None = None) -> list[dict]:
     """One condition of the comparison for one seed, from the seed's base classifier (resumable).
 
     ``none``: fine-tune on real data only; ``unguided``: + synthetic "a photo of a <class>" images;
     ``gif``: + synthetic images from GIF's 40 prompt templates; ``ltg``: + Longtail-Guided images (predicted
-    clean state); ``naive``: + images guided on the decoded noisy state (the A.7 ablation);
+    clean state); ``naive``: + images guided on the decoded noisy state (the A.7 ablation); ``introspect``:
+    + unguided images from the refined introspection prompts (``prompts``, cycled per class);
     ``aug:<name>``: real data with that augmentation baseline. Same synthetic count for every generator.
     """
     check_condition(condition)
@@ -385,8 +461,10 @@ def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: in
     if condition in ("ltg", "naive"):
         guidance = GuidanceConfig(cfg.mining.signal, weight, start=cfg.sweep.start, end=cfg.sweep.end,
                                   normalize=cfg.sweep.normalize, on_noisy=condition == "naive")
-    if condition == "gif":
-        table = [gif_prompts(name) for name in FASHION_MNIST_CLASSES]
+    if condition in ("gif", "introspect"):
+        if condition == "introspect" and not prompts:
+            raise ValueError("the introspect condition needs the introspection stage's prompts")
+        table = [gif_prompts(name) if condition == "gif" else prompts[name] for name in FASHION_MNIST_CLASSES]
 
         def prompt(c: int, i: int) -> str:
             return table[c][i % len(table[c])]
@@ -499,11 +577,15 @@ def run_demo(cfg: DemoConfig, show: bool = True, log=print) -> dict:
         models[seed], base[seed] = stage_base(cfg, data, seed, run, log, show)
     sweep_result = stage_sweep(cfg, ldm, models[cfg.seeds[0]], run, log, show)
     weight = ltg_weight(cfg, sweep_result)
+    prompts = None
+    if "introspect" in cfg.mining.conditions:
+        log("longtail introspection (keywords of guided vs unguided captions):")
+        prompts = stage_introspection(cfg, ldm, models[cfg.seeds[0]], weight, run, log, show)
     mining: dict[int, dict[str, list[dict]]] = {}
     for seed in cfg.seeds:
         mining[seed] = {}
         for cond in cfg.mining.conditions:
-            mining[seed][cond] = stage_mining(cfg, ldm, data, seed, cond, weight, run, show)
+            mining[seed][cond] = stage_mining(cfg, ldm, data, seed, cond, weight, run, show, prompts)
             final = mining[seed][cond][-1]
             log(f"seed {seed} {cond:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
     summary = summarize(cfg, base, mining, sweep_result, weight)
