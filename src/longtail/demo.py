@@ -508,8 +508,8 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "n": len(values)}
 
 
-def summarize(cfg: DemoConfig, base: dict[int, dict], mining: dict[int, dict[str, list[dict]]], sweep_result: dict,
-              weight: float) -> dict:
+def summarize(cfg: DemoConfig, data: DemoData, base: dict[int, dict], mining: dict[int, dict[str, list[dict]]],
+              sweep_result: dict, weight: float) -> dict:
     conditions = {}
     for cond in cfg.mining.conditions:
         finals = [mining[s][cond][-1] for s in cfg.seeds]
@@ -520,6 +520,9 @@ def summarize(cfg: DemoConfig, base: dict[int, dict], mining: dict[int, dict[str
                            for k in ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")}
     return {
         "seeds": cfg.seeds,
+        "class_names": list(FASHION_MNIST_CLASSES),
+        "train_counts": data.counts,
+        "groups": data.groups,
         "base": {k: _mean_std([base[s][k] for s in cfg.seeds]) for k in ("top1", "many", "medium", "few")},
         "detection": detection,
         "sweep": sweep_result,
@@ -588,7 +591,7 @@ def run_demo(cfg: DemoConfig, show: bool = True, log=print) -> dict:
             mining[seed][cond] = stage_mining(cfg, ldm, data, seed, cond, weight, run, show, prompts)
             final = mining[seed][cond][-1]
             log(f"seed {seed} {cond:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
-    summary = summarize(cfg, base, mining, sweep_result, weight)
+    summary = summarize(cfg, data, base, mining, sweep_result, weight)
     if cfg.trajectory:
         summary["trajectory"] = stage_trajectory(cfg, ldm, models[cfg.seeds[0]], data, weight, run, log)
     summary["distribution"] = stage_distribution(cfg, data, run)["summary"]

@@ -37,12 +37,22 @@ def signal_scores(out: ClassifierOutput, names: Sequence[str] | None = None) -> 
     return {n: get_signal(n)(out.logits, out.head_logits).float() for n in names}
 
 
+def dense_rank(score: Tensor) -> Tensor:
+    """Scores ``[N]`` -> dense ranks scaled to [0, 1]: same order and ties, hence the same ROC curve.
+
+    torchmetrics squashes scores outside [0, 1] with a sigmoid, which in float32 ties every score above ~17;
+    ranks keep any signal's ordering intact.
+    """
+    _, inverse = torch.unique(score.double(), return_inverse=True)
+    return inverse.float() / max(int(inverse.max()), 1)
+
+
 def auroc(scores: Tensor, targets: Tensor) -> float:
     """Area under the ROC curve of ``scores [N]`` for binary ``targets [N]`` (NaN if one class is absent)."""
     targets = targets.long()
     if targets.min() == targets.max():
         return float("nan")
-    return float(binary_auroc(scores.float(), targets))
+    return float(binary_auroc(dense_rank(scores), targets))
 
 
 def detection_report(
