@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from helpers import TINY_GEN, fake_fashion_mnist
@@ -28,3 +29,33 @@ def test_train_generator_writes_a_loadable_model_and_resumes_the_vae(tmp_path):
     # weights are stored as fp16 safetensors, loaded as fp32
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert next(ldm.unet.parameters()).dtype == torch.float32
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_unet_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, monkeypatch):
+    import longtail.models.tiny as tiny
+
+    torch.manual_seed(0)
+    lat, text = torch.randn(32, 4, 8, 8), torch.randn(5, 12, 384)
+    std, ids = torch.full_like(lat, 0.1), torch.randint(0, 5, (32, 4))
+    cfg = TINY_GEN.__class__(**{**TINY_GEN.__dict__, "unet_steps": 6, "batch_size": 4, "warmup_steps": 1})
+    straight, _ = tiny.train_unet(lat, std, text, ids, cfg, show=False)
+
+    original, calls = tiny.EMAModel.step, []
+
+    def step_then_die(self, params):
+        original(self, params)
+        calls.append(1)
+        if len(calls) == 4:  # killed after step 4; the last checkpoint is after step 3
+            raise _Stop
+
+    monkeypatch.setattr(tiny.EMAModel, "step", step_then_die)
+    with pytest.raises(_Stop):
+        tiny.train_unet(lat, std, text, ids, cfg, show=False, checkpoint_dir=tmp_path, checkpoint_every=3)
+    monkeypatch.setattr(tiny.EMAModel, "step", original)
+    resumed, _ = tiny.train_unet(lat, std, text, ids, cfg, show=False, checkpoint_dir=tmp_path, checkpoint_every=3)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name

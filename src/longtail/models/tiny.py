@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -176,15 +178,40 @@ def encode_dataset(vae: AutoencoderKL, images: Tensor, batch: int = 512) -> tupl
     return torch.cat(means), torch.cat(stds)
 
 
+def _save_checkpoint(path: Path, step: int, unet: UNet2DConditionModel, ema: EMAModel, opt: torch.optim.Optimizer,
+                     sched: object, gen: torch.Generator, losses: list[float]) -> None:
+    """Everything to continue UNet training: weights and EMA (safetensors), optimizer/RNG (weights-only torch)."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path / "unet.safetensors.tmp"))
+    save_file({f"p{i}": p.contiguous() for i, p in enumerate(ema.shadow_params)}, str(path / "ema.safetensors.tmp"))
+    torch.save({"step": step, "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                "ema_steps": ema.optimization_step, "losses": losses[-200:]}, path / "state.pt.tmp")
+    for name in ("unet.safetensors", "ema.safetensors", "state.pt"):
+        (path / f"{name}.tmp").replace(path / name)
+
+
+def _load_checkpoint(path: Path, unet: UNet2DConditionModel, ema: EMAModel, opt: torch.optim.Optimizer,
+                     sched: object, gen: torch.Generator) -> tuple[int, list[float]]:
+    state = torch.load(path / "state.pt", weights_only=True)
+    unet.load_state_dict(load_file(str(path / "unet.safetensors")))
+    shadow = load_file(str(path / "ema.safetensors"))
+    ema.shadow_params = [shadow[f"p{i}"] for i in range(len(shadow))]
+    ema.optimization_step = state["ema_steps"]
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    return int(state["step"]), list(state["losses"])
+
+
 def train_unet(
     latents: Tensor, latent_std: Tensor, text: Tensor, caption_ids: Tensor, cfg: TinyGeneratorConfig,
-    show: bool = True,
+    show: bool = True, checkpoint_dir: Path | None = None, checkpoint_every: int = 250,
 ) -> tuple[UNet2DConditionModel, dict]:
     """Epsilon-prediction training on scaled latents with per-example caption choices.
 
     ``latents``/``latent_std [N, c, h, w]`` (already scaled); ``text [P, L, D]`` embeddings of the prompt table;
-    ``caption_ids [N, 3]``: per image, indices of (empty prompt, class-only prompt, a full caption) -- column 2
-    may hold several variants, picked at random by ``caption_ids[:, 2:]``.
+    ``caption_ids [N, 4]``: per image, indices of (empty prompt, class-only prompt, caption variants...).
+    With ``checkpoint_dir`` the state is saved every ``checkpoint_every`` steps and training resumes from it.
     """
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, cross_attention_dim=text.shape[-1]).train()
@@ -203,8 +230,11 @@ def train_unet(
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(latents)
     losses: list[float] = []
-    bar = tqdm(range(cfg.unet_steps), desc="unet", disable=not show)
-    for _ in bar:
+    first = 0
+    if checkpoint_dir is not None and (checkpoint_dir / "state.pt").is_file():
+        first, losses = _load_checkpoint(checkpoint_dir, unet, ema, opt, sched, gen)
+    bar = tqdm(range(first, cfg.unet_steps), desc="unet", disable=not show, initial=first, total=cfg.unet_steps)
+    for step in bar:
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         z0 = latents[idx] + latent_std[idx] * torch.randn(latents[idx].shape, generator=gen)
         u = torch.rand(cfg.batch_size, generator=gen)
@@ -226,6 +256,8 @@ def train_unet(
         losses.append(loss.item())
         if len(losses) % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
+        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+            _save_checkpoint(checkpoint_dir, step + 1, unet, ema, opt, sched, gen, losses)
     ema.copy_to(unet.parameters())
     unet.eval().requires_grad_(False)
     return unet, {"unet_final_loss": sum(losses[-200:]) / max(1, len(losses[-200:]))}
@@ -294,7 +326,7 @@ def train_generator(
 ) -> Path:
     """Train the embedded generator on full Fashion-MNIST and save it to ``out_dir``. Returns ``out_dir``.
 
-    Resumable at stage granularity: a finished VAE (``out_dir/vae``) is reused.
+    Resumable: a finished VAE (``out_dir/vae``) is reused and UNet training continues from its last checkpoint.
     """
     from ..data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_range
     from ..introspection.captioners import AttributeCaptioner
@@ -330,7 +362,8 @@ def train_generator(
     prompts, caption_ids = build_prompt_table(captions, labels.tolist(), FASHION_MNIST_CLASSES)
     _log(log, f"{len(prompts)} distinct prompts, e.g. {captions[0]!r}")
     text = embed_prompts(prompts, cfg.max_tokens, show)
-    unet, unet_stats = train_unet(means * scale, stds * scale, text, caption_ids, cfg, show)
+    unet, unet_stats = train_unet(means * scale, stds * scale, text, caption_ids, cfg, show,
+                                  checkpoint_dir=root / "unet_checkpoint")
     stats.update(unet_stats)
     meta = {
         "format": 1,
@@ -345,5 +378,6 @@ def train_generator(
     }
     save_generator(root, vae, unet, meta)
     (root / "vae_done").unlink(missing_ok=True)
+    shutil.rmtree(root / "unet_checkpoint", ignore_errors=True)
     _log(log, f"generator saved to {root} in {meta['seconds']} s")
     return root
