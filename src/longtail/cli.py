@@ -53,6 +53,41 @@ def demo(
     run_demo(cfg, show=progress)
 
 
+@app.command()
+def introspect(
+    config: Path | None = typer.Option(None, help="YAML config of the demo (the same run directory is reused)"),
+    out: str = typer.Option("runs/introspect", help="run directory"),
+    seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
+    llm_url: str | None = typer.Option(None, help="OpenAI-compatible chat endpoint for refined prompts "
+                                       "(key from $OPENAI_API_KEY); default: the offline template"),
+    llm_model: str = typer.Option("default", help="model name at that endpoint"),
+    set_: list[str] = typer.Option([], "--set", help="override any config key: --set introspection.pairs=20"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Longtail Introspection on the embedded default: keywords, refined prompts, and the Table 4 comparison
+    (no synthetic data / prompt-tuned GIF data / introspection-prompt data)."""
+    from .config import load_config
+    from .demo import DemoConfig, run_demo
+
+    overrides = [f"out={out}", "mining.conditions=[none, gif, introspect]", *set_]
+    if seeds:
+        overrides.append(f"seeds=[{seeds}]")
+    if llm_url:
+        overrides += [f"introspection.llm_url={llm_url}", f"introspection.llm_model={llm_model}"]
+    run_demo(load_config(DemoConfig, config, overrides), show=progress)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="a run directory (demo, introspect, mine)"),
+    out: Path | None = typer.Option(None, help="output HTML (default RUN_DIR/report.html)"),
+) -> None:
+    """One self-contained HTML page with the run's images, plots and tables."""
+    from .report import write_report
+
+    typer.echo(write_report(run_dir, out))
+
+
 @app.command("train-generator")
 def train_generator_cmd(
     out: Path = typer.Option(..., help="output directory (diffusers layout + longtail_generator.json)"),

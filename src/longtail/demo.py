@@ -619,4 +619,7 @@ def run_demo(cfg: DemoConfig, show: bool = True, log=print) -> dict:
     table = format_summary(summary)
     (run / "summary.txt").write_text(table + "\n")
     log(table)
+    from .report import write_report
+
+    log(f"report: {write_report(run)}")
     return summary
