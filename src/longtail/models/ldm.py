@@ -4,16 +4,22 @@
 encoder and a scheduler, and exposes exactly the callables of ``longtail.sampling.sample``:
 ``denoise(z_t, t, cond)``, ``decode(z)``, ``encode_prompts(prompts)``. Stable Diffusion (CLIP text encoder)
 and the embedded default (MiniLM text encoder) are both instances; only their loading differs.
+
+Components may sit in different dtypes (a bf16 UNet with an fp32 VAE, say): ``denoise``, ``decode`` and
+``encode`` cast their inputs to the dtype of the module they call. ``latent_size`` overrides the UNet's
+``sample_size`` so one model can sample other resolutions (``set_image_size``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -26,6 +32,7 @@ class LatentDiffusion:
     text_encoder: nn.Module
     scheduler: DDIMScheduler
     max_length: int = 77
+    latent_size: tuple[int, int] | None = None  # (h, w) of sampled latents; None = the UNet's sample_size
     _prompt_cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -41,22 +48,61 @@ class LatentDiffusion:
         return next(self.unet.parameters()).dtype
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side: ``2 ** (VAE blocks - 1)`` (8 for Stable Diffusion)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
+        """(c, h, w) of the latents to sample: ``latent_size`` when set, else the UNet's ``sample_size``."""
+        return (self.unet.config.in_channels, *(self.latent_size or self._default_latent_size()))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images ``decode`` returns for ``latent_shape``."""
+        _, h, w = self.latent_shape
+        return (h * self.vae_scale_factor, w * self.vae_scale_factor)
+
+    def set_image_size(self, height: int | None = None, width: int | None = None) -> LatentDiffusion:
+        """Sample ``height x width`` images (None: the UNet's default). Both must divide into latent cells
+        that the UNet's down-sampling can halve evenly; the error names the nearest valid sizes."""
+        if height is None and width is None:
+            self.latent_size = None
+            return self
+        default_h, default_w = self._default_image_size()
+        height, width = height or default_h, width or default_w
+        f = self.vae_scale_factor
+        multiple = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                lower = max(multiple, value // multiple * multiple)
+                raise ValueError(
+                    f"{name}={value} is not a multiple of {multiple} (VAE factor {f} x UNet down-sampling "
+                    f"{multiple // f}); try {lower} or {lower + multiple}"
+                )
+        self.latent_size = (height // f, width // f)
+        return self
+
+    def _default_latent_size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, *size)
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def _default_image_size(self) -> tuple[int, int]:
+        h, w = self._default_latent_size()
+        return (h * self.vae_scale_factor, w * self.vae_scale_factor)
 
     def denoise(self, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """Model output (eps or v, per ``scheduler.config.prediction_type``) for ``z [B, c, h, w]``, text ``[B, L, D]``."""
-        return self.unet(z, t, encoder_hidden_states=cond).sample
+        dtype = self.unet.dtype
+        return self.unet(z.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents ``[B, c, h, w]`` -> images ``[B, C, H, W]`` in the VAE's range (about [-1, 1])."""
-        return self.vae.decode(z / self.scaling_factor).sample
+        return self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample
 
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Images ``[B, C, H, W]`` in [-1, 1] -> scaled latents (posterior mean unless ``sample``)."""
-        dist = self.vae.encode(images).latent_dist
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mean
         return z * self.scaling_factor
 
@@ -74,8 +120,9 @@ class LatentDiffusion:
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LatentDiffusion:
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            module.to(**kwargs)
         self._prompt_cache.clear()
         return self
 
@@ -83,6 +130,26 @@ class LatentDiffusion:
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
         return self
+
+
+def set_decoder_checkpointing(vae: AutoencoderKL, enabled: bool = True) -> None:
+    """Recompute the VAE decoder's mid and up blocks in the backward pass instead of storing activations.
+
+    diffusers' ``Decoder.forward`` checkpoints when ``torch.is_grad_enabled() and
+    self.gradient_checkpointing``: it does not look at ``training``, so it is active in eval mode under
+    ``torch.enable_grad()`` (the guidance path) and inactive under ``no_grad`` (final decoding pays nothing).
+    Only the decoder's own flag is set, not those of its mid block, so blocks are not checkpointed twice.
+    Non-reentrant checkpointing is used: it works with frozen parameters and gives the same gradient.
+    """
+    decoder = vae.decoder
+    if not hasattr(decoder, "gradient_checkpointing"):
+        raise ValueError(f"{type(decoder).__name__} has no gradient_checkpointing switch (old diffusers?)")
+    decoder._gradient_checkpointing_func = functools.partial(_checkpoint_call, use_reentrant=False)
+    decoder.gradient_checkpointing = enabled
+
+
+def _checkpoint_call(module: nn.Module, *args: object, use_reentrant: bool = False) -> Tensor:
+    return checkpoint(module.__call__, *args, use_reentrant=use_reentrant)
 
 
 def ddim_scheduler(config: dict | None = None) -> DDIMScheduler:
