@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
 
 from .evaluation.metrics import signal_scores
 from .generate import Generated
@@ -90,3 +94,17 @@ def choose_weight(points: Sequence[SweepPoint], signal: str, min_p_ratio: float 
     reason = (f"w={best.weight:g}: {signal} {base.mean_signal:.3f} -> {best.mean_signal:.3f}, "
               f"P(class) {base.mean_p_class:.3f} -> {best.mean_p_class:.3f} (>= {min_p_ratio:g} x unguided)")
     return WeightChoice(signal, best.weight, reason, base.mean_signal, base.mean_p_class)
+
+
+def save_grid(images_by_weight: dict[float, Tensor], labels: Tensor, path: Path, per_class: int) -> None:
+    """PNG grid of the sweep: per class ``per_class`` rows; each row shows one seed at every weight, unguided
+    first, left to right. Images ``[N, C, H, W]`` in [-1, 1] per weight, same jobs in every weight."""
+    from torchvision.utils import save_image
+
+    weights = sorted(images_by_weight)
+    rows = []
+    for c in range(int(labels.max()) + 1):
+        idx = (labels == c).nonzero().flatten()[:per_class]
+        rows.extend(torch.cat([images_by_weight[w][i] for w in weights], dim=-1) for i in idx)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.stack(rows).clamp(-1, 1) * 0.5 + 0.5, path, nrow=per_class, padding=2, pad_value=0.5)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Longtail Guidance: mine a classifier's longtail.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Longtail Guidance: mine a classifier's longtail.")
 heads_app = typer.Typer(no_args_is_help=True, help="Epistemic Head utilities.")
 app.add_typer(heads_app, name="heads")
 
@@ -51,6 +52,84 @@ def demo(
         overrides.append("out=runs/demo-quick")
     cfg = load_config(DemoConfig, config, overrides, base=quick_overrides() if quick else None)
     run_demo(cfg, show=progress)
+
+
+def _flags(**flags: object) -> list[str]:
+    """Turn the shortcut flags that were given into ``key=value`` overrides (YAML-parsed later)."""
+    out = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, list | tuple):
+            value = "[" + ", ".join(str(v) for v in value) + "]"
+        out.append(f"{key.replace('__', '.')}={value}")
+    return out
+
+
+@app.command()
+def generate(
+    out: str | None = typer.Option(None, help="output directory (ImageFolder + manifest.csv + config.yaml)"),
+    config: Path | None = typer.Option(None, help="YAML with GenerateConfig keys"),
+    sd: str | None = typer.Option(None, help="a Stable Diffusion diffusers directory or hub id (else the embedded "
+                                  "generator)"),
+    generator: str | None = typer.Option(None, help="an embedded generator directory (default: the shipped one)"),
+    classifier: str | None = typer.Option(None, help="torchvision name, timm:<name>, module:function, or a run's "
+                                          "classifier.json"),
+    checkpoint: str | None = typer.Option(None, help="classifier weights (.safetensors or a weights-only torch file)"),
+    heads: str | None = typer.Option(None, help="Epistemic Head weights (safetensors)"),
+    class_names: str | None = typer.Option(None, help="class-name file (JSON list or one per line)"),
+    per_class: int | None = typer.Option(None, help="images per class"),
+    counts_file: str | None = typer.Option(None, help="per-class counts (JSON {class: n} or 'class n' lines)"),
+    signal: str | None = typer.Option(None, help="entropy | energy | total | aleatoric | epistemic"),
+    weight: float | None = typer.Option(None, help="guidance weight (0: unguided)"),
+    seed: int | None = typer.Option(None, help="base seed; each image's seed derives from (seed, class, index)"),
+    steps: int | None = typer.Option(None, help="sampling steps"),
+    batch_size: int | None = typer.Option(None, help="images per sampler batch"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:1 ..."),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set generator.cfg_scale=5"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Generate a synthetic dataset (guided or not); resumable; `accelerate launch -m longtail generate` shards."""
+    from .config import load_config
+    from .pipelines import GenerateConfig, run_generate
+
+    overrides = _flags(out=out, generator__kind="sd" if sd else None, generator__model=sd or generator,
+                       classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
+                       classifier__class_names=class_names, per_class=per_class, counts_file=counts_file,
+                       guidance__signal=signal, guidance__weight=weight, seed=seed, generator__num_steps=steps,
+                       generator__batch_size=batch_size, device=device)
+    run_generate(load_config(GenerateConfig, config, [*overrides, *set_]), show=progress)
+
+
+@app.command()
+def calibrate(
+    out: str | None = typer.Option(None, help="output directory (calibration.json, grids, config.yaml)"),
+    config: Path | None = typer.Option(None, help="YAML with CalibrateConfig keys"),
+    sd: str | None = typer.Option(None, help="a Stable Diffusion directory or hub id (else the embedded generator)"),
+    generator: str | None = typer.Option(None, help="an embedded generator directory"),
+    classifier: str | None = typer.Option(None, help="classifier spec or a run's classifier.json"),
+    checkpoint: str | None = typer.Option(None, help="classifier weights"),
+    heads: str | None = typer.Option(None, help="Epistemic Head weights"),
+    class_names: str | None = typer.Option(None, help="class-name file"),
+    signals: str | None = typer.Option(None, help="comma-separated signals to sweep"),
+    weights: str | None = typer.Option(None, help="comma-separated weights to sweep, e.g. 1,3,10,30"),
+    per_class: int | None = typer.Option(None, help="images per class and weight"),
+    steps: int | None = typer.Option(None, help="sampling steps"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    set_: list[str] = typer.Option([], "--set", help="any config key"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Choose the guidance weight: sweep, apply the paper's rule (3.1), record the evidence."""
+    from .config import load_config
+    from .pipelines import CalibrateConfig, run_calibrate
+
+    overrides = _flags(out=out, generator__kind="sd" if sd else None, generator__model=sd or generator,
+                       classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
+                       classifier__class_names=class_names,
+                       signals=signals.split(",") if signals else None,
+                       weights=weights.split(",") if weights else None, per_class=per_class,
+                       generator__num_steps=steps, device=device)
+    run_calibrate(load_config(CalibrateConfig, config, [*overrides, *set_]), show=progress)
 
 
 @app.command()
@@ -105,4 +184,18 @@ def train_generator_cmd(
 
 
 def main() -> None:
-    app()
+    """Entry point: user errors (bad config, data or paths) print one clear line and exit 2, no traceback
+    (set LONGTAIL_DEBUG=1 to see it)."""
+    import os
+    import sys
+
+    from .config import ConfigError
+    from .data.datasets import DataError
+
+    try:
+        app()
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("LONGTAIL_DEBUG"):
+            raise
+        print(f"longtail: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .calibrate import SweepPoint, choose_weight, sweep
+from .calibrate import SweepPoint, choose_weight, save_grid, sweep
 from .config import dump_config, to_dict
 from .data.datasets import (
     FASHION_MNIST_CLASSES,
@@ -44,6 +44,7 @@ from .heads import ClassifierOutput
 from .mining import MiningConfig, load_state, mine, save_state
 from .models.ldm import LatentDiffusion
 from .models.tiny import ASSETS_DIR, TinyGeneratorConfig, class_prompt, load_tiny_generator, train_generator
+from .pipelines import write_classifier_json
 from .sampling import GuidanceConfig, initial_latents
 from .train import TrainConfig, fit, make_classifier, predict
 
@@ -219,6 +220,9 @@ def stage_base(cfg: DemoConfig, data: DemoData, seed: int, run: Path, log, show:
     if cfg.classifier.ensemble > 0:
         metrics["detection"].update(ensemble_detection(cfg, data, seed, show))
     save_state(model, ckpt)
+    write_classifier_json(base_dir, "longtail.train:make_classifier", ckpt.name,
+                          model_kwargs={"width": cfg.classifier.width, "num_heads": cfg.classifier.heads},
+                          num_classes=len(FASHION_MNIST_CLASSES), class_names=list(FASHION_MNIST_CLASSES))
     _write_json(metrics_path, metrics)
     log(f"seed {seed}: base classifier top-1 {metrics['top1']:.3f} (many {metrics['many']:.3f}, "
         f"medium {metrics['medium']:.3f}, few {metrics['few']:.3f})")
@@ -246,19 +250,6 @@ def _generation_run(ldm: LatentDiffusion, model, cfg: DemoConfig, jobs, show: bo
                         cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.sampler.batch_size, show=show,
                         desc=f"{desc} {guidance.signal} w={guidance.weight:g}" if guidance else f"{desc} unguided")
     return run
-
-
-def save_grid(images_by_weight: dict[float, Tensor], labels: Tensor, path: Path, per_class: int) -> None:
-    """PNG grid: one row block per class, columns = weights (unguided first), same seeds across columns."""
-    from torchvision.utils import save_image
-
-    weights = sorted(images_by_weight)
-    rows = []
-    for c in range(int(labels.max()) + 1):
-        idx = (labels == c).nonzero().flatten()[:per_class]
-        rows.extend(torch.cat([images_by_weight[w][i] for w in weights], dim=-1) for i in idx)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.stack(rows).clamp(-1, 1) * 0.5 + 0.5, path, nrow=per_class, padding=2, pad_value=0.5)
 
 
 def stage_sweep(cfg: DemoConfig, ldm: LatentDiffusion, model, run: Path, log, show: bool) -> dict:
