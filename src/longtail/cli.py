@@ -133,6 +133,32 @@ def calibrate(
 
 
 @app.command()
+def mine(
+    config: Path | None = typer.Option(None, help="YAML with MineConfig keys (see configs/paper/)"),
+    out: str | None = typer.Option(None, help="run directory"),
+    train: str | None = typer.Option(None, help="training ImageFolder (<dir>/<class>/<image>)"),
+    val: str | None = typer.Option(None, help="validation ImageFolder"),
+    classifier: str | None = typer.Option(None, help="classifier spec or a run's classifier.json"),
+    checkpoint: str | None = typer.Option(None, help="classifier weights"),
+    sd: str | None = typer.Option(None, help="a Stable Diffusion directory or hub id (else the embedded generator)"),
+    weight: float | None = typer.Option(None, help="guidance weight (from `longtail calibrate`)"),
+    allow_corrupt: bool = typer.Option(False, "--allow-corrupt", help="skip unreadable images (reported by path)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate paths, classes and the schedule, print the plan "
+                                 "and an estimated generation time, generate nothing"),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set schedule.every=2"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """The mining loop on your data, classifier and generator (resumable; `accelerate launch -m longtail mine`)."""
+    from .config import load_config
+    from .mine_job import MineConfig, run_mine
+
+    overrides = _flags(out=out, data__train=train, data__val=val, classifier__spec=classifier,
+                       classifier__checkpoint=checkpoint, generator__kind="sd" if sd else None, generator__model=sd,
+                       guidance__weight=weight, data__allow_corrupt=True if allow_corrupt else None)
+    run_mine(load_config(MineConfig, config, [*overrides, *set_]), dry_run=dry_run, show=progress)
+
+
+@app.command()
 def introspect(
     config: Path | None = typer.Option(None, help="YAML config of the demo (the same run directory is reused)"),
     out: str = typer.Option("runs/introspect", help="run directory"),

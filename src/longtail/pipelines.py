@@ -263,7 +263,7 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     from .data.store import SyntheticStore
     from .generate import generate_dataset
 
-    state = PartialState(cpu=cfg.device == "cpu")
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     out = Path(cfg.out)
     if state.is_main_process:

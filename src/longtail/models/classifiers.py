@@ -24,7 +24,7 @@ import inspect
 import json
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -159,11 +159,12 @@ def default_bridge(spec: str, model: nn.Module) -> BridgeConfig:
         except (ValueError, KeyError, AttributeError):
             weights = None
         if weights is not None:
-            return BridgeConfig.from_torchvision(weights, in_channels=_in_channels(model) or 3)
-    return BridgeConfig(in_channels=_in_channels(model), source="identity (decoder range, no resize)")
+            return BridgeConfig.from_torchvision(weights, in_channels=input_channels(model) or 3)
+    return BridgeConfig(in_channels=input_channels(model), source="identity (decoder range, no resize)")
 
 
-def _in_channels(model: nn.Module) -> int | None:
+def input_channels(model: nn.Module) -> int | None:
+    """Input channels of the first convolution (None for models without one)."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else None
 
@@ -315,6 +316,8 @@ def load_classifier(
         bridge = preprocess
     else:
         bridge = BridgeConfig.from_dict(preprocess)
+    if bridge.in_channels is None and input_channels(base) is not None:
+        bridge = replace(bridge, in_channels=input_channels(base))  # e.g. an RGB classifier on a grayscale decoder
     model = model.to(device).eval()
     return LoadedClassifier(
         model=model,

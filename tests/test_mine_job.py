@@ -1,0 +1,225 @@
+"""`longtail mine` on small ImageFolders: end to end, resume after kills, bad inputs, paper configs, accelerate."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from helpers import tiny_generator
+from longtail.config import ConfigError, load_config
+from longtail.data.datasets import DataError
+from longtail.heads import EpistemicClassifier
+from longtail.mine_job import MineConfig, generation_epochs, run_mine
+from longtail.models.stable_diffusion import write_tiny_stable_diffusion
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CLASSES = ("coat", "sandal", "bag")
+REPO = Path(__file__).resolve().parent.parent
+
+NO_BN_MODEL = '''
+import torch
+def build(num_classes=3, in_channels=1):
+    return torch.nn.Sequential(torch.nn.Conv2d(in_channels, 6, 3, stride=2), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, num_classes))
+'''
+
+
+def write_folder(root: Path, per_class: int, mode: str = "L", seed: int = 0) -> Path:
+    """Class-dependent blobs as PNG (grayscale or a colour variant)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.zeros((28, 28), np.uint8)
+            size = 6 + 5 * c
+            y, x = rng.integers(0, 28 - size, 2)
+            img[y : y + size, x : x + size] = 200
+            if mode == "RGB":
+                img = np.stack([img, img // 2, 255 - img], -1)
+            Image.fromarray(img, mode).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mine")
+    train, val = write_folder(root / "train", 8), write_folder(root / "val", 4, seed=1)
+    (root / "model.py").write_text(NO_BN_MODEL)
+    namespace: dict = {}
+    exec(NO_BN_MODEL, namespace)
+    torch.manual_seed(0)
+    save_file(namespace["build"]().state_dict(), str(root / "nobn.safetensors"))
+    torch.manual_seed(0)
+    from longtail.train import make_classifier
+
+    save_file(make_classifier(3, width=8, num_heads=3).state_dict(), str(root / "clf.safetensors"))
+    return {"root": root, "train": train, "val": val, "gen": tiny_generator(root / "gen")}
+
+
+def base_overrides(world, out: Path) -> list[str]:
+    return [f"out={out}", f"data.train={world['train']}", f"data.val={world['val']}",
+            "classifier.spec=longtail.train:make_classifier", f"classifier.checkpoint={world['root'] / 'clf.safetensors'}",
+            "classifier.num_classes=3", "classifier.model_kwargs={width: 8, num_heads: 3}",
+            "classifier.preprocess={size: 32, in_channels: 1}", "generator.kind=embedded", f"generator.model={world['gen']}",
+            "generator.num_steps=2", "generator.cfg_scale=2.0", "generator.batch_size=2", "guidance.signal=total",
+            "guidance.weight=1.0", "schedule.epochs=4", "schedule.every=2", "schedule.per_round=6",
+            "schedule.allocation=even", "finetune.batch_size=8", "finetune.num_workers=0", "device=cpu"]
+
+
+def manifest(run: Path) -> list[dict]:
+    with (run / "synthetic" / "manifest.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_schedule_forms():
+    from longtail.mine_job import ScheduleSpec
+
+    assert generation_epochs(ScheduleSpec(epochs=100, every=5)) == list(range(0, 100, 5))
+    assert generation_epochs(ScheduleSpec(epochs=10, every=2, until=5)) == [0, 2, 4]
+    with pytest.raises(ConfigError, match="generate_at"):
+        generation_epochs(ScheduleSpec(epochs=10, generate_at=[0, 12]))
+
+
+def test_mini_mining_run_end_to_end(world, tmp_path):
+    out = tmp_path / "run"
+    result = run_mine(load_config(MineConfig, overrides=base_overrides(world, out)), show=False, log=lambda m: None)
+    history = result["history"]
+    assert [h["round"] for h in history] == [0, 1, 2] and [h["synthetic"] for h in history] == [0, 6, 12]
+    assert all(0 <= h["top1"] <= 1 for h in history) and "detection" in history[-1]
+    rows = manifest(out)
+    assert len(rows) == 12 == len({r["id"] for r in rows}) and {r["class_name"] for r in rows} == set(CLASSES)
+    assert {float(r["weight"]) for r in rows} == {1.0}
+    for name in ("config.yaml", "plan.json", "metrics.json", "round_2/classifier.safetensors"):
+        assert (out / name).is_file(), name
+
+
+def test_colour_data_and_heads_trained_on_request(world, tmp_path):
+    train, val = write_folder(tmp_path / "train", 6, "RGB"), write_folder(tmp_path / "val", 3, "RGB", seed=2)
+    torch.manual_seed(0)
+    save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), str(tmp_path / "c.safetensors"))
+    over = [*base_overrides(world, tmp_path / "run"), f"data.train={train}", f"data.val={val}",
+            "classifier.spec=timm:test_resnet", f"classifier.checkpoint={tmp_path / 'c.safetensors'}",
+            "classifier.model_kwargs={}", "classifier.preprocess={size: 32}", "finetune.train_heads_epochs=1",
+            "schedule.epochs=2"]
+    result = run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+    assert (tmp_path / "run" / "heads.safetensors").is_file()
+    assert result["history"][-1]["synthetic"] == 6
+
+
+@pytest.mark.parametrize("problem", ["missing class", "empty class", "corrupt png", "class mismatch"])
+def test_bad_inputs_name_the_problem(world, tmp_path, problem):
+    train = write_folder(tmp_path / "train", 3)
+    over = [*base_overrides(world, tmp_path / "run"), f"data.train={train}"]
+    if problem == "missing class":
+        for p in (train / "bag").iterdir():
+            p.unlink()
+        (train / "bag").rmdir()
+        expect = (ConfigError, r"3 outputs but .* has 2 classes")
+    elif problem == "empty class":
+        for p in (train / "bag").iterdir():
+            p.unlink()
+        expect = (DataError, r"bag holds no images")
+    elif problem == "corrupt png":
+        (train / "coat" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        expect = (DataError, r"bad\.png: unreadable image")
+    else:
+        (tmp_path / "names.txt").write_text("coat\nsandal\nshoe\n")
+        over.append(f"data.class_names={tmp_path / 'names.txt'}")
+        expect = (DataError, r"missing folders \['shoe'\]")
+    with pytest.raises(expect[0], match=expect[1]):
+        run_mine(load_config(MineConfig, overrides=over), dry_run=True, show=False, log=lambda m: None)
+
+
+def test_resume_after_kills_at_several_points(world, tmp_path):
+    out = tmp_path / "run"
+    over = [*base_overrides(world, out), "schedule.epochs=6", "schedule.per_round=12"]
+    args = [sys.executable, "-m", "longtail", "mine", "--no-progress"]
+    for item in over:
+        args += ["--set", item]
+    evidence = []
+    for point in ("synthetic row", "round 1 done", "round 2 rows"):
+        proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 180
+        while proc.poll() is None and time.time() < deadline:
+            rows = manifest(out) if (out / "synthetic" / "manifest.csv").is_file() else []
+            if ((point == "synthetic row" and rows) or (point == "round 1 done" and (out / "round_1" / "metrics.json").is_file())
+                    or (point == "round 2 rows" and any(r["round"] == "2" for r in rows))):
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        evidence.append((point, len(manifest(out)) if (out / "synthetic" / "manifest.csv").is_file() else 0))
+    done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = manifest(out)
+    print("resume evidence (kill point, manifest rows at kill):", evidence, "final rows:", len(rows))
+    assert len(rows) == 36 == len({r["id"] for r in rows}), evidence
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [h["synthetic"] for h in history] == [0, 12, 24, 36]
+
+
+@pytest.mark.slow
+def test_finetuning_under_accelerate_matches_one_process(world, tmp_path):
+    """2 data-parallel processes (split batches) == 1 process, up to floating-point order (a model without BN)."""
+    results = {}
+    for n in (1, 2):
+        out = tmp_path / f"run{n}"
+        over = [*base_overrides(world, out), f"classifier.spec={world['root'] / 'model.py'}:build",
+                f"classifier.checkpoint={world['root'] / 'nobn.safetensors'}", "classifier.model_kwargs={}",
+                "guidance.weight=0",
+                "finetune.crop=center", "finetune.rotation=0", "finetune.hflip=false", "schedule.per_round=6",
+                # batches that split evenly over 2 processes (24 + 6 + 6 images), and per-image generation
+                "finetune.batch_size=6", "generator.batch_size=1"]
+        args = ["-m", "longtail", "mine", "--no-progress"]
+        for item in over:
+            args += ["--set", item]
+        if n == 1:
+            cmd = [sys.executable, *args]
+        else:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+        done = subprocess.run(cmd, env={**ENV, "PYTHONHASHSEED": "0"}, capture_output=True, text=True, timeout=400,
+                              cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[n] = out
+    from safetensors.torch import load_file
+
+    a = load_file(str(results[1] / "round_2" / "classifier.safetensors"))
+    b = load_file(str(results[2] / "round_2" / "classifier.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_paper_configs_dry_run(world, tmp_path):
+    configs = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        with pytest.raises(ConfigError, match="not there"):
+            run_mine(load_config(MineConfig, path), dry_run=True, show=False, log=lambda m: None)
+    sd = write_tiny_stable_diffusion(tmp_path / "sd")
+    train, val = write_folder(tmp_path / "train", 4, "RGB"), write_folder(tmp_path / "val", 2, "RGB", seed=3)
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    save_file(model.state_dict(), str(tmp_path / "c.safetensors"))
+    EpistemicClassifier(model, num_heads=5).save_heads(tmp_path / "h.safetensors")
+    for path in configs:
+        lines = []
+        over = [f"data.train={train}", f"data.val={val}", "classifier.spec=timm:test_resnet",
+                f"classifier.checkpoint={tmp_path / 'c.safetensors'}", "classifier.num_classes=3",
+                f"classifier.heads={tmp_path / 'h.safetensors'}", f"generator.model={sd}", "generator.dtype=fp32",
+                "generator.height=32", "generator.width=32", "device=cpu"]
+        result = run_mine(load_config(MineConfig, path, over), dry_run=True, show=False, log=lines.append)
+        text = "\n".join(lines)
+        assert "round" in text and "estimated generation time" in text, path
+        assert result["estimate"]["seconds_per_image"] > 0
