@@ -159,6 +159,31 @@ def mine(
 
 
 @app.command()
+def evaluate(
+    data: str = typer.Argument(..., help="ImageFolder to evaluate (real, or synthetic with manifest.csv)"),
+    classifier: str | None = typer.Option(None, help="classifier spec or a run's classifier.json"),
+    checkpoint: str | None = typer.Option(None, help="classifier weights"),
+    heads: str | None = typer.Option(None, help="Epistemic Head weights"),
+    train: str | None = typer.Option(None, help="training ImageFolder: its counts define Many / Medium / Few"),
+    real: str | None = typer.Option(None, help="real ImageFolder: FID and precision / recall against it"),
+    ensemble: str | None = typer.Option(None, help="comma-separated checkpoints of independently trained "
+                                        "classifiers (same spec): the ensemble's detection too"),
+    out: str | None = typer.Option(None, help="write evaluate.json (+ config.yaml) here"),
+    config: Path | None = typer.Option(None, help="YAML with EvaluateConfig keys"),
+    set_: list[str] = typer.Option([], "--set", help="any config key: --set many=50"),
+) -> None:
+    """Accuracy (Many/Medium/Few), detection AUROC per signal, per-weight signal and P(class) of a generated
+    set, FID / precision / recall against real data."""
+    from .config import load_config
+    from .evaluation.run import EvaluateConfig, run_evaluate
+
+    overrides = _flags(data=data, classifier__spec=classifier, classifier__checkpoint=checkpoint,
+                       classifier__heads=heads, train=train, real=real,
+                       ensemble=ensemble.split(",") if ensemble else None, out=out)
+    run_evaluate(load_config(EvaluateConfig, config, [*overrides, *set_]))
+
+
+@app.command()
 def introspect(
     config: Path | None = typer.Option(None, help="YAML config of the demo (the same run directory is reused)"),
     out: str = typer.Option("runs/introspect", help="run directory"),

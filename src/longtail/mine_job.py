@@ -153,7 +153,7 @@ def _class_names(cfg: MineConfig, loaded) -> list[str] | None:
     return list(loaded.class_names) if loaded is not None and loaded.class_names else None
 
 
-def _preprocess(loaded) -> Preprocess:
+def preprocess_for(loaded) -> Preprocess:
     """The fine-tuning input size / normalisation, from the classifier's bridge config and first layer."""
     b = loaded.bridge
     size = b.size[0] if b.size else (b.resize if isinstance(b.resize, int) else None)
@@ -222,7 +222,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True,
                           f"{len(train.class_names)} classes {train.class_names}")
     val = scan_imagefolder(cfg.data.val, train.class_names, cfg.data.allow_corrupt)
     plan = make_plan(cfg, train)
-    pre = _preprocess(loaded)
+    pre = preprocess_for(loaded)
     guidance = cfg.guidance.config()
     needs_heads = guidance is not None and not isinstance(loaded.model, EpistemicClassifier)
     if needs_heads and cfg.finetune.train_heads_epochs <= 0:
