@@ -142,3 +142,19 @@ def test_settings_that_cannot_work_fail_before_any_output(parts, tmp_path):
                                                             f"classifier.class_names={parts['root'] / 'names.json'}",
                                                             "generator.num_steps=1", "device=cpu"]),
                      show=False, log=lambda m: None)
+
+
+def test_distill_decoder_then_generate_with_it(parts, tmp_path):
+    from test_mine_job import write_folder
+
+    images = write_folder(tmp_path / "imgs", 3, "RGB")
+    done = subprocess.run([sys.executable, "-m", "longtail", "distill-decoder", "--out", str(tmp_path / "sur"),
+                           "--images", str(images), "--sd", str(parts["sd"]), "--steps", "5", "--batch-size", "4",
+                           "--channels", "8", "--size", "32", "--device", "cpu", "--no-progress"],
+                          env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "sur" / "surrogate.json").is_file()
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "longtail", *cli_args(parts, out, per_class=1),
+                    "--set", f"generator.guide_decoder={tmp_path / 'sur'}"], env=ENV, check=True, capture_output=True)
+    assert len(rows(out)) == 3
