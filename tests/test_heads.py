@@ -142,3 +142,16 @@ def test_head_signals_have_input_gradients_when_the_base_is_frozen(tiny_cnn):
     out = model(x)
     epistemic(out.head_logits).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_heads_only_training_keeps_the_base_bit_identical_even_with_batchnorm(tiny_cnn):
+    from longtail.heads import HeadsOnly
+    from longtail.train import TrainConfig, fit
+
+    model = EpistemicClassifier(tiny_cnn, num_heads=3)
+    x, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 4
+    before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    heads_before = model.heads.weight.detach().clone()
+    fit(HeadsOnly(model), x, y, TrainConfig(epochs=2, batch_size=8), show=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.base.state_dict().items())  # incl. BN running stats
+    assert not torch.equal(model.heads.weight, heads_before)

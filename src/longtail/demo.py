@@ -40,13 +40,13 @@ from .evaluation.features import LayerFeatures, extract
 from .evaluation.metrics import accuracy_report, detection_report, signal_scores
 from .evaluation.trajectory import format_trajectory, trajectory_analysis
 from .generate import Generated, generate, generate_dataset, gif_prompts, plan_jobs
-from .heads import ClassifierOutput
+from .heads import ClassifierOutput, EpistemicClassifier, HeadsOnly
 from .mining import MiningConfig, load_state, mine, save_state
 from .models.ldm import LatentDiffusion
 from .models.tiny import ASSETS_DIR, TinyGeneratorConfig, class_prompt, load_tiny_generator, train_generator
 from .pipelines import write_classifier_json
 from .sampling import GuidanceConfig, initial_latents
-from .train import TrainConfig, fit, make_classifier, predict
+from .train import SmallCNN, TrainConfig, fit, make_classifier, predict
 
 
 @dataclass
@@ -64,6 +64,8 @@ class ClassifierSection:
     width: int = 16
     heads: int = 5
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=2e-3))
+    heads_epochs: int = 6  # Epistemic Head training after the base is trained (heads start as its head)
+    head_noise: float = 0.1  # head copies start at the trained head + this x std(weights) noise
     ensemble: int = 0  # > 0: also train this many independent classifiers (Figure 5's ensemble comparison)
 
 
@@ -213,7 +215,13 @@ def stage_base(cfg: DemoConfig, data: DemoData, seed: int, run: Path, log, show:
         return model, _read_json(metrics_path)
     started = time.perf_counter()
     train_cfg = TrainConfig(**{**to_dict(cfg.classifier.train), "seed": seed})
-    fit(model, data.train_x, data.train_y, train_cfg, desc=f"base classifier (seed {seed})", show=show)
+    torch.manual_seed(seed)
+    base = SmallCNN(1, len(FASHION_MNIST_CLASSES), cfg.classifier.width)
+    fit(base, data.train_x, data.train_y, train_cfg, desc=f"base classifier (seed {seed})", show=show)
+    # the Epistemic Head: K copies of the *trained* head (+ noise), trained with the oracle loss, base frozen
+    model = EpistemicClassifier(base, cfg.classifier.heads, init_noise=cfg.classifier.head_noise, seed=seed)
+    fit(HeadsOnly(model), data.train_x, data.train_y, replace(train_cfg, epochs=cfg.classifier.heads_epochs),
+        desc=f"epistemic head (seed {seed})", show=show)
     base_dir.mkdir(parents=True, exist_ok=True)
     metrics = {**evaluate_classifier(model, data, detection=True, scores_path=base_dir / "test_scores.safetensors"),
                "seconds": time.perf_counter() - started}

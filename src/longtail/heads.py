@@ -195,6 +195,27 @@ class EpistemicClassifier(nn.Module):
         self.heads.load_state_dict(state)
 
 
+class HeadsOnly(nn.Module):
+    """Train only the heads of an ``EpistemicClassifier``: the optimizer sees the head parameters alone and the
+    base runs in eval mode (BatchNorm statistics frozen), so base weights and base logits stay bit-identical.
+
+    The recommended way to add heads to a *trained* classifier (as the paper does: duplicate an existing head,
+    then train the copies with the oracle loss). Heads trained jointly from a random start specialise per class
+    instead (each wins the oracle on a few classes), which makes their disagreement useless as a signal.
+    """
+
+    def __init__(self, wrapped: EpistemicClassifier) -> None:
+        super().__init__()
+        self.heads = wrapped.heads
+        self._wrapped = [wrapped]  # a list, not a submodule: the base stays out of .parameters()
+
+    def forward(self, x: Tensor) -> ClassifierOutput:
+        wrapped = self._wrapped[0]
+        wrapped.base.eval()
+        out = wrapped(x)
+        return ClassifierOutput(logits=out.logits.detach(), head_logits=out.head_logits, features=out.features)
+
+
 def as_output(out: Tensor | ClassifierOutput) -> ClassifierOutput:
     """Normalise what a classifier returns (plain logits or ``ClassifierOutput``) to ``ClassifierOutput``."""
     return out if isinstance(out, ClassifierOutput) else ClassifierOutput(logits=out)

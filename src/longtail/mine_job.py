@@ -31,7 +31,7 @@ from .data.imagefolder import (
 )
 from .data.store import SyntheticStore
 from .evaluation.metrics import accuracy_report, detection_report
-from .heads import EpistemicClassifier
+from .heads import EpistemicClassifier, HeadsOnly
 from .mining import MiningConfig, allocate, mine
 from .models.classifiers import input_channels
 from .pipelines import ClassifierSpec, GeneratorSpec, GuidanceSpec, check_guidance, load_classifier_spec
@@ -313,28 +313,13 @@ def _attach_heads(model, cfg: MineConfig, run: Path, train: ImageIndex, train_tf
         return wrapped
     log(f"training an Epistemic Head ({cfg.finetune.num_heads} heads) for {cfg.finetune.train_heads_epochs} epochs")
     loader = _loader(train.paths, train.labels, train_tf, pre.mode, cfg.finetune, True, cfg.seed)
-    heads_only = _HeadsOnly(wrapped)
+    heads_only = HeadsOnly(wrapped)
     fit_loader(heads_only, loader, TrainConfig(lr=cfg.finetune.lr, epochs=cfg.finetune.train_heads_epochs,
                                                seed=cfg.seed), accelerator=acc, desc="epistemic head", show=show)
     if acc.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         wrapped.save_heads(path)
     return wrapped
-
-
-class _HeadsOnly(nn.Module):
-    """Exposes only the head parameters to the optimizer; the base runs in eval mode (frozen statistics)."""
-
-    def __init__(self, wrapped: EpistemicClassifier) -> None:
-        super().__init__()
-        self.heads = wrapped.heads
-        self._wrapped = [wrapped]  # not a submodule: its base parameters stay out of .parameters()
-
-    def forward(self, x):
-        wrapped = self._wrapped[0]
-        wrapped.base.eval()
-        out = wrapped(x)
-        return type(out)(logits=out.logits.detach(), head_logits=out.head_logits, features=out.features)
 
 
 def _estimate(ldm, guide, loaded, guidance, table, gs: GeneratorSpec, plan: Plan, needs_heads: bool) -> dict:
