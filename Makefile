@@ -32,7 +32,7 @@ test: install sysdeps
 	  exit $$rc
 
 demo: install sysdeps
-	$(VENV)/bin/longtail demo $(DEMO_ARGS)
+	$(VENV)/bin/longtail demo --config configs/demo.yaml $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
