@@ -51,3 +51,10 @@ def test_bad_overrides_name_the_key(override, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_top_layer_sits_over_the_file_and_under_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seeds: [1, 2]\ninner:\n  epochs: 9\n")
+    cfg = load_config(Outer, path, ["inner.lr=0.5"], top={"seeds": [7], "inner": {"lr": 0.1, "epochs": 2}})
+    assert cfg.seeds == [7] and cfg.inner.epochs == 2 and cfg.inner.lr == 0.5

@@ -50,7 +50,7 @@ def demo(
         overrides.append(f"out={out}")
     elif quick:
         overrides.append("out=runs/demo-quick")
-    cfg = load_config(DemoConfig, config, overrides, base=quick_overrides() if quick else None)
+    cfg = load_config(DemoConfig, config, overrides, top=quick_overrides() if quick else None)
     run_demo(cfg, show=progress)
 
 

@@ -114,8 +114,11 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: dict[str, Any] | None = None) -> T:
-    """Defaults <- ``base`` mapping <- YAML ``path`` <- ``overrides`` (``"a.b=value"``, value parsed as YAML)."""
+                base: dict[str, Any] | None = None, top: dict[str, Any] | None = None) -> T:
+    """Defaults <- ``base`` <- YAML ``path`` <- ``top`` <- ``overrides`` (``"a.b=value"``, value parsed as YAML).
+
+    ``base`` sits under the file (defaults of a variant), ``top`` over it (a mode such as ``--quick``).
+    """
     data: dict[str, Any] = to_dict(cls())
     layers: list[dict[str, Any]] = []
     if base:
@@ -128,6 +131,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: top level must be a mapping")
         layers.append(loaded)
+    if top:
+        layers.append(top)
     for layer in layers:
         _merge(data, layer)
     for item in overrides:
