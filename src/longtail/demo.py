@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .calibrate import SweepPoint, choose_weight, save_grid, sweep
+from .conditions import check_condition, condition_label
 from .config import dump_config, to_dict
 from .data.datasets import (
     FASHION_MNIST_CLASSES,
@@ -305,17 +306,27 @@ def stage_sweep(cfg: DemoConfig, ldm: LatentDiffusion, model, run: Path, log, sh
     return result
 
 
-def ltg_weight(cfg: DemoConfig, sweep_result: dict) -> float:
-    if cfg.mining.weight is not None:
+def ltg_weight(cfg: DemoConfig, sweep_result: dict, signal: str | None = None) -> float:
+    """The guidance weight for ``signal`` (default ``mining.signal``): ``mining.weight`` if set for the mining
+    signal, else the sweep's choice by the paper's rule (or the smallest swept weight when none passed)."""
+    signal = signal or cfg.mining.signal
+    if cfg.mining.weight is not None and signal == cfg.mining.signal:
         return cfg.mining.weight
-    choice = sweep_result["choices"].get(cfg.mining.signal)
+    choice = sweep_result["choices"].get(signal)
     if choice is None:
-        raise ValueError(f"mining.signal {cfg.mining.signal!r} was not swept; add it to sweep.signals or set "
-                         "mining.weight")
+        raise ValueError(f"signal {signal!r} was not swept; add it to sweep.signals or set mining.weight")
     if choice["weight"] is None:
-        # no swept weight passed the rule: take the smallest swept weight and say so
         return min(w for w in cfg.sweep.weights if w > 0)
     return float(choice["weight"])
+
+
+def condition_guidance(cfg: DemoConfig, cond: str, sweep_result: dict) -> tuple[str, float] | None:
+    """(signal, weight) of a guided condition: ``ltg`` / ``naive`` use ``mining.signal``, ``ltg:<signal>`` its own."""
+    if cond in ("ltg", "naive"):
+        return cfg.mining.signal, ltg_weight(cfg, sweep_result)
+    if cond.startswith("ltg:"):
+        return cond[4:], ltg_weight(cfg, sweep_result, cond[4:])
+    return None
 
 
 def stage_trajectory(cfg: DemoConfig, ldm: LatentDiffusion, model, data: DemoData, weight: float, run: Path,
@@ -434,41 +445,13 @@ def stage_introspection(cfg: DemoConfig, ldm: LatentDiffusion, model, weight: fl
     return prompts
 
 
-CONDITION_LABELS = {
-    "introspect": "+ introspection prompts",
-    "none": "+ fine-tune, no synth",
-    "unguided": "+ unguided synthetic",
-    "gif": "+ prompt-tuned (GIF)",
-    "naive": "+ naive guidance (z_t)",
-}
-
-
-def condition_label(cond: str, signal: str, weight: float) -> str:
-    if cond == "ltg":
-        return f"+ LTG ({signal}, w={weight:g})"
-    if cond.startswith("aug:"):
-        return f"+ aug {cond[4:]}"
-    return CONDITION_LABELS.get(cond, cond)
-
-
-def check_condition(cond: str) -> None:
-    from .augment import AUGMENTATIONS
-
-    if cond in ("none", "unguided", "ltg", "gif", "naive", "introspect"):
-        return
-    if cond.startswith("aug:") and cond[4:] in AUGMENTATIONS:
-        return
-    raise ValueError(f"unknown mining condition {cond!r}: use none, unguided, ltg, gif, naive, introspect or "
-                     f"aug:<{'|'.join(AUGMENTATIONS)}>")
-
-
-def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: int, condition: str, weight: float,
-                 run: Path, show: bool, prompts: dict[str, list[str]] | None = None) -> list[dict]:
+def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: int, condition: str,
+                 sweep_result: dict, run: Path, show: bool, prompts: dict[str, list[str]] | None = None) -> list[dict]:
     """One condition of the comparison for one seed, from the seed's base classifier (resumable).
 
     ``none``: fine-tune on real data only; ``unguided``: + synthetic "a photo of a <class>" images;
     ``gif``: + synthetic images from GIF's 40 prompt templates; ``ltg``: + Longtail-Guided images (predicted
-    clean state); ``naive``: + images guided on the decoded noisy state (the A.7 ablation); ``introspect``:
+    clean state; ``ltg:<signal>`` with that signal); ``naive``: + images guided on the decoded noisy state (the A.7 ablation); ``introspect``:
     + unguided images from the refined introspection prompts (``prompts``, cycled per class);
     ``aug:<name>``: real data with that augmentation baseline. Same synthetic count for every generator.
     """
@@ -476,8 +459,9 @@ def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: in
     model = make_classifier(len(FASHION_MNIST_CLASSES), cfg.classifier.width, cfg.classifier.heads, seed)
     load_state(model, run / f"seed_{seed}" / "base" / "classifier.safetensors")
     guidance = None
-    if condition in ("ltg", "naive"):
-        guidance = GuidanceConfig(cfg.mining.signal, weight, start=cfg.sweep.start, end=cfg.sweep.end,
+    guided = condition_guidance(cfg, condition, sweep_result)
+    if guided is not None:
+        guidance = GuidanceConfig(guided[0], guided[1], start=cfg.sweep.start, end=cfg.sweep.end,
                                   normalize=cfg.sweep.normalize, on_noisy=condition == "naive")
     if condition in ("gif", "introspect"):
         if condition == "introspect" and not prompts:
@@ -491,7 +475,7 @@ def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: in
             return class_prompt(FASHION_MNIST_CLASSES[c])
 
     synthetic = condition not in ("none",) and not condition.startswith("aug:")
-    meta = {"weight": weight if guidance is not None else 0.0, "model": "embedded tiny-ldm",
+    meta = {"weight": guidance.weight if guidance is not None else 0.0, "model": "embedded tiny-ldm",
             "num_steps": cfg.sampler.num_steps, "cfg_scale": cfg.sampler.cfg_scale}
 
     def synthesize(r: int, clf, counts: list[int], store: SyntheticStore) -> None:
@@ -500,7 +484,8 @@ def stage_mining(cfg: DemoConfig, ldm: LatentDiffusion, data: DemoData, seed: in
         generate_dataset(ldm, jobs, store.root, FASHION_MNIST_CLASSES, meta={**meta, "round": r}, prefix=f"r{r}_",
                          chunk=cfg.sampler.batch_size, show=show, classifier=clf, guidance=guidance,
                          num_steps=cfg.sampler.num_steps, cfg_scale=cfg.sampler.cfg_scale,
-                         batch_size=cfg.sampler.batch_size, record_signal=cfg.mining.signal,
+                         batch_size=cfg.sampler.batch_size,
+                         record_signal=guidance.signal if guidance else cfg.mining.signal,
                          desc=f"{condition} r{r} (seed {seed})")
 
     augment = condition[4:] if condition.startswith("aug:") else cfg.mining.finetune.augment
@@ -545,6 +530,8 @@ def summarize(cfg: DemoConfig, data: DemoData, base: dict[int, dict], mining: di
         "detection": detection,
         "sweep": sweep_result,
         "ltg": {"signal": cfg.mining.signal, "weight": weight},
+        "condition_guidance": {c: {"signal": g[0], "weight": g[1]} for c in cfg.mining.conditions
+                               if (g := condition_guidance(cfg, c, sweep_result)) is not None},
         "conditions": conditions,
         "per_seed": {str(s): {"base": base[s], "mining": mining[s]} for s in cfg.seeds},
     }
@@ -562,7 +549,7 @@ def format_summary(summary: dict) -> str:
     lines.append(f"{'condition':<26}" + "".join(f"{k:>14}" for k in ("top-1", "many", "medium", "few")))
     lines.append(f"{'base (LT real only)':<26}" + "".join(_cell(summary["base"][k]) for k in keys))
     for cond, m in summary["conditions"].items():
-        label = condition_label(cond, summary["ltg"]["signal"], summary["ltg"]["weight"])
+        label = condition_label(cond, summary.get("condition_guidance", {}).get(cond))
         lines.append(f"{label:<26}" + "".join(_cell(m[k]) for k in keys))
     lines += ["", f"{'signal':<20}" + "".join(f"{k:>14}" for k in ("AUROC rare", "AUROC hard", "acc > q90",
                                                                      "acc < q90"))]
@@ -572,7 +559,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("distribution"):
         lines += ["", f"{'synthetic vs real':<26}" + "".join(f"{k:>14}" for k in ("FID", "precision", "recall"))]
         for cond, d in summary["distribution"].items():
-            label = condition_label(cond, summary["ltg"]["signal"], summary["ltg"]["weight"])
+            label = condition_label(cond, summary.get("condition_guidance", {}).get(cond))
             lines.append(f"{label:<26}" + "".join(_cell(d[k]) for k in ("fid", "precision", "recall")))
     t = summary["sweep"]["timing"]
     lines += ["", f"generation: unguided {t['unguided_img_per_s']:.1f} img/s, guided {t['guided_img_per_s']:.1f} "
@@ -606,7 +593,7 @@ def run_demo(cfg: DemoConfig, show: bool = True, log=print) -> dict:
     for seed in cfg.seeds:
         mining[seed] = {}
         for cond in cfg.mining.conditions:
-            mining[seed][cond] = stage_mining(cfg, ldm, data, seed, cond, weight, run, show, prompts)
+            mining[seed][cond] = stage_mining(cfg, ldm, data, seed, cond, sweep_result, run, show, prompts)
             final = mining[seed][cond][-1]
             log(f"seed {seed} {cond:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
     summary = summarize(cfg, data, base, mining, sweep_result, weight)

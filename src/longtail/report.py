@@ -35,16 +35,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from torch import Tensor
 
+from .conditions import condition_label
 from .evaluation.metrics import dense_rank
 
 GROUP_KEYS = ("top1", "many", "medium", "few")
 GROUP_LABELS = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few"}
 CONDITION_ORDER = ("none", "unguided", "ltg")
-CONDITION_LABELS = {
-    "none": "fine-tune, no synthetic",
-    "unguided": "+ unguided synthetic",
-    "ltg": "+ LTG synthetic",
-}
 CONDITION_COLORS = {"base": "tab:gray", "none": "tab:blue", "unguided": "tab:orange", "ltg": "tab:red"}
 OTHER_COLORS = ("tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -128,7 +124,10 @@ class RunData:
         return f"LTG ({signal}, w={weight:g})" if isinstance(weight, int | float) else f"LTG ({signal})"
 
     def condition_label(self, cond: str) -> str:
-        return f"+ {self.ltg_label()} synthetic" if cond == "ltg" else CONDITION_LABELS.get(cond, cond)
+        guided = ((self.metrics or {}).get("condition_guidance") or {}).get(cond)
+        if cond == "ltg" and guided is None:
+            return f"+ {self.ltg_label()} synthetic"
+        return condition_label(cond, guided)
 
     def scores(self, seed: int) -> dict[str, Tensor] | None:
         """``seed_<s>/base/test_scores.safetensors``: ``signal/<name>``, ``labels``, ``preds``, ``rare``."""
