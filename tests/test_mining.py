@@ -38,7 +38,7 @@ def test_mine_uses_the_current_classifier_and_resumes(tmp_path, tiny_cnn):
 
     def evaluate(model):
         evals.append(1)
-        return {"top1": float(model.fc.weight.mean())}
+        return {"top1": float(model.fc.weight.detach().mean())}
 
     cfg = MiningConfig(rounds=2, images_per_round=8)
     hist = mine(tiny_cnn, synthesize, finetune, evaluate, cfg, [10, 5, 3, 1], tmp_path)
