@@ -12,7 +12,7 @@ else
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install sysdeps test demo lint clean-venv
+.PHONY: install test demo lint clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,16 +22,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-sysdeps:
-	@bash scripts/sysdeps.sh
-
-test: install sysdeps
+test: install
+	@bash scripts/sysdeps.sh test
 	$(VENV)/bin/ruff check src tests benchmarks
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): check PYTEST_ARGS / tests/" >&2; fi; \
 	  exit $$rc
 
-demo: install sysdeps
+demo: install
+	@bash scripts/sysdeps.sh demo
 	$(VENV)/bin/longtail demo --config configs/demo.yaml $(DEMO_ARGS)
 
 lint: install

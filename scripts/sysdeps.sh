@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# System packages the project uses: Fashion-MNIST (the embedded default's data) and Chromium (report test).
+# System packages the project uses: Fashion-MNIST (the embedded default's data) and, for the tests only,
+# Chromium (the report's rendering test). Usage: sysdeps.sh [demo|test]
 # Installs what is missing when it can (root + apt); otherwise says exactly what to run.
 set -u
 need=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
-[ -n "${LONGTAIL_SKIP_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ "${1:-test}" = test ] && [ -z "${LONGTAIL_SKIP_CHROMIUM:-}" ]; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+fi
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing system packages: ${need[*]}"
