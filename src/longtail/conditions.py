@@ -29,7 +29,17 @@ def check_condition(cond: str) -> None:
         return
     if cond.startswith("aug:") and cond[4:] in AUGMENTATIONS:
         return
-    if cond.startswith("ltg:") and cond[4:] in SIGNALS:
-        return
-    raise ValueError(f"unknown mining condition {cond!r}: use none, unguided, ltg, ltg:<signal>, gif, naive, "
-                     f"introspect or aug:<{'|'.join(AUGMENTATIONS)}>")
+    if cond.startswith("ltg:"):
+        signal, _, weight = cond[4:].partition("@")
+        if signal in SIGNALS and (not weight or _is_float(weight)):
+            return
+    raise ValueError(f"unknown mining condition {cond!r}: use none, unguided, ltg, ltg:<signal>[@<weight>], gif, "
+                     f"naive, introspect or aug:<{'|'.join(AUGMENTATIONS)}>")
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

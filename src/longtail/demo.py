@@ -321,11 +321,13 @@ def ltg_weight(cfg: DemoConfig, sweep_result: dict, signal: str | None = None) -
 
 
 def condition_guidance(cfg: DemoConfig, cond: str, sweep_result: dict) -> tuple[str, float] | None:
-    """(signal, weight) of a guided condition: ``ltg`` / ``naive`` use ``mining.signal``, ``ltg:<signal>`` its own."""
+    """(signal, weight) of a guided condition: ``ltg`` / ``naive`` use ``mining.signal`` at its chosen weight,
+    ``ltg:<signal>`` that signal at its chosen weight, ``ltg:<signal>@<w>`` an explicit weight (ablations)."""
     if cond in ("ltg", "naive"):
         return cfg.mining.signal, ltg_weight(cfg, sweep_result)
     if cond.startswith("ltg:"):
-        return cond[4:], ltg_weight(cfg, sweep_result, cond[4:])
+        signal, _, weight = cond[4:].partition("@")
+        return signal, float(weight) if weight else ltg_weight(cfg, sweep_result, signal)
     return None
 
 
