@@ -291,7 +291,8 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True,
     mcfg = MiningConfig(rounds=len(plan.rounds), images_per_round=sum(plan.rounds[0]["counts"]),
                         allocation=cfg.schedule.allocation)
     started = time.perf_counter()
-    history = mine(model, synthesize, finetune, evaluate, mcfg, plan.real_counts, run)
+    history = mine(model, synthesize, finetune, evaluate, mcfg, plan.real_counts, run,
+                   is_main=acc.is_main_process, barrier=acc.wait_for_everyone)
     if acc.is_main_process:
         (run / "metrics.json").write_text(json.dumps({"plan": plan.__dict__, "history": history,
                                                       "seconds": time.perf_counter() - started}, indent=2))

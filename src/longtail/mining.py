@@ -84,16 +84,24 @@ def mine(
     cfg: MiningConfig,
     real_counts: Sequence[int],
     run_dir: str | Path,
+    is_main: bool = True,
+    barrier: Callable[[], None] | None = None,
 ) -> list[dict]:
     """Run (or resume) the loop; returns per-round metrics (round 0 = the starting classifier).
 
     ``synthesize=None`` is the real-only control: fine-tuned on the same schedule without synthetic data.
+    Under several processes, every process runs the loop (sharded generation, data-parallel fine-tuning,
+    gathered evaluation) but only ``is_main`` writes checkpoints and metrics; ``barrier`` synchronises them.
     """
+    sync = barrier or (lambda: None)
     run_dir = Path(run_dir)
     (run_dir / "round_0").mkdir(parents=True, exist_ok=True)
     first = run_dir / "round_0" / "metrics.json"
     if not first.is_file():
-        _write_json(first, {"round": 0, "synthetic": 0, **evaluate(model)})
+        row = {"round": 0, "synthetic": 0, **evaluate(model)}
+        if is_main:
+            _write_json(first, row)
+    sync()
     history = [json.loads(first.read_text())]
     store = SyntheticStore(run_dir / "synthetic")
     for r in range(1, cfg.rounds + 1):
@@ -113,8 +121,10 @@ def mine(
                 raise RuntimeError(f"round {r}: expected {sum(counts)} synthetic images in {store.root}, found {made}")
         rows = rows_up_to(store, r) if synthesize is not None else []
         losses = finetune(model, rows, r)
-        save_state(model, ckpt)
         row = {"round": r, "synthetic": len(rows), "train_loss": losses[-1] if losses else None, **evaluate(model)}
-        _write_json(metrics_path, row)
+        if is_main:
+            save_state(model, ckpt)
+            _write_json(metrics_path, row)
+        sync()
         history.append(row)
     return history
