@@ -5,7 +5,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+# Tiny tensors everywhere: one thread is faster than two and immune to a busy second core (OMP_NUM_THREADS wins).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or 1)
 
 
 class TinyCNN(torch.nn.Module):

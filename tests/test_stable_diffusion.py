@@ -26,15 +26,6 @@ from longtail.sampling import GuidanceConfig
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sd_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")

@@ -20,15 +20,6 @@ from longtail.models.surrogate import (
 from longtail.sampling import GuidanceConfig, initial_latents, sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster than two, and immune to a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ldm(tmp_path_factory):
     return load_stable_diffusion(write_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "m"))

@@ -37,15 +37,17 @@ class ImageIndex:
 
 
 def read_class_names(path: str | Path) -> list[str]:
-    """Class names from a file: a JSON list, or one name per line (blank lines ignored)."""
+    """Class names from a JSON list (or ``{index: name}`` object) or a text file with one name per line."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"class-name file {p} does not exist")
-    text = p.read_text()
-    if text.lstrip().startswith("["):
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json" or text.lstrip()[:1] in "[{":
         names = json.loads(text)
+        if isinstance(names, dict):
+            names = [names[k] for k in sorted(names, key=int)]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise DataError(f"{p}: expected a JSON list of strings")
+            raise DataError(f"{p}: expected a JSON list of class names")
         return names
     return [line.strip() for line in text.splitlines() if line.strip()]
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..data.imagefolder import read_class_names
 from ..heads import EpistemicClassifier, find_head
 from .stable_diffusion import BridgeConfig, BridgedClassifier, ClassifierBridge
 
@@ -237,22 +237,6 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dic
             "(wrong architecture or num_classes? pass strict=False to load what matches)"
         )
     return report
-
-
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names from a JSON list (or ``{index: name}`` object) or a text file with one name per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no class names file at {path}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" or text.lstrip()[:1] in "[{":
-        data = json.loads(text)
-        if isinstance(data, dict):
-            data = [data[k] for k in sorted(data, key=int)]
-        if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
-            raise ValueError(f"{path}: expected a JSON list of class names")
-        return data
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 # --- the one entry point ------------------------------------------------------------------------------------
