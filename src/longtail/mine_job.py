@@ -34,7 +34,8 @@ from .evaluation.metrics import accuracy_report, detection_report
 from .heads import EpistemicClassifier, HeadsOnly
 from .mining import MiningConfig, allocate, mine
 from .models.classifiers import input_channels
-from .pipelines import ClassifierSpec, GeneratorSpec, GuidanceSpec, check_guidance, load_classifier_spec
+from .pipelines import ClassifierSpec, GeneratorSpec, active, check_guidance, load_classifier_spec
+from .sampling import GuidanceConfig
 from .train import TrainConfig, fit_loader, predict_loader
 
 
@@ -82,7 +83,7 @@ class MineConfig:
     data: DataSpec = field(default_factory=DataSpec)
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
     generator: GeneratorSpec = field(default_factory=GeneratorSpec)
-    guidance: GuidanceSpec = field(default_factory=lambda: GuidanceSpec(weight=10.0))
+    guidance: GuidanceConfig = field(default_factory=lambda: GuidanceConfig(weight=10.0))
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     seed: int = 0
@@ -223,7 +224,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True,
     val = scan_imagefolder(cfg.data.val, train.class_names, cfg.data.allow_corrupt)
     plan = make_plan(cfg, train)
     pre = preprocess_for(loaded)
-    guidance = cfg.guidance.config()
+    guidance = active(cfg.guidance)
     needs_heads = guidance is not None and not isinstance(loaded.model, EpistemicClassifier)
     if needs_heads and cfg.finetune.train_heads_epochs <= 0:
         check_guidance(guidance, loaded)

@@ -59,23 +59,9 @@ class ClassifierSpec:
     preprocess: dict | None = None
 
 
-@dataclass
-class GuidanceSpec:
-    """Guidance settings (``weight = 0``: unguided, the plain sampler)."""
-
-    signal: str = "total"
-    weight: float = 0.0
-    start: float = 0.0
-    end: float = 1.0
-    every: int = 1
-    normalize: bool = False
-    through_denoiser: bool = False
-
-    def config(self, weight: float | None = None) -> GuidanceConfig | None:
-        w = self.weight if weight is None else weight
-        if w == 0:
-            return None
-        return GuidanceConfig(self.signal, w, self.start, self.end, self.every, self.through_denoiser, self.normalize)
+def active(guidance: GuidanceConfig) -> GuidanceConfig | None:
+    """The guidance to run, or None (the plain, cheaper sampler) when its weight is 0."""
+    return guidance if guidance.weight != 0 else None
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -203,7 +189,7 @@ class GenerateConfig:
     out: str = "runs/generate"
     generator: GeneratorSpec = field(default_factory=GeneratorSpec)
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
-    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     classes: list[str] | None = None  # a subset of the class names (default: all)
     per_class: int = 10
     counts_file: str | None = None
@@ -271,7 +257,7 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device) if cfg.classifier.spec else None
     names = class_list(loaded, known, cfg.classifier.class_names)
-    guidance = cfg.guidance.config()
+    guidance = active(cfg.guidance)
     check_guidance(guidance, loaded)
     jobs = job_list(cfg, names)
     if state.is_main_process:  # only once everything loaded and checked: a failed start leaves no config behind
@@ -304,7 +290,7 @@ class CalibrateConfig:
     out: str = "runs/calibrate"
     generator: GeneratorSpec = field(default_factory=GeneratorSpec)
     classifier: ClassifierSpec = field(default_factory=ClassifierSpec)
-    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     signals: list[str] = field(default_factory=lambda: ["total"])
     weights: list[float] = field(default_factory=lambda: [1.0, 3.0, 10.0, 30.0])
     per_class: int = 4
@@ -346,7 +332,7 @@ def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], 
         log(f"{p.signal:<10} w={p.weight:<7g} signal {p.mean_signal:.4f}  P(class) {p.mean_p_class:.3f}  "
             f"accuracy {p.accuracy:.3f}  {p.n / p.seconds:.2f} img/s")
 
-    base = cfg.guidance.config(weight=1.0)
+    base = cfg.guidance
     points = sweep(run, cfg.signals, cfg.weights, base=base, on_point=show_point)
     choices = {s: to_dict(choose_weight(points, s, cfg.min_p_ratio)) for s in cfg.signals}
     labels = torch.tensor([j.class_id for j in jobs])
