@@ -231,7 +231,8 @@ def stage_base(cfg: DemoConfig, data: DemoData, seed: int, run: Path, log, show:
     save_state(model, ckpt)
     write_classifier_json(base_dir, "longtail.train:make_classifier", ckpt.name,
                           model_kwargs={"width": cfg.classifier.width, "num_heads": cfg.classifier.heads},
-                          num_classes=len(FASHION_MNIST_CLASSES), class_names=list(FASHION_MNIST_CLASSES))
+                          num_classes=len(FASHION_MNIST_CLASSES), class_names=list(FASHION_MNIST_CLASSES),
+                          preprocess={"size": 32, "in_channels": 1})  # 32 px grayscale in [-1, 1]
     _write_json(metrics_path, metrics)
     log(f"seed {seed}: base classifier top-1 {metrics['top1']:.3f} (many {metrics['many']:.3f}, "
         f"medium {metrics['medium']:.3f}, few {metrics['few']:.3f})")

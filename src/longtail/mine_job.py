@@ -164,7 +164,9 @@ def preprocess_for(loaded) -> Preprocess:
         raise ConfigError("the classifier's input size is unknown: set classifier.preprocess.size")
     mean = b.mean if len(b.mean) == channels else b.mean * channels
     std = b.std if len(b.std) == channels else b.std * channels
-    return Preprocess(size=int(size), mean=tuple(mean), std=tuple(std), channels=channels)
+    # the classifier's own resize-then-crop ratio; no resize in its preprocessing means images arrive at size
+    crop_pct = size / b.resize if isinstance(b.resize, int) else 1.0
+    return Preprocess(size=int(size), mean=tuple(mean), std=tuple(std), channels=channels, crop_pct=crop_pct)
 
 
 def _loader(paths, labels, transform, mode, spec: FinetuneSpec, shuffle: bool, seed: int):
