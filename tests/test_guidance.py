@@ -223,3 +223,24 @@ def test_through_denoiser_mode_runs_in_the_sampler():
     res = sample(den, sched, lambda z: z, torch.zeros(4, 1), z_T, num_steps=4, classifier=boundary_classifier,
                  guidance=GuidanceConfig("entropy", weight=1.0, through_denoiser=True))
     assert torch.isfinite(res.latents).all() and not math.isnan(res.signal.mean().item())
+
+
+def test_through_denoiser_reuses_its_eps_and_weight_zero_is_still_unguided(tiny_cnn):
+    unet, vae = tiny_sd_parts()
+    sched = ddim()
+    calls = []
+
+    def denoiser(z, t, cond):
+        calls.append(1)
+        return unet(z, t, encoder_hidden_states=cond).sample
+
+    def decode(z):
+        return vae.decode(z).sample
+
+    cond, z_T = torch.randn(2, 5, 12), initial_latents([1, 2], (4, 8, 8))
+    plain = sample(denoiser, sched, decode, cond, z_T, num_steps=3, classifier=tiny_cnn.eval())
+    n_plain = len(calls)
+    zero = sample(denoiser, sched, decode, cond, z_T, num_steps=3, classifier=tiny_cnn,
+                  guidance=GuidanceConfig("entropy", weight=0.0, through_denoiser=True))
+    assert len(calls) - n_plain == n_plain  # one denoiser pass per step, not two
+    assert torch.allclose(plain.latents, zero.latents, atol=1e-6)

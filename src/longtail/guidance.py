@@ -78,6 +78,7 @@ class LongtailGrad:
     score: Tensor
     output: ClassifierOutput
     finite: Tensor  # [B] bool: False where the gradient had NaN/inf (the sample falls back to unguided)
+    eps: Tensor | None = None  # the noise estimate used (computed here when eps_fn was given)
 
 
 def longtail_grad(
@@ -105,10 +106,11 @@ def longtail_grad(
         raise ValueError("pass exactly one of eps (detached denoiser) or eps_fn (gradient through denoiser)")
     with torch.enable_grad():
         z = z_t.detach().requires_grad_(True)
+        e = eps.detach() if eps is not None else None
         if on_noisy:
             score, out = score_fn(z)
         else:
-            e = eps.detach() if eps is not None else eps_fn(z)
+            e = e if e is not None else eps_fn(z)
             score, out = score_fn(predicted_z0(z, e, alpha_bar_t))
         if not score.requires_grad:
             raise ValueError(
@@ -120,7 +122,8 @@ def longtail_grad(
     finite = torch.isfinite(grad).flatten(1).all(dim=1)
     if not bool(finite.all()):
         grad = torch.where(finite.view(-1, *([1] * (grad.dim() - 1))), grad, torch.zeros_like(grad))
-    return LongtailGrad(grad=grad.detach(), score=score.detach(), output=out, finite=finite)
+    return LongtailGrad(grad=grad.detach(), score=score.detach(), output=out, finite=finite,
+                        eps=e.detach() if e is not None else None)
 
 
 def normalize_grad(grad: Tensor, eps: Tensor) -> Tensor:

@@ -223,16 +223,21 @@ def _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, 
     for i, t in enumerate(timesteps):
         a_t = _alpha_bar(scheduler, alphas, i, t).to(z.dtype)
         z_vp = scheduler.scale_model_input(z, t)  # the variance-preserving latent (z itself for DDIM)
-        eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction_type)
+        guide_now = window is not None and window.active(i, len(timesteps))
+        lg = None
+        if guide_now and guidance.through_denoiser and not guidance.on_noisy:
+            # one denoiser pass with autograd on serves as both the step's eps and the gradient's path
+            def eps_fn(zz: Tensor, _t: Tensor = t, _a: Tensor = a_t) -> Tensor:
+                return _cfg_eps(denoiser, zz, _t, cond, uncond, cfg_scale, _a, prediction_type)
+            lg = longtail_grad(z_vp, a_t, score_fn, eps_fn=eps_fn)
+            eps = lg.eps
+        else:
+            eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction_type)
         if on_step is not None:
             on_step(i, t, z_vp, eps, a_t)
-        if window is not None and window.active(i, len(timesteps)):
-            eps_fn = None
-            if guidance.through_denoiser:
-                def eps_fn(zz: Tensor, _t: Tensor = t, _a: Tensor = a_t) -> Tensor:
-                    return _cfg_eps(denoiser, zz, _t, cond, uncond, cfg_scale, _a, prediction_type)
-            lg = longtail_grad(z_vp, a_t, score_fn, eps=None if eps_fn else eps, eps_fn=eps_fn,
-                               on_noisy=guidance.on_noisy)
+        if guide_now:
+            if lg is None:
+                lg = longtail_grad(z_vp, a_t, score_fn, eps=eps, on_noisy=guidance.on_noisy)
             grad = normalize_grad(lg.grad, eps) if guidance.normalize else lg.grad
             result.nonfinite += int((~lg.finite).sum())
             result.trajectory.append(StepRecord(i, int(t), float(lg.score.mean()),
