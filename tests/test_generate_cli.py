@@ -158,3 +158,20 @@ def test_distill_decoder_then_generate_with_it(parts, tmp_path):
     subprocess.run([sys.executable, "-m", "longtail", *cli_args(parts, out, per_class=1),
                     "--set", f"generator.guide_decoder={tmp_path / 'sur'}"], env=ENV, check=True, capture_output=True)
     assert len(rows(out)) == 3
+
+
+def test_calibrate_records_points_choices_and_grids(parts, tmp_path):
+    r = parts["root"]
+    out = tmp_path / "cal"
+    done = subprocess.run([sys.executable, "-m", "longtail", "calibrate", "--out", str(out), "--sd", str(parts["sd"]),
+                           "--classifier", "timm:test_resnet", "--checkpoint", str(r / "clf.safetensors"),
+                           "--class-names", str(r / "names.json"), "--set", "classifier.num_classes=3",
+                           "--signals", "entropy,energy", "--weights", "1,50", "--per-class", "1", "--steps", "2",
+                           "--device", "cpu", "--no-progress"], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "calibration.json").read_text())
+    assert sorted((p["signal"], p["weight"]) for p in result["points"]) == [
+        ("energy", 0.0), ("energy", 1.0), ("energy", 50.0), ("entropy", 0.0), ("entropy", 1.0), ("entropy", 50.0)]
+    assert set(result["choices"]) == {"entropy", "energy"} and result["timing"]["slowdown"] > 0
+    assert (out / "grid_entropy.png").is_file() and (out / "config.yaml").is_file()
+    assert "weight for entropy" in done.stdout

@@ -9,6 +9,7 @@ a 32 px latent model), which is why this is a measurement and not a constant.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -108,3 +109,50 @@ def save_grid(images_by_weight: dict[float, Tensor], labels: Tensor, path: Path,
         rows.extend(torch.cat([images_by_weight[w][i] for w in weights], dim=-1) for i in idx)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(torch.stack(rows).clamp(-1, 1) * 0.5 + 0.5, path, nrow=per_class, padding=2, pad_value=0.5)
+
+
+def calibrate(
+    generate_fn: RunFn,
+    labels: Tensor,
+    signals: Sequence[str],
+    weights: Sequence[float],
+    out_dir: Path,
+    *,
+    base: GuidanceConfig | None = None,
+    min_p_ratio: float = 0.5,
+    per_class_in_grid: int = 2,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Sweep, choose a weight per signal, and record the evidence in ``out_dir``: a grid per signal.
+
+    ``generate_fn(guidance or None)`` generates the same jobs each time (``labels [N]`` their classes). Returns
+    ``{"points", "choices", "timing", "grid_weights"}``; the caller writes it where it belongs.
+    """
+    images: dict[tuple[str, float], Tensor] = {}
+
+    def run(guidance: GuidanceConfig | None) -> Generated:
+        gen = generate_fn(guidance)
+        images[(guidance.signal, guidance.weight) if guidance else ("", 0.0)] = gen.images.cpu()
+        return gen
+
+    def show(p: SweepPoint) -> None:
+        if log is not None:
+            log(f"  sweep {p.signal:9s} w={p.weight:<5g} signal {p.mean_signal:.3f}  P(class) {p.mean_p_class:.3f}  "
+                f"acc {p.accuracy:.3f}  {p.n / p.seconds:.1f} img/s")
+
+    points = sweep(run, signals, weights, base=base, on_point=show)
+    choices = {s: asdict(choose_weight(points, s, min_p_ratio)) for s in signals}
+    guided = [p for p in points if p.weight > 0]
+    timing = {"unguided_img_per_s": points[0].n / points[0].seconds,
+              "guided_img_per_s": sum(p.n for p in guided) / sum(p.seconds for p in guided) if guided else math.nan}
+    timing["slowdown"] = timing["unguided_img_per_s"] / timing["guided_img_per_s"] if guided else math.nan
+    grid_weights = [0.0, *[float(w) for w in weights if w > 0]]
+    for sig in signals:
+        grid = {w: images[("", 0.0) if w == 0 else (sig, w)] for w in grid_weights}
+        save_grid(grid, labels, out_dir / f"grid_{sig}.png", per_class=per_class_in_grid)
+    if log is not None:
+        for sig, choice in choices.items():
+            log(f"  weight for {sig}: {choice['reason']}")
+        log(f"  generation: unguided {timing['unguided_img_per_s']:.1f} img/s, guided "
+            f"{timing['guided_img_per_s']:.1f} img/s ({timing['slowdown']:.1f}x slower)")
+    return {"points": [asdict(p) for p in points], "choices": choices, "timing": timing, "grid_weights": grid_weights}

@@ -15,7 +15,6 @@ Stages (each resumes from the run directory):
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .calibrate import SweepPoint, choose_weight, save_grid, sweep
+from .calibrate import calibrate, save_grid
 from .conditions import check_condition, condition_label
 from .config import dump_config, to_dict
 from .data.datasets import (
@@ -254,14 +253,6 @@ def ensemble_detection(cfg: DemoConfig, data: DemoData, seed: int, show: bool) -
     return {f"ensemble_{name}": values for name, values in report.items()}
 
 
-def _generation_run(ldm: LatentDiffusion, model, cfg: DemoConfig, jobs, show: bool, desc: str):
-    def run(guidance: GuidanceConfig | None) -> Generated:
-        return generate(ldm, jobs, classifier=model, guidance=guidance, num_steps=cfg.sampler.num_steps,
-                        cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.sampler.batch_size, show=show,
-                        desc=f"{desc} {guidance.signal} w={guidance.weight:g}" if guidance else f"{desc} unguided")
-    return run
-
-
 def stage_sweep(cfg: DemoConfig, ldm: LatentDiffusion, model, run: Path, log, show: bool) -> dict:
     """Guidance sweep with the first seed's base classifier; picks the weight per signal by the paper's rule."""
     out_path = run / "sweep" / "sweep.json"
@@ -271,39 +262,16 @@ def stage_sweep(cfg: DemoConfig, ldm: LatentDiffusion, model, run: Path, log, sh
     sw = cfg.sweep
     jobs = plan_jobs([sw.images_per_class] * len(FASHION_MNIST_CLASSES),
                      lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]), base_seed=10_000)
-    base_run = _generation_run(ldm, model, cfg, jobs, show, "sweep")
-    images: dict[tuple[str, float], Tensor] = {}
 
-    def run_and_keep(guidance: GuidanceConfig | None) -> Generated:
-        gen = base_run(guidance)
-        images[(guidance.signal, guidance.weight) if guidance else ("", 0.0)] = gen.images
-        return gen
+    def generate_fn(guidance: GuidanceConfig | None) -> Generated:
+        return generate(ldm, jobs, classifier=model, guidance=guidance, num_steps=cfg.sampler.num_steps,
+                        cfg_scale=cfg.sampler.cfg_scale, batch_size=cfg.sampler.batch_size, show=show,
+                        desc=f"sweep {guidance.signal} w={guidance.weight:g}" if guidance else "sweep unguided")
 
-    def show_point(p: SweepPoint) -> None:
-        log(f"  sweep {p.signal:9s} w={p.weight:<5g} signal {p.mean_signal:.3f}  P(class) {p.mean_p_class:.3f}  "
-            f"acc {p.accuracy:.3f}  {p.n / p.seconds:.1f} img/s")
-
-    base = GuidanceConfig(normalize=sw.normalize, start=sw.start, end=sw.end)
-    points = sweep(run_and_keep, sw.signals, sw.weights, base=base, on_point=show_point)
-    choices = {s: to_dict(choose_weight(points, s, sw.min_p_ratio)) for s in sw.signals}
-    unguided = points[0]
-    guided = [p for p in points if p.weight > 0]
-    timing = {
-        "unguided_img_per_s": unguided.n / unguided.seconds,
-        "guided_img_per_s": sum(p.n for p in guided) / sum(p.seconds for p in guided) if guided else math.nan,
-    }
-    timing["slowdown"] = timing["unguided_img_per_s"] / timing["guided_img_per_s"] if guided else math.nan
-    labels = torch.tensor([j.class_id for j in jobs])
-    for s in sw.signals:
-        grid = {0.0: images[("", 0.0)], **{w: images[(s, float(w))] for w in sw.weights if w > 0}}
-        save_grid(grid, labels, run / "sweep" / f"grid_{s}.png", per_class=min(2, sw.images_per_class))
-    result = {"points": [to_dict(p) for p in points], "choices": choices, "timing": timing,
-              "grid_weights": [0.0, *[w for w in sw.weights if w > 0]]}
+    result = calibrate(generate_fn, torch.tensor([j.class_id for j in jobs]), sw.signals, sw.weights, run / "sweep",
+                       base=GuidanceConfig(normalize=sw.normalize, start=sw.start, end=sw.end),
+                       min_p_ratio=sw.min_p_ratio, per_class_in_grid=min(2, sw.images_per_class), log=log)
     _write_json(out_path, result)
-    for s, ch in choices.items():
-        log(f"  weight for {s}: {ch['reason']}")
-    log(f"  generation: unguided {timing['unguided_img_per_s']:.1f} img/s, guided {timing['guided_img_per_s']:.1f} "
-        f"img/s ({timing['slowdown']:.1f}x slower)")
     return result
 
 

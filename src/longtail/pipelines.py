@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import Tensor
 
 from .config import ConfigError, dump_config, to_dict
 from .models.classifiers import LoadedClassifier, bridged_classifier, load_classifier
@@ -302,7 +301,7 @@ class CalibrateConfig:
 
 def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], None] = print) -> dict:
     """Sweep, choose, and record the evidence (``calibration.json``, a grid per signal)."""
-    from .calibrate import choose_weight, save_grid, sweep
+    from .calibrate import calibrate
     from .generate import generate
 
     device = pick_device(cfg.device)
@@ -318,31 +317,18 @@ def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], 
     dump_config(cfg, out / "config.yaml")
     classifier = bridged_classifier(loaded)
     gs = cfg.generator
-    images: dict[tuple[str, float], Tensor] = {}
 
-    def run(guidance: GuidanceConfig | None):
-        gen = generate(ldm, jobs, classifier=classifier, guidance=guidance, num_steps=gs.num_steps,
-                       cfg_scale=gs.cfg_scale, negative_prompt=gs.negative_prompt, batch_size=gs.batch_size,
-                       guide_decode=guide, show=show,
-                       desc=f"{guidance.signal} w={guidance.weight:g}" if guidance else "unguided")
-        images[(guidance.signal, guidance.weight) if guidance else ("", 0.0)] = gen.images.cpu()
-        return gen
+    def generate_fn(guidance: GuidanceConfig | None):
+        return generate(ldm, jobs, classifier=classifier, guidance=guidance, num_steps=gs.num_steps,
+                        cfg_scale=gs.cfg_scale, negative_prompt=gs.negative_prompt, batch_size=gs.batch_size,
+                        guide_decode=guide, show=show,
+                        desc=f"{guidance.signal} w={guidance.weight:g}" if guidance else "unguided")
 
-    def show_point(p) -> None:
-        log(f"{p.signal:<10} w={p.weight:<7g} signal {p.mean_signal:.4f}  P(class) {p.mean_p_class:.3f}  "
-            f"accuracy {p.accuracy:.3f}  {p.n / p.seconds:.2f} img/s")
-
-    base = cfg.guidance
-    points = sweep(run, cfg.signals, cfg.weights, base=base, on_point=show_point)
-    choices = {s: to_dict(choose_weight(points, s, cfg.min_p_ratio)) for s in cfg.signals}
-    labels = torch.tensor([j.class_id for j in jobs])
-    for s in cfg.signals:
-        grid = {0.0: images[("", 0.0)], **{float(w): images[(s, float(w))] for w in cfg.weights if w > 0}}
-        save_grid(grid, labels, out / f"grid_{s}.png", per_class=min(2, cfg.per_class))
-    result = {"points": [to_dict(p) for p in points], "choices": choices, "class_names": names}
+    result = calibrate(generate_fn, torch.tensor([j.class_id for j in jobs]), cfg.signals, cfg.weights, out,
+                       base=cfg.guidance, min_p_ratio=cfg.min_p_ratio, per_class_in_grid=min(2, cfg.per_class),
+                       log=log)
+    result["class_names"] = names
     tmp = out / "calibration.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(out / "calibration.json")
-    for s, choice in choices.items():
-        log(f"chosen for {s}: {choice['reason']}")
     return result
