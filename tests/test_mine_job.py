@@ -223,3 +223,20 @@ def test_paper_configs_dry_run(world, tmp_path):
         text = "\n".join(lines)
         assert "round" in text and "estimated generation time" in text, path
         assert result["estimate"]["seconds_per_image"] > 0
+
+
+def test_comparison_over_conditions_and_seeds(world, tmp_path):
+    out = tmp_path / "cmp"
+    over = [*base_overrides(world, out), "schedule.epochs=2", "schedule.per_round=3", "seeds=[0, 1]",
+            "conditions=[none, unguided, ltg, 'ltg:entropy@2', gif, naive, 'aug:cutmix', 'aug:randaugment']"]
+    lines = []
+    result = run_mine(load_config(MineConfig, overrides=over), show=False, log=lines.append)
+    table = result["table"]
+    assert list(table) == ["none", "unguided", "ltg", "ltg:entropy@2", "gif", "naive", "aug:cutmix", "aug:randaugment"]
+    for cond, per_seed in result["conditions"].items():
+        expected = 0 if cond in ("none", "aug:cutmix", "aug:randaugment") else 3
+        assert [h[-1]["synthetic"] for h in per_seed.values()] == [expected, expected], cond
+    assert (out / "comparison.json").is_file() and "+ LTG (entropy, w=2)" in "\n".join(lines)
+    gif_rows = manifest(out / "gif" / "seed_0")
+    assert all(r["prompt"].startswith("a ") and " of a" in r["prompt"] for r in gif_rows)
+    assert {float(r["weight"]) for r in manifest(out / "ltg_entropy_w2" / "seed_1")} == {2.0}

@@ -94,3 +94,29 @@ def make_augment(name: str | None, num_classes: int) -> BatchAugment | None:
 
 
 AUGMENTATIONS = ("cutout", "gridmask", "randaugment", "autoaugment", "augmix", "cutmix")
+
+
+class _GridMaskImage(torch.nn.Module):
+    """GridMask on one image tensor ``[C, H, W]`` (any normalisation: dropped cells take the image minimum)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+        return gridmask(x.unsqueeze(0), torch.zeros(1), gen)[0][0]
+
+
+def image_augment(name: str | None) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+    """Per-image baseline transforms for the DataLoader path: (ops on uint8 images, ops on normalised tensors).
+
+    CutMix mixes a batch, so it is not here: ``longtail.train.fit_loader`` applies it per batch.
+    """
+    if name in (None, "", "none", "cutmix"):
+        return [], []
+    uint8_ops = {"randaugment": v2.RandAugment, "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+                 "augmix": v2.AugMix}
+    if name in uint8_ops:
+        return [uint8_ops[name]()], []
+    if name == "cutout":
+        return [], [v2.RandomErasing(p=1.0, scale=(0.0625, 0.0625), ratio=(1.0, 1.0), value=0.0)]
+    if name == "gridmask":
+        return [], [_GridMaskImage()]
+    raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}")

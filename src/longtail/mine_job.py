@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -75,6 +75,7 @@ class FinetuneSpec:
     crop: str = "random"  # random (random-resized crop) | center (deterministic, e.g. for tests)
     train_heads_epochs: int = 0  # > 0: attach and train an Epistemic Head first when the classifier has none
     num_heads: int = 5
+    augment: str | None = None  # a baseline augmentation (longtail.augment.AUGMENTATIONS)
 
 
 @dataclass
@@ -88,6 +89,9 @@ class MineConfig:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     seed: int = 0
     device: str = "auto"
+    # a comparison (the paper's tables): several conditions x seeds, each run into <out>/<condition>/seed_<s>
+    conditions: list[str] = field(default_factory=lambda: ["ltg"])
+    seeds: list[int] | None = None
 
 
 def generation_epochs(s: ScheduleSpec) -> list[int]:
@@ -181,7 +185,7 @@ def _train_transform(pre: Preprocess, spec: FinetuneSpec):
         return eval_transform(pre)
     if spec.crop != "random":
         raise ConfigError(f"finetune.crop must be 'random' or 'center', got {spec.crop!r}")
-    return train_transform(pre, spec.rotation, spec.hflip)
+    return train_transform(pre, spec.rotation, spec.hflip, spec.augment)
 
 
 def check_paths(cfg: MineConfig) -> None:
@@ -202,7 +206,92 @@ def check_paths(cfg: MineConfig) -> None:
 
 def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True,
              log: Callable[[str], None] = print) -> dict:
-    """Validate, plan and (unless ``dry_run``) run or resume the mining loop. Returns the plan / history."""
+    """Validate, plan and (unless ``dry_run``) run or resume the mining loop. Returns the plan / history.
+
+    With several ``conditions`` or ``seeds`` it runs the comparison: each (condition, seed) into
+    ``<out>/<condition>/seed_<s>`` with the same schedule and synthetic count, then a table of the final round
+    (mean ± std over seeds), also written to ``<out>/comparison.json``.
+    """
+    seeds = cfg.seeds or [cfg.seed]
+    if cfg.conditions == ["ltg"] and len(seeds) == 1:
+        return _run_one(replace(cfg, seed=seeds[0]), dry_run, show, log)
+    return run_comparison(cfg, seeds, dry_run, show, log)
+
+
+def condition_config(cfg: MineConfig, cond: str, seed: int) -> MineConfig:
+    """The mining config of one comparison condition (names as in ``longtail.conditions``)."""
+    from .conditions import check_condition
+    from .generate import gif_prompts
+
+    check_condition(cond)
+    out = Path(cfg.out) / cond.replace(":", "_").replace("@", "_w") / f"seed_{seed}"
+    sub = replace(cfg, out=str(out), seed=seed, conditions=["ltg"], seeds=None)
+    no_synthetic = {"schedule": replace(cfg.schedule, per_round=0, total=None, expansion=None),
+                    "guidance": replace(cfg.guidance, weight=0.0)}
+    if cond == "none":
+        return replace(sub, **no_synthetic)
+    if cond.startswith("aug:"):
+        return replace(sub, **no_synthetic, finetune=replace(cfg.finetune, augment=cond[4:]))
+    if cond == "unguided":
+        return replace(sub, guidance=replace(cfg.guidance, weight=0.0))
+    if cond == "naive":
+        return replace(sub, guidance=replace(cfg.guidance, on_noisy=True))
+    if cond.startswith("ltg:"):
+        signal, _, weight = cond[4:].partition("@")
+        return replace(sub, guidance=replace(cfg.guidance, signal=signal,
+                                             weight=float(weight) if weight else cfg.guidance.weight))
+    if cond == "gif":
+        names = json.loads(Path(cfg.out, "class_names.json").read_text())
+        prompts = Path(cfg.out) / "gif_prompts.json"
+        prompts.write_text(json.dumps({n: gif_prompts(n) for n in names}, indent=2))
+        return replace(sub, guidance=replace(cfg.guidance, weight=0.0),
+                       generator=replace(cfg.generator, prompt_file=str(prompts)))
+    if cond == "introspect":
+        raise ConfigError("introspect is a demo condition; for your data, write the refined prompts of "
+                          "`longtail.introspection` to a prompt file and set generator.prompt_file")
+    return sub  # ltg
+
+
+def run_comparison(cfg: MineConfig, seeds: list[int], dry_run: bool, show: bool, log: Callable[[str], None]) -> dict:
+    from .conditions import condition_label
+
+    check_paths(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    device = torch.device("cpu") if cfg.device == "cpu" else None
+    loaded = load_classifier_spec(cfg.classifier, device or torch.device("cpu"))
+    names = _class_names(cfg, loaded) or scan_imagefolder(cfg.data.train, verify=False).class_names
+    (out / "class_names.json").write_text(json.dumps(names))
+    results: dict[str, dict[int, dict]] = {}
+    guided: dict[str, dict] = {}
+    for seed in seeds:
+        for cond in cfg.conditions:
+            log(f"== {cond}, seed {seed}")
+            sub = condition_config(cfg, cond, seed)
+            if sub.guidance.weight and sub.schedule.per_round != 0:
+                guided[cond] = {"signal": sub.guidance.signal, "weight": sub.guidance.weight}
+            results.setdefault(cond, {})[seed] = _run_one(sub, dry_run, show, log)
+    if dry_run:
+        return {"conditions": results}
+    keys = ("top1", "many", "medium", "few")
+    table = {}
+    for cond, per_seed in results.items():
+        finals = [r["history"][-1] for r in per_seed.values()]
+        values = {k: torch.tensor([f[k] for f in finals], dtype=torch.float64) for k in keys}
+        table[cond] = {k: {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0} for k, v in values.items()}
+    lines = [f"{'condition':<28}" + "".join(f"{k:>16}" for k in keys)]
+    for cond, row in table.items():
+        label = condition_label(cond, guided.get(cond))
+        lines.append(f"{label:<28}" + "".join(f"{row[k]['mean']:>9.4f} ± {row[k]['std']:.3f}" for k in keys))
+    log("\n".join(lines))
+    (out / "comparison.json").write_text(json.dumps({"seeds": seeds, "table": table}, indent=2))
+    return {"table": table, "conditions": {c: {s: r["history"] for s, r in v.items()} for c, v in results.items()}}
+
+
+def _run_one(cfg: MineConfig, dry_run: bool = False, show: bool = True,
+             log: Callable[[str], None] = print) -> dict:
+    """One mining run (one condition, one seed)."""
     from accelerate import Accelerator, DataLoaderConfiguration
 
     from .generate import generate_dataset, plan_jobs
@@ -249,7 +338,8 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True,
         if train.skipped:
             (run / "skipped_images.json").write_text(json.dumps(train.skipped + val.skipped, indent=2))
     model = loaded.model
-    ft = TrainConfig(lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay, seed=cfg.seed)
+    ft = TrainConfig(lr=cfg.finetune.lr, weight_decay=cfg.finetune.weight_decay, seed=cfg.seed,
+                     augment=cfg.finetune.augment)
     train_tf = _train_transform(pre, cfg.finetune)
     if needs_heads:
         model = _attach_heads(model, cfg, run, train, train_tf, pre, acc, show, log)
@@ -289,7 +379,8 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True,
         labels = train.labels + [lookup[row["class_name"]] for row in rows]
         loader = _loader(paths, labels, train_tf, pre.mode, cfg.finetune, True, cfg.seed * 1000 + r)
         return fit_loader(m, loader, ft, accelerator=acc, first_epoch=bounds[r - 1], last_epoch=bounds[r],
-                          total_epochs=cfg.schedule.epochs, desc=f"fine-tune round {r}", show=show)
+                          total_epochs=cfg.schedule.epochs, num_classes=len(train.class_names),
+                          desc=f"fine-tune round {r}", show=show)
 
     mcfg = MiningConfig(rounds=len(plan.rounds), images_per_round=sum(plan.rounds[0]["counts"]),
                         allocation=cfg.schedule.allocation)

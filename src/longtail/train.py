@@ -159,6 +159,7 @@ def fit_loader(
     first_epoch: int = 0,
     last_epoch: int | None = None,
     total_epochs: int | None = None,
+    num_classes: int | None = None,
     desc: str = "fine-tune",
     show: bool = True,
 ) -> list[float]:
@@ -168,13 +169,19 @@ def fit_loader(
     transforms do the augmentation. ``accelerator`` (an ``accelerate.Accelerator``) shards batches across
     processes under ``accelerate launch``; without one, an ``Accelerator()`` for the local device is made.
     A fresh Adam starts each call (each mining round); the learning rate continues the global schedule.
+    ``cfg.augment == "cutmix"`` mixes each batch (needs ``num_classes``); other baselines belong in the loader's
+    transforms (``longtail.data.imagefolder.train_transform(extra=...)``).
     """
     from accelerate import Accelerator
+    from torchvision.transforms import v2
 
     acc = accelerator or Accelerator()
     last_epoch = cfg.epochs if last_epoch is None else last_epoch
     total_epochs = total_epochs or last_epoch
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    mixer = v2.CutMix(num_classes=num_classes) if cfg.augment == "cutmix" else None
+    if mixer is not None and num_classes is None:
+        raise ValueError("cutmix needs num_classes")
     model, opt, loader = acc.prepare(model, opt, loader)
     steps_per_epoch = len(loader)
     history: list[float] = []
@@ -186,6 +193,8 @@ def fit_loader(
         for i, (x, y) in enumerate(loader):
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, epoch * steps_per_epoch + i, total_epochs * steps_per_epoch)
+            if mixer is not None:
+                x, y = mixer(x, y)
             out = as_output(model(x))
             loss = F.cross_entropy(out.logits, y)
             if out.head_logits is not None:

@@ -147,14 +147,19 @@ class Preprocess:
         return "L" if self.channels == 1 else "RGB"
 
 
-def train_transform(pre: Preprocess, rotation: float = 15.0, hflip: bool = True) -> v2.Transform:
-    """The paper's fine-tuning augmentations: random resized crop to ``size``, rotation +-15 degrees, flips."""
+def train_transform(pre: Preprocess, rotation: float = 15.0, hflip: bool = True, extra: str | None = None
+                    ) -> v2.Transform:
+    """The paper's fine-tuning augmentations: random resized crop to ``size``, rotation +-15 degrees, flips;
+    ``extra`` adds a baseline augmentation (``longtail.augment.AUGMENTATIONS``; CutMix acts per batch)."""
+    from ..augment import image_augment
+
+    before, after = image_augment(extra)
     ops: list[v2.Transform] = [v2.PILToTensor(), v2.RandomResizedCrop(pre.size, scale=(0.5, 1.0), antialias=True)]
     if rotation:
         ops.append(v2.RandomRotation(rotation))
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*ops, v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+    return v2.Compose([*ops, *before, v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std), *after])
 
 
 def eval_transform(pre: Preprocess) -> v2.Transform:

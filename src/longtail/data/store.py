@@ -65,6 +65,7 @@ class SyntheticStore:
         """Fold part files into ``manifest.csv`` (sorted by id, atomic) and delete them; returns the row count."""
         rows = sorted(self.rows(), key=lambda r: r["id"])
         parts = sorted(self.root.glob(PART_GLOB))
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / (MANIFEST + ".tmp")
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
