@@ -117,3 +117,20 @@ def test_demo_resumes_after_a_kill(tmp_path, parts):
         assert len(rows) == 3 * PER_ROUND == len({r["id"] for r in rows})
         assert summary["per_seed"]["0"]["mining"][cond][-1]["synthetic"] == 3 * PER_ROUND
     assert not list(out.rglob("*.tmp"))
+
+
+def test_mini_introspection_end_to_end(tmp_path, parts):
+    """Keywords of guided vs unguided captions -> refined prompts -> the introspect condition generates from them."""
+    out = tmp_path / "run"
+    over = [*overrides(out, *parts), "mining.conditions=[none, gif, introspect]", "mining.rounds=1",
+            "introspection.images_per_class=4", "introspection.pairs=2", "trajectory=false"]
+    summary = run_demo(load_config(DemoConfig, overrides=over), show=False, log=lambda _msg: None)
+    prompts = json.loads((out / "introspection" / "prompts.json").read_text())
+    keywords = json.loads((out / "introspection" / "keywords.json").read_text())
+    assert set(prompts) == set(cfg_classes()) == set(keywords)
+    for name, texts in prompts.items():
+        article = "an" if name[0] in "aeiou" else "a"
+        assert texts and all(t.startswith(f"a photo of {article} {name}") for t in texts)
+    rows = manifest(out / "seed_0" / "mining" / "introspect" / "synthetic" / "manifest.csv")
+    assert len(rows) == PER_ROUND and all(r["prompt"] in prompts[r["class_name"]] for r in rows)
+    assert {"none", "gif", "introspect"} == set(summary["conditions"])
