@@ -43,3 +43,9 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def mean_std_cell(stat: dict[str, float], width: int = 14, digits: int = 3) -> str:
+    """A right-aligned table cell: ``mean ± std`` over seeds, just the mean when there is one seed (``n``)."""
+    text = f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
+    return f"{text:>{width}}"

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .calibrate import calibrate, save_grid
-from .conditions import check_condition, condition_label
+from .conditions import check_condition, condition_label, mean_std_cell
 from .config import dump_config, to_dict
 from .data.datasets import (
     FASHION_MNIST_CLASSES,
@@ -508,30 +508,25 @@ def summarize(cfg: DemoConfig, data: DemoData, base: dict[int, dict], mining: di
     }
 
 
-def _cell(stat: dict[str, float], width: int = 14) -> str:
-    text = f"{stat['mean']:.3f}" + (f" ± {stat['std']:.3f}" if stat["n"] > 1 else "")
-    return f"{text:>{width}}"
-
-
 def format_summary(summary: dict) -> str:
     """The printed table: accuracy per condition (mean ± std over seeds), detection AUROCs, timing."""
     keys = ("top1", "many", "medium", "few")
     lines = [f"Fashion-MNIST-LT test set (10k, balanced); mean ± std over seeds {summary['seeds']}", ""]
     lines.append(f"{'condition':<26}" + "".join(f"{k:>14}" for k in ("top-1", "many", "medium", "few")))
-    lines.append(f"{'base (LT real only)':<26}" + "".join(_cell(summary["base"][k]) for k in keys))
+    lines.append(f"{'base (LT real only)':<26}" + "".join(mean_std_cell(summary["base"][k]) for k in keys))
     for cond, m in summary["conditions"].items():
         label = condition_label(cond, summary.get("condition_guidance", {}).get(cond))
-        lines.append(f"{label:<26}" + "".join(_cell(m[k]) for k in keys))
+        lines.append(f"{label:<26}" + "".join(mean_std_cell(m[k]) for k in keys))
     lines += ["", f"{'signal':<20}" + "".join(f"{k:>14}" for k in ("AUROC rare", "AUROC hard", "acc > q90",
                                                                      "acc < q90"))]
     for name, d in summary["detection"].items():
-        lines.append(f"{name:<20}" + "".join(_cell(d[k]) for k in ("auroc_rare", "auroc_hard", "acc_above_q90",
+        lines.append(f"{name:<20}" + "".join(mean_std_cell(d[k]) for k in ("auroc_rare", "auroc_hard", "acc_above_q90",
                                                                       "acc_below_q90")))
     if summary.get("distribution"):
         lines += ["", f"{'synthetic vs real':<26}" + "".join(f"{k:>14}" for k in ("FID", "precision", "recall"))]
         for cond, d in summary["distribution"].items():
             label = condition_label(cond, summary.get("condition_guidance", {}).get(cond))
-            lines.append(f"{label:<26}" + "".join(_cell(d[k]) for k in ("fid", "precision", "recall")))
+            lines.append(f"{label:<26}" + "".join(mean_std_cell(d[k]) for k in ("fid", "precision", "recall")))
     t = summary["sweep"]["timing"]
     lines += ["", f"generation: unguided {t['unguided_img_per_s']:.1f} img/s, guided {t['guided_img_per_s']:.1f} "
               f"img/s ({t['slowdown']:.1f}x slower)"]

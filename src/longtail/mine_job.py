@@ -253,7 +253,7 @@ def condition_config(cfg: MineConfig, cond: str, seed: int) -> MineConfig:
 
 
 def run_comparison(cfg: MineConfig, seeds: list[int], dry_run: bool, show: bool, log: Callable[[str], None]) -> dict:
-    from .conditions import condition_label
+    from .conditions import condition_label, mean_std_cell
 
     check_paths(cfg)
     out = Path(cfg.out)
@@ -279,11 +279,12 @@ def run_comparison(cfg: MineConfig, seeds: list[int], dry_run: bool, show: bool,
     for cond, per_seed in results.items():
         finals = [r["history"][-1] for r in per_seed.values()]
         values = {k: torch.tensor([f[k] for f in finals], dtype=torch.float64) for k in keys}
-        table[cond] = {k: {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0} for k, v in values.items()}
+        table[cond] = {k: {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 else 0.0, "n": len(v)}
+                       for k, v in values.items()}
     lines = [f"{'condition':<28}" + "".join(f"{k:>16}" for k in keys)]
     for cond, row in table.items():
         label = condition_label(cond, guided.get(cond))
-        lines.append(f"{label:<28}" + "".join(f"{row[k]['mean']:>9.4f} ± {row[k]['std']:.3f}" for k in keys))
+        lines.append(f"{label:<28}" + "".join(mean_std_cell(row[k], 16, 4) for k in keys))
     log("\n".join(lines))
     (out / "comparison.json").write_text(json.dumps({"seeds": seeds, "table": table}, indent=2))
     return {"table": table, "conditions": {c: {s: r["history"] for s, r in v.items()} for c, v in results.items()}}
