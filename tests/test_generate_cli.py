@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from longtail.config import ConfigError, load_config
 from longtail.generate import generate, plan_jobs
 from longtail.models.stable_diffusion import load_stable_diffusion, write_tiny_stable_diffusion
-from longtail.pipelines import GenerateConfig, run_generate
+from longtail.pipelines import GenerateConfig, GeneratorSpec, run_generate, with_sampling_defaults
 from longtail.sampling import GuidanceConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -175,3 +175,13 @@ def test_calibrate_records_points_choices_and_grids(parts, tmp_path):
     assert set(result["choices"]) == {"entropy", "energy"} and result["timing"]["slowdown"] > 0
     assert (out / "grid_entropy.png").is_file() and (out / "config.yaml").is_file()
     assert "weight for entropy" in done.stdout
+
+
+def test_sampling_settings_default_per_generator_kind():
+    embedded = with_sampling_defaults(GeneratorSpec())
+    assert (embedded.num_steps, embedded.cfg_scale, embedded.batch_size) == (20, 3.0, 100)
+    sd = with_sampling_defaults(GeneratorSpec(kind="sd", model="x", batch_size=2))
+    assert (sd.num_steps, sd.cfg_scale, sd.batch_size) == (50, 7.5, 2)  # a given value is kept
+    assert isinstance(sd.num_steps, int) and isinstance(sd.cfg_scale, float)
+    with pytest.raises(ConfigError, match="'dalle'"):
+        with_sampling_defaults(GeneratorSpec(kind="dalle"))

@@ -34,7 +34,14 @@ from .evaluation.metrics import accuracy_report, detection_report
 from .heads import EpistemicClassifier, HeadsOnly
 from .mining import MiningConfig, allocate, mine
 from .models.classifiers import input_channels
-from .pipelines import ClassifierSpec, GeneratorSpec, active, check_guidance, load_classifier_spec
+from .pipelines import (
+    ClassifierSpec,
+    GeneratorSpec,
+    active,
+    check_guidance,
+    load_classifier_spec,
+    with_sampling_defaults,
+)
 from .sampling import GuidanceConfig
 from .train import TrainConfig, fit_loader, predict_loader
 
@@ -300,6 +307,7 @@ def _run_one(cfg: MineConfig, dry_run: bool = False, show: bool = True,
     from .models.stable_diffusion import job_prompts, prompt_table
     from .pipelines import load_generator
 
+    cfg = replace(cfg, generator=with_sampling_defaults(cfg.generator))
     check_paths(cfg)
     # split_batches: each global batch is divided over the processes, so the optimisation is the same as on one
     # device up to floating-point order (BatchNorm statistics aside, which are per process)
@@ -327,7 +335,7 @@ def _run_one(cfg: MineConfig, dry_run: bool = False, show: bool = True,
     if dry_run:
         estimate = _estimate(ldm, guide, loaded, guidance, table, gs, plan, needs_heads)
         log(f"estimated generation time: {estimate['seconds_per_image']:.2f} s/image, "
-            f"{estimate['total_hours']:.2f} h for all rounds (from a {estimate['warmup_images']}-image warm-up of "
+            f"{estimate['total_hours']:.2f} h for all rounds (from a warm-up of {estimate['warmup_images']} images x "
             f"{estimate['warmup_steps']} steps, scaled to {gs.num_steps} steps)")
         return {"plan": plan.__dict__, "estimate": estimate}
 
@@ -419,18 +427,20 @@ def _attach_heads(model, cfg: MineConfig, run: Path, train: ImageIndex, train_tf
 
 
 def _estimate(ldm, guide, loaded, guidance, table, gs: GeneratorSpec, plan: Plan, needs_heads: bool) -> dict:
-    """Time a short guided warm-up (2 images, 2 steps) and scale it to the plan's steps and image count."""
+    """Time a short guided warm-up (one batch of up to 8 images, 2 steps) and scale it to the plan's steps and
+    image count. Batches larger than 8 are usually faster per image, so the estimate errs high."""
     from .generate import generate, plan_jobs
     from .models.classifiers import bridged_classifier
     from .models.stable_diffusion import job_prompts
 
-    jobs = plan_jobs([2] + [0] * (len(table) - 1), job_prompts(table))
+    n = max(1, min(gs.batch_size, 8))
+    jobs = plan_jobs([n] + [0] * (len(table) - 1), job_prompts(table))
     warm_guidance = None if needs_heads else guidance
     generate(ldm, jobs[:1], classifier=bridged_classifier(loaded), guidance=warm_guidance, num_steps=1,
              cfg_scale=gs.cfg_scale, batch_size=1, show=False)  # first-call overheads
     started = time.perf_counter()
     generate(ldm, jobs, classifier=bridged_classifier(loaded), guidance=warm_guidance, num_steps=2,
-             cfg_scale=gs.cfg_scale, batch_size=2, guide_decode=guide, show=False)
+             cfg_scale=gs.cfg_scale, batch_size=n, guide_decode=guide, show=False)
     per_image = (time.perf_counter() - started) / len(jobs) * gs.num_steps / 2
     total = sum(sum(r["counts"]) for r in plan.rounds)
     return {"seconds_per_image": per_image, "total_hours": per_image * total / 3600, "warmup_images": len(jobs),
