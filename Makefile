@@ -24,7 +24,7 @@ install: $(STAMP)
 
 test: install
 	@bash scripts/sysdeps.sh test
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): check PYTEST_ARGS / tests/" >&2; fi; \
 	  exit $$rc
@@ -34,8 +34,7 @@ demo: install
 	$(VENV)/bin/longtail demo --config configs/demo.yaml $(DEMO_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 clean-venv:
 	rm -rf $(VENV)
