@@ -128,6 +128,8 @@ def test_mini_introspection_end_to_end(tmp_path, parts):
     prompts = json.loads((out / "introspection" / "prompts.json").read_text())
     keywords = json.loads((out / "introspection" / "keywords.json").read_text())
     assert set(prompts) == set(cfg_classes()) == set(keywords)
+    min_distance = DemoConfig().introspection.min_distance
+    assert all(k["distance"] >= min_distance for pairs in keywords.values() for p in pairs for k in p["keywords"])
     for name, texts in prompts.items():
         article = "an" if name[0] in "aeiou" else "a"
         assert texts and all(t.startswith(f"a photo of {article} {name}") for t in texts)
