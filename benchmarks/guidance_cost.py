@@ -2,7 +2,7 @@
 
 All variants run in one process on the same jobs (same seeds, same prompts), so the ratios are comparable:
 
-    python benchmarks/guidance_cost.py [--generator DIR] [--classifier RUN/seed_0/base/classifier.safetensors]
+    python benchmarks/guidance_cost.py [--generator DIR] [--classifier RUN/seed_0/base/classifier.json]
 
 Prints, per variant: images/s, slowdown vs unguided, mean signal gain over unguided, and that gain as a
 fraction of full guidance (every step, full window, gradient through the decoder only). The project's goal:
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -27,27 +26,28 @@ from longtail.data.datasets import (
 )
 from longtail.evaluation.metrics import signal_scores
 from longtail.generate import generate, plan_jobs
-from longtail.mining import load_state
 from longtail.models.tiny import class_prompt, load_tiny_generator
 from longtail.sampling import GuidanceConfig
 from longtail.train import TrainConfig, fit, make_classifier
 
 
 def classifier(path: str | None, seed: int = 0):
-    model = make_classifier(len(FASHION_MNIST_CLASSES), width=16, num_heads=5, seed=seed)
+    """A demo run's classifier (its ``seed_<s>/base/classifier.json``), or a quickly trained one."""
     if path:
-        load_state(model, Path(path))
-        return model
+        from longtail.jobs.common import ClassifierSpec, load_classifier_spec
+
+        return load_classifier_spec(ClassifierSpec(spec=path), torch.device("cpu")).model
+    model = make_classifier(len(FASHION_MNIST_CLASSES), width=16, num_heads=5, seed=seed)
     images, labels = load_fashion_mnist("train")
     idx = longtail_indices(labels, longtail_counts(), seed=0)
-    fit(model, to_model_range(images[idx]), labels[idx], TrainConfig(epochs=10, lr=2e-3), show=False)
+    fit(model, (to_model_range(images[idx]), labels[idx]), TrainConfig(epochs=10, lr=2e-3), show=False)
     return model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--generator", default=None, help="embedded generator directory (default: shipped)")
-    ap.add_argument("--classifier", default=None, help="a demo classifier checkpoint (default: train one, ~1 min)")
+    ap.add_argument("--classifier", default=None, help="a demo run's seed_0/base/classifier.json (default: train one, ~1 min)")
     ap.add_argument("--signal", default="total")
     ap.add_argument("--weight", type=float, default=1.0)
     ap.add_argument("--per-class", type=int, default=10)

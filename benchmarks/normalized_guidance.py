@@ -4,7 +4,7 @@ For each signal, sweep weights with the raw gradient (Eq. 11 as written) and wit
 noise estimate's RMS per sample (``GuidanceConfig(normalize=True)``), and print the weight the paper's rule
 picks in each case. If normalisation made the weight transferable, the normalised choices would coincide.
 
-    python benchmarks/normalized_guidance.py [--generator DIR] [--classifier RUN/seed_0/base/classifier.safetensors]
+    python benchmarks/normalized_guidance.py [--generator DIR] [--classifier RUN/seed_0/base/classifier.json]
 """
 
 from __future__ import annotations

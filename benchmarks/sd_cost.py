@@ -26,8 +26,9 @@ from longtail.generate import generate, plan_jobs
 from longtail.heads import EpistemicClassifier
 from longtail.models.classifiers import bridged_classifier, load_classifier
 from longtail.models.ldm import set_decoder_checkpointing
-from longtail.models.stable_diffusion import load_stable_diffusion, write_tiny_stable_diffusion
+from longtail.models.stable_diffusion import load_stable_diffusion
 from longtail.sampling import GuidanceConfig, initial_latents
+from longtail.testing import write_tiny_stable_diffusion
 
 
 def write_sd15_sized(root: Path, seed: int = 0) -> Path:

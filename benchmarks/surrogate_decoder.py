@@ -269,13 +269,9 @@ def random_classifier(num_classes: int = 10) -> nn.Module:
 
 
 def part_sd(args: argparse.Namespace) -> list[dict]:
-    from longtail.models.stable_diffusion import (
-        BridgeConfig,
-        BridgedClassifier,
-        ClassifierBridge,
-        load_stable_diffusion,
-        write_tiny_stable_diffusion,
-    )
+    from longtail.models.bridge import BridgeConfig, BridgedClassifier, ClassifierBridge
+    from longtail.models.stable_diffusion import load_stable_diffusion
+    from longtail.testing import write_tiny_stable_diffusion
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_stable_diffusion(

@@ -1,4 +1,4 @@
-"""Shared builders for tests: tiny IDX datasets and a tiny random-weight embedded generator."""
+"""Test-only helpers: tiny IDX datasets shaped like Fashion-MNIST (tiny models live in ``longtail.testing``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from longtail.models.tiny import TinyGeneratorConfig, build_unet, build_vae, save_generator
-
-TINY_GEN = TinyGeneratorConfig(vae_channels=(8, 8, 8), unet_channels=(16, 16), attention_head_dim=4, max_tokens=12)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -39,13 +34,17 @@ def fake_fashion_mnist(root: Path, per_class_train: int = 30, per_class_test: in
     return root
 
 
-def tiny_generator(root: Path, seed: int = 0) -> Path:
-    """An untrained generator with the embedded default's classes and layout (random weights)."""
-    torch.manual_seed(seed)
-    vae, unet = build_vae(TINY_GEN), build_unet(TINY_GEN)
-    vae.register_to_config(scaling_factor=1.0)
-    from longtail.data.datasets import FASHION_MNIST_CLASSES
+CHROMIUM = Path("/usr/bin/chromium")
 
-    save_generator(root, vae, unet, {"format": 1, "max_tokens": TINY_GEN.max_tokens,
-                                     "class_names": list(FASHION_MNIST_CLASSES)})
-    return root
+
+def chromium_dom(page: Path, profile: Path) -> str | None:
+    """The DOM of ``page`` as headless Chromium renders it (no network), or None when Chromium is not installed."""
+    import subprocess
+
+    if not CHROMIUM.exists():
+        return None
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]
+    done = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
+    return done.stdout

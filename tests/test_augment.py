@@ -41,6 +41,6 @@ def test_soft_targets_in_oracle_loss_and_training(tiny_cnn):
     hard = torch.tensor([0, 1, 2, 3, 0])
     soft = torch.nn.functional.one_hot(hard, 4).float()
     assert torch.allclose(oracle_loss(logits, hard), oracle_loss(logits, soft))
-    hist = fit(tiny_cnn, torch.randn(16, 1, 8, 8), torch.arange(16) % 4,
+    hist = fit(tiny_cnn, (torch.randn(16, 1, 8, 8), torch.arange(16) % 4),
                TrainConfig(epochs=1, batch_size=8, augment="cutmix"), show=False)
     assert len(hist) == 1 and hist[0] > 0

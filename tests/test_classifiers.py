@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from longtail.heads import EpistemicClassifier
+from longtail.models.bridge import BridgeConfig
 from longtail.models.classifiers import (
     bridged_classifier,
     classifier_bridge,
@@ -14,7 +15,6 @@ from longtail.models.classifiers import (
     read_class_names,
     strip_prefixes,
 )
-from longtail.models.stable_diffusion import BridgeConfig
 
 ENTRY_POINT = """
 import torch

@@ -1,19 +1,41 @@
-"""The YAML files in configs/ load, and configs/demo.yaml states exactly the demo's defaults."""
+"""The YAML files in configs/ load against their job's config, round-trip, and errors name the key."""
 
 from pathlib import Path
 
-import yaml
+import pytest
 
-from longtail.config import load_config, to_dict
-from longtail.demo import DemoConfig
-from longtail.pipelines import CalibrateConfig, GenerateConfig
+from longtail.config import ConfigError, dump_config, load_config
+from longtail.jobs.calibrate import CalibrateConfig
+from longtail.jobs.generate import GenerateConfig
+from longtail.jobs.mine import MineConfig, load_demo_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+MINE_CONFIGS = ["demo.yaml", "compare.yaml", "fmnist_mine.yaml", *(f"paper/{p.name}" for p in
+                                                                  sorted((CONFIGS / "paper").glob("*.yaml")))]
 
 
-def test_demo_yaml_is_the_demo_defaults():
-    assert yaml.safe_load((CONFIGS / "demo.yaml").read_text()) == to_dict(DemoConfig())
-    assert load_config(DemoConfig, CONFIGS / "demo.yaml") == DemoConfig()
+@pytest.mark.parametrize("name", MINE_CONFIGS)
+def test_mine_configs_load_and_round_trip(name, tmp_path):
+    cfg = load_config(MineConfig, CONFIGS / name)
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(MineConfig, tmp_path / "resolved.yaml") == cfg
+
+
+def test_demo_config_is_configs_demo_yaml():
+    assert load_demo_config() == load_config(MineConfig, CONFIGS / "demo.yaml")
+
+
+def test_errors_name_the_section_and_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^override 'finetune\.lr=abc': finetune\.lr: expected float, got 'abc'$"):
+        load_config(MineConfig, CONFIGS / "demo.yaml", ["finetune.lr=abc"])
+    (tmp_path / "c.yaml").write_text("schedule:\n  evry: 2\n")
+    with pytest.raises(ConfigError, match=r"^config file .*c\.yaml: schedule\.evry: unknown key 'evry' in "
+                                          r"schedule \(known: epochs, generate_at, every, "):
+        load_config(MineConfig, tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"sd15_generate\.yaml: per_class: unknown key 'per_class' in the top level"):
+        load_config(MineConfig, CONFIGS / "sd15_generate.yaml")  # a generate config is no mine config
+    cfg = load_config(MineConfig, CONFIGS / "demo.yaml", ["finetune.lr=1"])  # an int for a float
+    assert cfg.finetune.lr == 1.0 and type(cfg.finetune.lr) is float
 
 
 def test_example_configs_load():
@@ -27,7 +49,6 @@ def test_mine_config_and_its_data_export(tmp_path, monkeypatch):
     from helpers import fake_fashion_mnist
     from longtail.data.datasets import FASHION_MNIST_CLASSES, longtail_counts
     from longtail.data.imagefolder import scan_imagefolder
-    from longtail.mine_job import MineConfig
 
     cfg = load_config(MineConfig, CONFIGS / "fmnist_mine.yaml")
     assert cfg.conditions == ["none", "unguided", "ltg"] and cfg.data.train == "runs/fmnist_if/train"

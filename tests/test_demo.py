@@ -1,4 +1,5 @@
-"""The embedded demo end to end on a tiny config: fake data, random-weight generator, a few steps per stage."""
+"""The embedded demo (a `longtail mine` config) end to end on a tiny config: fake data, random-weight generator,
+a few steps per stage."""
 
 import csv
 import json
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fake_fashion_mnist, tiny_generator
+from helpers import chromium_dom, fake_fashion_mnist
 from longtail.config import load_config
-from longtail.demo import DemoConfig, run_demo
+from longtail.jobs.mine import IntrospectionSpec, MineConfig, load_demo_config, run_mine
+from longtail.testing import tiny_generator
 
 ROUNDS, PER_ROUND = 2, 10
 
@@ -26,12 +28,16 @@ def parts(tmp_path_factory):
 
 def overrides(out: Path, data: Path, gen: Path) -> list[str]:
     return [
-        f"out={out}", f"generator={gen}", f"data.data_dir={data}", "data.n_max=30", "data.imbalance=10",
-        "data.many=20", "data.few=5", "seeds=[0]", "classifier.train.epochs=2", "sampler.num_steps=2",
-        "sampler.batch_size=16", "sweep.signals=[entropy,total]", "sweep.weights=[0.5,2.0]",
-        "sweep.images_per_class=2", f"mining.rounds={ROUNDS}", f"mining.images_per_round={PER_ROUND}",
-        "mining.finetune.epochs=1",
+        f"out={out}", f"generator.model={gen}", f"data.data_dir={data}", "data.n_max=30", "data.imbalance=10",
+        "data.many=20", "data.few=5", "seeds=[0]", "base.epochs=2", "generator.num_steps=2",
+        "generator.batch_size=16", "sweep.signals=[entropy,total]", "sweep.weights=[0.5,2.0]",
+        "sweep.images_per_class=2", *rounds(ROUNDS), f"schedule.per_round={PER_ROUND}",
     ]
+
+
+def rounds(n: int) -> list[str]:
+    """``n`` generation rounds, one fine-tuning epoch after each."""
+    return [f"schedule.epochs={n}", f"schedule.generate_at={list(range(n))}"]
 
 
 def manifest(path: Path) -> list[dict]:
@@ -41,12 +47,17 @@ def manifest(path: Path) -> list[dict]:
 
 def test_mini_demo_writes_a_complete_consistent_run(tmp_path, parts):
     out = tmp_path / "run"
-    cfg = load_config(DemoConfig, overrides=overrides(out, *parts))
-    summary = run_demo(cfg, show=False, log=lambda _msg: None)
+    cfg = load_demo_config(overrides=overrides(out, *parts))
+    assert cfg.data.source == "fashion_mnist_lt" and cfg.schedule.restart
+    summary = run_mine(cfg, show=False, log=lambda _msg: None)
 
     assert (out / "config.yaml").is_file() and (out / "summary.txt").is_file()
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(summary))
-    assert load_config(DemoConfig, out / "config.yaml") == cfg  # the resolved config reproduces the run
+    assert load_config(MineConfig, out / "config.yaml") == cfg  # the resolved config reproduces the run
+    assert (out / "report.html").is_file() and (out / "seed_0" / "base" / "classifier.json").is_file()
+    dom = chromium_dom(out / "report.html", tmp_path / "profile")
+    if dom is not None:  # the demo run's own report, rendered: its mining sections are there
+        assert '<section id="rounds">' in dom and '<section id="synthetic">' in dom
     # detection: every signal, AUROC in [0, 1]
     assert set(summary["detection"]) == {"entropy", "energy", "total", "aleatoric", "epistemic"}
     for d in summary["detection"].values():
@@ -92,7 +103,7 @@ def cfg_classes():
 def test_demo_resumes_after_a_kill(tmp_path, parts):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "longtail", "demo", "--no-progress"]
-    for item in [*overrides(out, *parts), "mining.rounds=3"]:
+    for item in [*overrides(out, *parts), *rounds(3)]:
         args += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -105,6 +116,7 @@ def test_demo_resumes_after_a_kill(tmp_path, parts):
     assert marker.is_file(), proc.stderr.read().decode()[-2000:]
     assert not (out / "metrics.json").is_file(), "the run finished before the kill; the test needs a slower config"
     base_ckpt = out / "seed_0" / "base" / "classifier.safetensors"
+    assert (out / "seed_0" / "base" / "heads.safetensors").is_file()
     sweep_json = out / "sweep" / "sweep.json"
     stamps = {p: p.stat().st_mtime_ns for p in (base_ckpt, sweep_json, marker)}
 
@@ -122,13 +134,14 @@ def test_demo_resumes_after_a_kill(tmp_path, parts):
 def test_mini_introspection_end_to_end(tmp_path, parts):
     """Keywords of guided vs unguided captions -> refined prompts -> the introspect condition generates from them."""
     out = tmp_path / "run"
-    over = [*overrides(out, *parts), "mining.conditions=[none, gif, introspect]", "mining.rounds=1",
+    over = [*overrides(out, *parts), "conditions=[none, gif, introspect]", *rounds(1),
             "introspection.images_per_class=4", "introspection.pairs=2", "trajectory=false"]
-    summary = run_demo(load_config(DemoConfig, overrides=over), show=False, log=lambda _msg: None)
+    summary = run_mine(load_demo_config(overrides=over), show=False, log=lambda _msg: None)
     prompts = json.loads((out / "introspection" / "prompts.json").read_text())
     keywords = json.loads((out / "introspection" / "keywords.json").read_text())
     assert set(prompts) == set(cfg_classes()) == set(keywords)
-    min_distance = DemoConfig().introspection.min_distance
+    min_distance = load_demo_config().introspection.min_distance
+    assert min_distance > IntrospectionSpec().min_distance == 0.0  # the demo's setting; the library's is the paper's
     assert all(k["distance"] >= min_distance for pairs in keywords.values() for p in pairs for k in p["keywords"])
     for name, texts in prompts.items():
         article = "an" if name[0] in "aeiou" else "a"

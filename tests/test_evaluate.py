@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import save_file
 
 from longtail.train import make_classifier
-from test_mine_job import write_folder
+from test_mine import write_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_evaluate_a_generated_set(tmp_path):
-    from helpers import tiny_generator
+    from longtail.testing import tiny_generator
 
     gen = tiny_generator(tmp_path / "gen")
     torch.manual_seed(0)

@@ -1,9 +1,9 @@
 import torch
 
-from helpers import tiny_generator
 from longtail.generate import even_counts, generate, image_seed, plan_jobs
 from longtail.models.tiny import caption_variants, class_prompt, load_tiny_generator
 from longtail.sampling import GuidanceConfig
+from longtail.testing import tiny_generator
 
 
 def test_seeds_and_plans():

@@ -19,9 +19,11 @@ from safetensors.torch import save_file
 
 from longtail.config import ConfigError, load_config
 from longtail.generate import generate, plan_jobs
-from longtail.models.stable_diffusion import load_stable_diffusion, write_tiny_stable_diffusion
-from longtail.pipelines import GenerateConfig, GeneratorSpec, run_generate, with_sampling_defaults
+from longtail.jobs.common import GeneratorSpec, with_sampling_defaults
+from longtail.jobs.generate import GenerateConfig, run_generate
+from longtail.models.stable_diffusion import load_stable_diffusion
 from longtail.sampling import GuidanceConfig
+from longtail.testing import write_tiny_stable_diffusion
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -145,7 +147,7 @@ def test_settings_that_cannot_work_fail_before_any_output(parts, tmp_path):
 
 
 def test_distill_decoder_then_generate_with_it(parts, tmp_path):
-    from test_mine_job import write_folder
+    from test_mine import write_folder
 
     images = write_folder(tmp_path / "imgs", 3, "RGB")
     done = subprocess.run([sys.executable, "-m", "longtail", "distill-decoder", "--out", str(tmp_path / "sur"),

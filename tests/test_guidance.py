@@ -101,8 +101,9 @@ def test_guidance_raises_the_signal_on_a_known_toy_problem():
     cond = torch.zeros(16, 1)
     labels = torch.zeros(16, dtype=torch.long)
     kw = dict(num_steps=20, classifier=boundary_classifier, labels=labels)
-    plain = sample(den, sched, lambda z: z, cond, z_T, **kw)
-    guided = sample(den, sched, lambda z: z, cond, z_T, guidance=GuidanceConfig("entropy", weight=3.0), **kw)
+    kw.update(denoiser=den, scheduler=sched, decode=lambda z: z, cond=cond, latents=z_T)
+    plain = sample(**kw)
+    guided = sample(guidance=GuidanceConfig("entropy", weight=3.0), **kw)
     # Unguided samples sit near mu = 2 (confident); guidance toward higher entropy pulls them to the boundary.
     assert plain.latents.mean().item() == pytest.approx(2.0, abs=0.35)
     assert guided.latents.mean() < plain.latents.mean() - 0.3
@@ -137,10 +138,11 @@ def test_weight_zero_gives_exactly_the_unguided_sample(tiny_cnn):
 
     cond, uncond = torch.randn(3, 5, 12), torch.zeros(3, 5, 12)
     z_T = initial_latents([1, 2, 3], (4, 8, 8))
-    kw = dict(uncond=uncond, cfg_scale=3.0, num_steps=2, classifier=tiny_cnn.eval(), labels=torch.tensor([0, 1, 2]))
-    plain = sample(denoiser, sched, decode, cond, z_T, **kw)
-    zero = sample(denoiser, sched, decode, cond, z_T, guidance=GuidanceConfig("entropy", weight=0.0), **kw)
-    strong = sample(denoiser, sched, decode, cond, z_T, guidance=GuidanceConfig("entropy", weight=50.0), **kw)
+    kw = dict(denoiser=denoiser, scheduler=sched, decode=decode, cond=cond, latents=z_T, uncond=uncond,
+              cfg_scale=3.0, num_steps=2, classifier=tiny_cnn.eval(), labels=torch.tensor([0, 1, 2]))
+    plain = sample(**kw)
+    zero = sample(guidance=GuidanceConfig("entropy", weight=0.0), **kw)
+    strong = sample(guidance=GuidanceConfig("entropy", weight=50.0), **kw)
     assert torch.equal(plain.latents, zero.latents)
     assert torch.equal(plain.images, zero.images)
     assert len(zero.trajectory) == 2  # the signal was computed, just not applied
@@ -165,9 +167,9 @@ def test_non_finite_gradients_fall_back_to_unguided_per_sample():
     den = GaussianDenoiser(sched)
     z_T = initial_latents([5, 6], (4,))
     cond = torch.zeros(2, 1)
-    plain = sample(den, sched, lambda z: z, cond, z_T, num_steps=5, classifier=boundary_classifier)
-    guided = sample(den, sched, NaNForFirst.apply, cond, z_T, num_steps=5, classifier=boundary_classifier,
-                    guidance=GuidanceConfig("entropy", weight=3.0))
+    kw = dict(denoiser=den, scheduler=sched, cond=cond, latents=z_T, num_steps=5, classifier=boundary_classifier)
+    plain = sample(decode=lambda z: z, **kw)
+    guided = sample(decode=NaNForFirst.apply, guidance=GuidanceConfig("entropy", weight=3.0), **kw)
     assert guided.nonfinite == 5  # sample 0 at each of the 5 steps
     assert torch.equal(guided.latents[0], plain.latents[0])
     assert not torch.allclose(guided.latents[1], plain.latents[1])
@@ -208,10 +210,10 @@ def test_other_schedulers_sample_the_data_and_guidance_moves_them(make):
     sched = make()
     den = GaussianDenoiser(ddim())  # the exact eps for the same betas
     z_T = initial_latents(range(16), (4,))
-    kw = dict(num_steps=20, classifier=boundary_classifier, labels=torch.zeros(16, dtype=torch.long))
-    plain = sample(den, sched, lambda z: z, torch.zeros(16, 1), z_T, **kw)
-    guided = sample(den, sched, lambda z: z, torch.zeros(16, 1), z_T, guidance=GuidanceConfig("entropy", weight=3.0),
-                    **kw)
+    kw = dict(denoiser=den, scheduler=sched, decode=lambda z: z, cond=torch.zeros(16, 1), latents=z_T,
+              num_steps=20, classifier=boundary_classifier, labels=torch.zeros(16, dtype=torch.long))
+    plain = sample(**kw)
+    guided = sample(guidance=GuidanceConfig("entropy", weight=3.0), **kw)
     assert plain.latents.mean().item() == pytest.approx(2.0, abs=0.35)
     assert guided.signal.mean() > plain.signal.mean() + 0.05
 
@@ -220,8 +222,8 @@ def test_through_denoiser_mode_runs_in_the_sampler():
     sched = ddim()
     den = GaussianDenoiser(sched)
     z_T = initial_latents(range(4), (4,))
-    res = sample(den, sched, lambda z: z, torch.zeros(4, 1), z_T, num_steps=4, classifier=boundary_classifier,
-                 guidance=GuidanceConfig("entropy", weight=1.0, through_denoiser=True))
+    res = sample(denoiser=den, scheduler=sched, decode=lambda z: z, cond=torch.zeros(4, 1), latents=z_T, num_steps=4,
+                 classifier=boundary_classifier, guidance=GuidanceConfig("entropy", weight=1.0, through_denoiser=True))
     assert torch.isfinite(res.latents).all() and not math.isnan(res.signal.mean().item())
 
 
@@ -238,9 +240,9 @@ def test_through_denoiser_reuses_its_eps_and_weight_zero_is_still_unguided(tiny_
         return vae.decode(z).sample
 
     cond, z_T = torch.randn(2, 5, 12), initial_latents([1, 2], (4, 8, 8))
-    plain = sample(denoiser, sched, decode, cond, z_T, num_steps=3, classifier=tiny_cnn.eval())
+    kw = dict(denoiser=denoiser, scheduler=sched, decode=decode, cond=cond, latents=z_T, num_steps=3)
+    plain = sample(classifier=tiny_cnn.eval(), **kw)
     n_plain = len(calls)
-    zero = sample(denoiser, sched, decode, cond, z_T, num_steps=3, classifier=tiny_cnn,
-                  guidance=GuidanceConfig("entropy", weight=0.0, through_denoiser=True))
+    zero = sample(classifier=tiny_cnn, guidance=GuidanceConfig("entropy", weight=0.0, through_denoiser=True), **kw)
     assert len(calls) - n_plain == n_plain  # one denoiser pass per step, not two
     assert torch.allclose(plain.latents, zero.latents, atol=1e-6)

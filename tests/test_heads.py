@@ -6,13 +6,8 @@ import timm
 import torch
 import torchvision
 
-from longtail.heads import (
-    EpistemicClassifier,
-    build_architecture,
-    find_head,
-    oracle_loss,
-    parameter_overhead,
-)
+from longtail.heads import EpistemicClassifier, find_head, oracle_loss, parameter_overhead
+from longtail.models.classifiers import build_model
 from longtail.signals import epistemic
 
 
@@ -113,7 +108,7 @@ TABLE_9 = {(10, 3): 0.03, (10, 5): 0.04, (100, 3): 0.27, (100, 5): 0.45, (1000, 
 
 @pytest.mark.parametrize("num_classes", [10, 100, 1000])
 def test_overhead_reproduces_table_9(num_classes):
-    model = build_architecture("vit_b_16", num_classes)
+    model = build_model("vit_b_16", num_classes)
     for heads in (3, 5):
         stats = parameter_overhead(model, heads)
         assert stats["d_model"] == 768

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longtail.evaluation.metrics import accuracy_report, auroc, dense_rank, detection_report
-from longtail.heads import ClassifierOutput
+from longtail.outputs import ClassifierOutput
 
 
 @pytest.mark.parametrize("offset", [0.0, 20.0, -1e3])

@@ -1,4 +1,5 @@
-"""Refined prompts: the template form, validation, the LLM path with fake chat functions, files."""
+"""Prompts: per-class prompt files and templates (``longtail.prompts``); refined prompts (the template form,
+validation, the LLM path with fake chat functions, files; ``longtail.introspection.prompts``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from longtail.introspection.prompts import (
     template_prompt,
     validate_prompt,
 )
+from longtail.prompts import class_prompts, job_prompts, prompt_table
 
 
 def pair(caption: str, *words: str) -> KeywordPair:
@@ -157,3 +159,28 @@ def test_save_and_load_prompts(tmp_path) -> None:
     path.write_text(json.dumps({"coat": "not a list"}))
     with pytest.raises(ValueError, match="expected a JSON object"):
         load_prompts(path)
+
+
+# --- per-class generation prompts (longtail.prompts) ---------------------------------------------------------
+
+
+def test_prompts(tmp_path):
+    names = ["apple", "cat", "ankle boot"]
+    assert class_prompts(names) == ["a photo of a apple", "a photo of a cat", "a photo of a ankle boot"]
+    assert class_prompts(names, template="a photo of {a} {name}")[0] == "a photo of an apple"
+    js = tmp_path / "prompts.json"
+    js.write_text(json.dumps({"cat": ["a cat on a sofa", "a cat outdoors"], "apple": "a red apple"}))
+    table = prompt_table(names, prompt_file=js)
+    assert table == [["a red apple"], ["a cat on a sofa", "a cat outdoors"], ["a photo of a ankle boot"]]
+    assert class_prompts(names, prompt_file=js)[1] == "a cat on a sofa"
+    fn = job_prompts(table)
+    assert [fn(1, i) for i in range(3)] == ["a cat on a sofa", "a cat outdoors", "a cat on a sofa"]
+    tsv = tmp_path / "prompts.txt"
+    tsv.write_text("# class<TAB>prompt\ncat\ta sleepy cat\n\ncat\ta cat in snow\n")
+    assert prompt_table(names, prompt_file=tsv)[1] == ["a sleepy cat", "a cat in snow"]
+    tsv.write_text("dog\ta dog\n")
+    with pytest.raises(ValueError, match=r"not in the class list: \['dog'\]"):
+        prompt_table(names, prompt_file=tsv)
+    tsv.write_text("cat a cat without a tab\n")
+    with pytest.raises(ValueError, match=r"prompts\.txt:1"):
+        prompt_table(names, prompt_file=tsv)

@@ -1,4 +1,5 @@
-"""The HTML report of a synthetic run directory (the demo's schema), checked as HTML and in Chromium."""
+"""The HTML report of synthetic run directories (a mine / demo run, a ``longtail generate`` output, a
+``longtail calibrate`` output), checked as HTML and in headless Chromium."""
 
 from __future__ import annotations
 
@@ -10,20 +11,23 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from longtail.config import dump_config
+from longtail.calibrate import save_grid
+from longtail.conditions import condition_label
 from longtail.data.store import SyntheticStore
-from longtail.demo import DemoConfig, DemoData, MiningSection, format_summary, save_grid, summarize
 from longtail.evaluation.distribution import distribution_report
+from longtail.evaluation.metrics import dense_rank
+from longtail.evaluation.stats import mean_std
 from longtail.report import (
     SECTIONS,
     Section,
-    dense_rank,
     grid_geometry,
     load_run,
     plot_distribution,
@@ -36,9 +40,12 @@ CLASSES = ["alpha", "beta", "gamma", "delta"]
 GROUPS = ["many", "many", "medium", "few"]
 SIGNALS = ["entropy", "total"]
 WEIGHTS = [0.0, 0.5, 2.0]
-CONDITIONS = ["none", "unguided", "ltg"]
+CONDITIONS = ["none", "unguided", "ltg", "ltg:entropy@2"]  # the last one's folder is ltg_entropy_w2
+GUIDANCE = {"ltg": {"signal": "total", "weight": 0.5}, "ltg:entropy@2": {"signal": "entropy", "weight": 2.0}}
+GROUP_KEYS = ("top1", "many", "medium", "few")
 ROUNDS = 2
 CHROMIUM = Path("/usr/bin/chromium")
+MISSING = re.compile(r'<section id="([^"]+)"><h2>[^<]*</h2><p class="note missing">')
 
 
 def _accuracy(rng: np.random.Generator) -> dict:
@@ -51,15 +58,9 @@ def _accuracy(rng: np.random.Generator) -> dict:
 
 
 def _base_metrics(rng: np.random.Generator) -> dict:
-    det = {
-        s: {
-            "auroc_rare": rng.uniform(0.5, 0.9),
-            "auroc_hard": rng.uniform(0.5, 0.9),
-            "acc_above_q90": rng.uniform(0.2, 0.5),
-            "acc_below_q90": rng.uniform(0.6, 0.9),
-        }
-        for s in SIGNALS
-    }
+    keys = ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")
+    lows, highs = (0.5, 0.5, 0.2, 0.6), (0.9, 0.9, 0.5, 0.9)
+    det = {s: {k: rng.uniform(lo, hi) for k, lo, hi in zip(keys, lows, highs, strict=True)} for s in SIGNALS}
     return {**_accuracy(rng), "detection": det, "seconds": 1.0}
 
 
@@ -72,7 +73,8 @@ def _test_scores(path: Path, rng: np.random.Generator, n: int = 80) -> None:
     save_file(tensors, str(path))
 
 
-def _sweep(root: Path, rng: np.random.Generator) -> dict:
+def _sweep_result(class_names: list[str]) -> dict:
+    """What ``longtail.calibrate.calibrate`` returns (``sweep/sweep.json`` of a run, ``calibration.json``)."""
     points = [
         {
             "signal": s,
@@ -97,82 +99,128 @@ def _sweep(root: Path, rng: np.random.Generator) -> dict:
         }
         for s in SIGNALS
     }
-    labels = torch.arange(len(CLASSES)).repeat_interleave(2)
+    timing = {"unguided_img_per_s": 32.0, "guided_img_per_s": 8.0, "slowdown": 4.0}
+    return {"points": points, "choices": choices, "timing": timing, "grid_weights": WEIGHTS}
+
+
+def _grids(folder: Path, num_classes: int) -> None:
+    """``grid_<signal>.png`` as the sweep writes them (``longtail.calibrate.save_grid``)."""
+    labels = torch.arange(num_classes).repeat_interleave(2)
     images = {
         w: torch.rand(len(labels), 1, 12, 12, generator=torch.Generator().manual_seed(int(w * 10))) * 2 - 1
         for w in WEIGHTS
     }
     for s in SIGNALS:
-        save_grid(images, labels, root / "sweep" / f"grid_{s}.png", per_class=2)
-    timing = {"unguided_img_per_s": 32.0, "guided_img_per_s": 8.0, "slowdown": 4.0}
-    result = {"points": points, "choices": choices, "timing": timing, "grid_weights": WEIGHTS}
+        save_grid(images, labels, folder / f"grid_{s}.png", per_class=2)
+
+
+def _sweep(root: Path) -> dict:
+    _grids(root / "sweep", len(CLASSES))
+    result = _sweep_result(CLASSES)
     (root / "sweep" / "sweep.json").write_text(json.dumps(result))
     return result
 
 
-def _mining(root: Path, seed: int, rng: np.random.Generator, base: dict) -> dict[str, list[dict]]:
+def _store_records(cond: str, rng: np.random.Generator) -> list[dict]:
+    weight = (GUIDANCE.get(cond) or {}).get("weight", 0.0)
+    return [
+        {
+            "id": f"r{r}_c{c}_{i}",
+            "class_id": c,
+            "class_name": CLASSES[c],
+            "round": r,
+            "weight": weight,
+            "signal_name": "total",
+            "signal": rng.uniform(0.5, 1.5),
+            "p_class": rng.uniform(0.3, 0.9),
+            "pred": c,
+        }
+        for r in range(1, ROUNDS + 1)
+        for c in range(len(CLASSES))
+        for i in range(2)
+    ]
+
+
+def _mining(root: Path, seed: int, rng: np.random.Generator, start: dict) -> dict[str, list[dict]]:
+    """``seed_<s>/mining/<Condition.dirname>/round_<r>/metrics.json`` and the synthetic stores."""
     out = {}
     for cond in CONDITIONS:
-        history = [
-            {
-                "round": 0,
-                "synthetic": 0,
-                **{k: base[k] for k in ("top1", "per_class", "many", "medium", "few")},
-            }
-        ]
+        folder = root / f"seed_{seed}" / "mining" / cond.replace(":", "_").replace("@", "_w")
+        history = [{"round": 0, "synthetic": 0, **{k: start[k] for k in (*GROUP_KEYS, "per_class")}}]
         history += [
             {"round": r, "synthetic": 8 * r, "train_loss": 1.0 / r, **_accuracy(rng)}
             for r in range(1, ROUNDS + 1)
         ]
         for row in history:
-            d = root / f"seed_{seed}" / "mining" / cond / f"round_{row['round']}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "metrics.json").write_text(json.dumps(row))
+            (folder / f"round_{row['round']}").mkdir(parents=True, exist_ok=True)
+            (folder / f"round_{row['round']}" / "metrics.json").write_text(json.dumps(row))
         if cond != "none":
-            store = SyntheticStore(root / f"seed_{seed}" / "mining" / cond / "synthetic")
-            records = [
-                {
-                    "id": f"r{r}_c{c}_{i}",
-                    "class_id": c,
-                    "class_name": CLASSES[c],
-                    "round": r,
-                    "weight": 0.5 if cond == "ltg" else 0.0,
-                    "signal_name": "total",
-                    "signal": rng.uniform(0.5, 1.5),
-                    "p_class": rng.uniform(0.3, 0.9),
-                    "pred": c,
-                }
-                for r in range(1, ROUNDS + 1)
-                for c in range(len(CLASSES))
-                for i in range(2)
-            ]
-            store.add(rng.integers(0, 255, (len(records), 12, 12), dtype=np.uint8), records)
+            records = _store_records(cond, rng)
+            images = rng.integers(0, 255, (len(records), 12, 12), dtype=np.uint8)
+            SyntheticStore(folder / "synthetic").add(images, records)
         out[cond] = history
     return out
 
 
-def make_run(root: Path, seeds: tuple[int, ...] = (0, 1), optional: bool = True) -> Path:
-    """A complete small run directory with the demo's file layout and JSON schemas (random numbers)."""
+def _summary(seeds: tuple[int, ...], base: dict[int, dict], mining: dict, sweep: dict | None) -> dict:
+    """``metrics.json`` with the keys ``longtail.demo.summarize`` writes."""
+    finals = {c: [mining[s][c][-1] for s in seeds] for c in CONDITIONS}
+    summary = {
+        "seeds": list(seeds),
+        "class_names": list(CLASSES),
+        "train_counts": [100, 100, 30, 5],
+        "groups": list(GROUPS),
+        "condition_guidance": GUIDANCE,
+        "conditions": {c: {k: mean_std([f[k] for f in fs]) for k in GROUP_KEYS} for c, fs in finals.items()},
+        "per_seed": {str(s): {"mining": mining[s], **({"base": base[s]} if base else {})} for s in seeds},
+        "ltg": GUIDANCE["ltg"],
+    }
+    if base:
+        summary["base"] = {k: mean_std([base[s][k] for s in seeds]) for k in GROUP_KEYS}
+        summary["detection"] = {
+            n: {
+                k: mean_std([base[s]["detection"][n][k] for s in seeds])
+                for k in base[seeds[0]]["detection"][n]
+            }
+            for n in SIGNALS
+        }
+    if sweep is not None:
+        summary["sweep"] = sweep
+    return summary
+
+
+def _summary_text(summary: dict) -> str:
+    lines = [f"mean ± std over seeds {summary['seeds']}", f"{'condition':<26}{'top-1':>14}"]
+    for cond, m in summary["conditions"].items():
+        label = condition_label(cond, summary["condition_guidance"].get(cond))
+        lines.append(f"{label:<26}{m['top1']['mean']:>14.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def make_run(
+    root: Path, seeds: tuple[int, ...] = (0, 1), optional: bool = True, base_stage: bool = True
+) -> Path:
+    """A small run directory in the demo's / ``longtail mine``'s layout and JSON schemas (random numbers).
+
+    ``base_stage=False``: a mine run that started from a trained classifier (no ``seed_<s>/base/``, no sweep).
+    """
     rng = np.random.default_rng(0)
-    cfg = DemoConfig(
-        out=str(root), seeds=list(seeds), mining=MiningSection(conditions=CONDITIONS, rounds=ROUNDS)
-    )
     root.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, root / "config.yaml")
+    config = {"out": str(root), "seeds": list(seeds), "mining": {"conditions": CONDITIONS, "rounds": ROUNDS}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     base, mining = {}, {}
     for seed in seeds:
-        (root / f"seed_{seed}" / "base").mkdir(parents=True)
-        base[seed] = _base_metrics(rng)
-        (root / f"seed_{seed}" / "base" / "metrics.json").write_text(json.dumps(base[seed]))
-        _test_scores(root / f"seed_{seed}" / "base" / "test_scores.safetensors", rng)
-        mining[seed] = _mining(root, seed, rng, base[seed])
-    sweep = _sweep(root, rng)
-    data = DemoData(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0), [100] * len(CLASSES),
-                    ['many'] * len(CLASSES))
-    summary = summarize(cfg, data, base, mining, sweep, 0.5)
-    summary["class_names"] = list(CLASSES)  # the fake run's classes, not Fashion-MNIST's
+        start = _base_metrics(rng)
+        if base_stage:
+            (root / f"seed_{seed}" / "base").mkdir(parents=True)
+            base[seed] = start
+            (root / f"seed_{seed}" / "base" / "metrics.json").write_text(json.dumps(start))
+            _test_scores(root / f"seed_{seed}" / "base" / "test_scores.safetensors", rng)
+        mining[seed] = _mining(root, seed, rng, start)
+    sweep = _sweep(root) if base_stage else None
+    summary = _summary(seeds, base, mining, sweep)
     (root / "metrics.json").write_text(json.dumps(summary))
-    (root / "summary.txt").write_text(format_summary(summary) + "\n")
+    (root / "summary.txt").write_text(_summary_text(summary))
     if optional:
         _optional_files(root, seeds)
     return root
@@ -218,6 +266,59 @@ def _optional_files(root: Path, seeds: tuple[int, ...]) -> None:
     )
 
 
+GENERATED_CLASSES = ["shirt", "<b>x</b>"]
+
+
+def make_generate_output(root: Path) -> Path:
+    """A ``longtail generate`` output: config.yaml, manifest.csv, ``<class>/<id>.png``; unguided and w = 2."""
+    rng = np.random.default_rng(1)
+    root.mkdir(parents=True)
+    config = {"out": str(root), "guidance": {"signal": "total", "weight": 2.0}, "per_class": 3, "seed": 0}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [
+        {
+            "id": f"w{w:g}_c{c}_{i}",
+            "class_id": c,
+            "class_name": name,
+            "index": i,
+            "seed": i,
+            "prompt": f"a photo of a {name}",
+            "weight": w,
+            "signal_name": "total",
+            "signal": 1.0 + w * rng.random(),
+            "p_class": 0.9 - 0.1 * w,
+            "pred": c if i else 1 - c,
+            "model": "tiny:shipped",
+            "num_steps": 2,
+            "cfg_scale": 1.0,
+            "seconds": 0.25,
+        }
+        for w in (0.0, 2.0)
+        for c, name in enumerate(GENERATED_CLASSES)
+        for i in range(3)
+    ]
+    store = SyntheticStore(root)
+    store.add(rng.integers(0, 255, (len(records), 16, 16, 3), dtype=np.uint8), records)
+    store.merge()
+    return root
+
+
+def make_calibrate_output(root: Path) -> Path:
+    """A ``longtail calibrate`` output: config.yaml, calibration.json and ``grid_<signal>.png``."""
+    root.mkdir(parents=True)
+    config = {
+        "out": str(root),
+        "signals": SIGNALS,
+        "weights": WEIGHTS[1:],
+        "per_class": 2,
+        "min_p_ratio": 0.5,
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    _grids(root, len(CLASSES))
+    (root / "calibration.json").write_text(json.dumps({**_sweep_result(CLASSES), "class_names": CLASSES}))
+    return root
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("report") / "run")
@@ -238,11 +339,15 @@ def _decode_pngs(sources: list[str]) -> list[Image.Image]:
     return images
 
 
+def _section_ids(html: str) -> list[str]:
+    return re.findall(r'<section id="([^"]+)">', html)
+
+
 def test_full_run_renders_every_section(full_run, tmp_path):
     out = write_report(full_run, tmp_path / "report.html")
     html = out.read_text()
     for section in SECTIONS:
-        assert f'<section id="{section.id}">' in html
+        assert (f'<section id="{section.id}">' in html) == ("mine" in section.kinds), section.id
     assert 'class="note missing"' not in html and 'class="note error"' not in html
     # bars, rounds, ROC, sweep, 2 grids, synthetic montage, distribution, trajectory
     images = _decode_pngs(_img_sources(html))
@@ -253,14 +358,51 @@ def test_full_run_renders_every_section(full_run, tmp_path):
         and "side view" in html
         and "FID: synthetic within class / real between classes" in html
     )
+    assert (
+        "+ LTG (entropy, w=2)" in html and "ltg:entropy@2" in html
+    )  # folder ltg_entropy_w2 -> its condition
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
     assert write_report(full_run) == full_run / "report.html"
+
+
+def test_condition_folders_map_back_to_condition_texts(full_run):
+    run = load_run(full_run)
+    assert run.kind == "mine" and run.seeds == [0, 1]
+    assert run.conditions == CONDITIONS  # in the configured order, by text, not by folder name
+    assert (
+        run.store_dir(0, "ltg:entropy@2") == full_run / "seed_0" / "mining" / "ltg_entropy_w2" / "synthetic"
+    )
+    assert [r["round"] for r in run.mining[1]["ltg:entropy@2"]] == list(range(ROUNDS + 1))
 
 
 def test_grid_layout_is_recognised(full_run):
     image = Image.open(full_run / "sweep" / "grid_total.png")
     assert grid_geometry(*image.size, rows=len(CLASSES), columns=len(WEIGHTS)) == (12, 2)
-    assert load_run(full_run).class_names == CLASSES  # from the synthetic manifests
+    assert load_run(full_run).class_names == CLASSES
+
+
+def test_class_names_come_from_the_synthetic_manifests(full_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root)
+    summary = json.loads((root / "metrics.json").read_text())
+    del summary["class_names"]
+    (root / "metrics.json").write_text(json.dumps(summary))
+    assert load_run(root).class_names == CLASSES
+
+
+def test_mine_run_with_a_given_classifier(full_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root)
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    (root / "config.yaml").write_text(yaml.safe_dump({**config, "base": {"epochs": 0}}))
+    summary = json.loads((root / "metrics.json").read_text())
+    del summary["class_names"]
+    (root / "metrics.json").write_text(json.dumps({**summary, "evaluated_on": "val split"}))
+    (root / "class_names.json").write_text(json.dumps(["a", "b", "c", "d"]))  # what `longtail mine` writes
+    assert load_run(root).class_names == ["a", "b", "c", "d"]
+    html = write_report(root).read_text()
+    assert "base (the given classifier)" in html and "base (long-tailed real data only)" not in html
+    assert "Test accuracy (val split)" in html
 
 
 def test_roc_handles_scores_far_outside_unit_range():
@@ -300,8 +442,7 @@ def test_partial_run_says_what_is_missing(tmp_path):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     shutil.rmtree(root / "seed_0" / "mining")
     html = write_report(root).read_text()
-    missing = re.findall(r'<section id="([^"]+)"><h2>[^<]*</h2><p class="note missing">', html)
-    assert set(missing) == {"rounds", "sweep", "grids", "synthetic"}
+    assert set(MISSING.findall(html)) == {"rounds", "sweep", "grids", "synthetic"}
     assert "summary.txt" in html and "sweep/sweep.json" in html
     assert '<section id="accuracy">' in html and "base (long-tailed real data only)" in html
     assert '<section id="distribution">' not in html  # optional sections vanish when absent
@@ -309,15 +450,45 @@ def test_partial_run_says_what_is_missing(tmp_path):
     _decode_pngs(_img_sources(html))
 
 
-def test_optional_files_in_other_layouts(tmp_path):
-    root = make_run(tmp_path / "run", seeds=(0,), optional=False)
-    (root / "distribution.json").write_text(json.dumps(_distribution(0)))  # one bare distribution_report
-    (root / "trajectory.json").write_text(json.dumps({"step": [0, 1, 2], "fid_zt": [9.0, 5.0, 1.0]}))
+def test_mine_run_without_base_stage_renders_its_mining(tmp_path):
+    root = make_run(tmp_path / "mine", seeds=(0,), optional=False, base_stage=False)
     html = write_report(root).read_text()
-    assert '<section id="distribution">' in html and '<section id="trajectory">' in html
-    assert "Unrecognised" not in html and 'class="note error"' not in html
-    (root / "trajectory.json").write_text(json.dumps({"something": "else"}))
-    assert "Unrecognised <code>trajectory.json</code>" in write_report(root).read_text()
+    assert set(MISSING.findall(html)) == {"detection", "sweep", "grids"}
+    assert "base stage" in html and 'class="note error"' not in html
+    for section in ("accuracy", "rounds", "synthetic"):
+        assert f'<section id="{section}"><h2>' in html and section not in MISSING.findall(html)
+    assert "base (long-tailed real data only)" not in html  # no base row: the run brought its classifier
+    assert (
+        "+ LTG (total, w=0.5)" in html and "+ LTG (entropy, w=2)" in html and "+ unguided synthetic" in html
+    )
+    assert len(_decode_pngs(_img_sources(html))) == 3  # accuracy bars, rounds, synthetic montage
+
+
+def test_generate_output_renders(tmp_path):
+    root = make_generate_output(tmp_path / "gen")
+    run = load_run(root)
+    assert run.kind == "generate" and len(run.manifest) == 12 and run.class_names == GENERATED_CLASSES
+    html = write_report(root).read_text()
+    assert _section_ids(html) == ["overview", "generated"]
+    assert 'class="note missing"' not in html and 'class="note error"' not in html
+    assert "12 images from tiny:shipped" in html and "Per guidance weight" in html
+    assert len(_decode_pngs(_img_sources(html))) == 2  # signal / P(class) per weight, sample montage
+
+
+def test_templates_escape_what_they_print(tmp_path):
+    html = write_report(make_generate_output(tmp_path / "gen")).read_text()
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "<b>x</b>" not in html
+
+
+def test_calibrate_output_renders(tmp_path):
+    root = make_calibrate_output(tmp_path / "cal")
+    assert load_run(root).kind == "calibrate"
+    html = write_report(root).read_text()
+    assert _section_ids(html) == ["overview", "calibration", "sweep", "grids"]
+    assert 'class="note missing"' not in html and 'class="note error"' not in html
+    assert "w=0.5 raised entropy" in html and "1.000 → 1.100" in html  # the chosen point vs unguided
+    assert "guided by <b>entropy</b>" in html and "the classifier being calibrated" in html
+    assert len(_decode_pngs(_img_sources(html))) == 3  # sweep, 2 grids
 
 
 def test_missing_or_empty_run_dir_raises(tmp_path):
@@ -328,20 +499,31 @@ def test_missing_or_empty_run_dir_raises(tmp_path):
         write_report(tmp_path / "empty")
 
 
+def test_unreadable_file_is_reported_not_fatal(tmp_path):
+    root = make_run(tmp_path / "run", seeds=(0,), optional=False)
+    (root / "metrics.json").write_text("{truncated")
+    html = write_report(root).read_text()
+    assert "Could not read metrics.json" in html and '<section id="accuracy">' in html
+
+
 def test_sections_are_pluggable_and_isolated(full_run, tmp_path):
     def custom(run):
-        return f"<p>seeds here: {run.seeds}</p>"
+        return f"seeds here: {run.seeds}"
 
     def broken(run):
         raise KeyError("schema drift")
 
+    templated = Section(
+        "tpl", "Templated", lambda run: {"x": "<i>"}, jinja2.Template("<p>{{ d.x }}</p>", autoescape=True)
+    )
     html = write_report(
         full_run,
         tmp_path / "r.html",
-        sections=[Section("custom", "Custom", custom), Section("broken", "Broken", broken)],
+        sections=[Section("custom", "Custom", custom), Section("broken", "Broken", broken), templated],
     ).read_text()
     assert "seeds here: [0, 1]" in html
     assert 'class="note error"' in html and "schema drift" in html
+    assert "<p>&lt;i&gt;</p>" in html
 
 
 @pytest.mark.skipif(
@@ -380,6 +562,7 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
         [*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180
     ).stdout
     assert "<section" in dom
+    assert '<section id="rounds">' in dom and '<section id="synthetic">' in dom  # the mining sections
     sources = _img_sources(dom)
     assert len(sources) == 9
     _decode_pngs(sources)

@@ -1,27 +1,16 @@
 """The Stable Diffusion adapter on tiny random components in the diffusers layout (nothing downloaded)."""
 
-import json
 import shutil
 
 import pytest
-import timm
 import torch
-import torchvision
 
 from longtail.generate import generate, plan_jobs
 from longtail.models.classifiers import bridged_classifier, load_classifier
 from longtail.models.ldm import set_decoder_checkpointing
-from longtail.models.stable_diffusion import (
-    BridgeConfig,
-    ClassifierBridge,
-    class_prompts,
-    job_prompts,
-    load_stable_diffusion,
-    match_channels,
-    prompt_table,
-    write_tiny_stable_diffusion,
-)
+from longtail.models.stable_diffusion import load_stable_diffusion
 from longtail.sampling import GuidanceConfig
+from longtail.testing import write_tiny_stable_diffusion
 
 PROMPTS = ["a photo of a cat", "a photo of a dog"]
 
@@ -152,72 +141,3 @@ def test_decoder_checkpointing_same_gradient(sd_dirs):
     assert load_stable_diffusion(
         sd_dirs["epsilon"], decoder_checkpointing=True
     ).vae.decoder.gradient_checkpointing
-
-
-def test_bridge_matches_torchvision_transforms():
-    image = torch.rand(2, 3, 300, 260, generator=torch.Generator().manual_seed(0))
-    for weights in (
-        torchvision.models.ResNet18_Weights.DEFAULT,
-        torchvision.models.ResNet50_Weights.IMAGENET1K_V2,
-    ):
-        expected = weights.transforms()(image)
-        got = ClassifierBridge.from_torchvision(weights)(image * 2 - 1)
-        assert got.shape == expected.shape == (2, 3, 224, 224)
-        assert torch.allclose(got, expected, atol=1e-4)
-
-
-def test_bridge_matches_timm_transforms():
-    model = timm.create_model(
-        "test_resnet",
-        pretrained_cfg_overlay={"input_size": (3, 48, 48), "crop_pct": 0.9, "interpolation": "bicubic"},
-    )
-    cfg = timm.data.resolve_model_data_config(model)
-    image = torch.rand(1, 3, 70, 90, generator=torch.Generator().manual_seed(1))
-    expected = timm.data.create_transform(**cfg)(image)
-    bridge = ClassifierBridge.from_timm(model)
-    assert bridge.config.resize == 53 and bridge.config.size == (48, 48)
-    assert torch.allclose(bridge(image * 2 - 1), expected, atol=1e-4)
-
-
-def test_bridge_is_differentiable_and_identity_by_default():
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert torch.allclose(ClassifierBridge()(x), x, atol=1e-6)
-    x.requires_grad_(True)
-    ClassifierBridge(BridgeConfig(size=(8, 8), resize=10))(x).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-
-
-def test_channel_rule():
-    rgb = torch.rand(2, 3, 8, 8)
-    assert torch.allclose(match_channels(rgb, 1), rgb.mean(dim=1, keepdim=True))
-    gray = torch.rand(2, 1, 8, 8)
-    assert torch.equal(match_channels(gray, 3), gray.expand(-1, 3, -1, -1))
-    with pytest.raises(ValueError, match="cannot map 2-channel"):
-        match_channels(torch.rand(1, 2, 4, 4), 3)
-    # a grayscale classifier with RGB statistics: the stats are averaged
-    bridge = ClassifierBridge(BridgeConfig(mean=(0.4, 0.5, 0.6), std=(0.2, 0.2, 0.2), in_channels=1))
-    out = bridge(rgb * 2 - 1)
-    assert out.shape == (2, 1, 8, 8)
-    assert torch.allclose(out, (rgb.mean(dim=1, keepdim=True) - 0.5) / 0.2, atol=1e-5)
-
-
-def test_prompts(tmp_path):
-    names = ["apple", "cat", "ankle boot"]
-    assert class_prompts(names) == ["a photo of a apple", "a photo of a cat", "a photo of a ankle boot"]
-    assert class_prompts(names, template="a photo of {a} {name}")[0] == "a photo of an apple"
-    js = tmp_path / "prompts.json"
-    js.write_text(json.dumps({"cat": ["a cat on a sofa", "a cat outdoors"], "apple": "a red apple"}))
-    table = prompt_table(names, prompt_file=js)
-    assert table == [["a red apple"], ["a cat on a sofa", "a cat outdoors"], ["a photo of a ankle boot"]]
-    assert class_prompts(names, prompt_file=js)[1] == "a cat on a sofa"
-    fn = job_prompts(table)
-    assert [fn(1, i) for i in range(3)] == ["a cat on a sofa", "a cat outdoors", "a cat on a sofa"]
-    tsv = tmp_path / "prompts.txt"
-    tsv.write_text("# class<TAB>prompt\ncat\ta sleepy cat\n\ncat\ta cat in snow\n")
-    assert prompt_table(names, prompt_file=tsv)[1] == ["a sleepy cat", "a cat in snow"]
-    tsv.write_text("dog\ta dog\n")
-    with pytest.raises(ValueError, match=r"not in the class list: \['dog'\]"):
-        prompt_table(names, prompt_file=tsv)
-    tsv.write_text("cat a cat without a tab\n")
-    with pytest.raises(ValueError, match=r"prompts\.txt:1"):
-        prompt_table(names, prompt_file=tsv)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
-from longtail.models.stable_diffusion import load_stable_diffusion, write_tiny_stable_diffusion
+from longtail.models.stable_diffusion import load_stable_diffusion
 from longtail.models.surrogate import (
     SurrogateDecoder,
     distill_decoder,
@@ -18,6 +18,7 @@ from longtail.models.surrogate import (
     surrogate_decode,
 )
 from longtail.sampling import GuidanceConfig, initial_latents, sample
+from longtail.testing import write_tiny_stable_diffusion
 
 
 @pytest.fixture(scope="module")
@@ -89,34 +90,15 @@ def test_surrogate_is_used_on_the_guidance_path_only(ldm):
     )
     cond = ldm.encode_prompts(["a cat", "a dog"])
     z = initial_latents([0, 1], ldm.latent_shape)
-    kw = dict(num_steps=2, classifier=clf, uncond=ldm.encode_prompts(["", ""]), cfg_scale=2.0)
-    full = sample(
-        ldm.denoise, ldm.scheduler, ldm.decode, cond, z, guidance=GuidanceConfig("entropy", 100.0), **kw
-    )
-    cheap = sample(
-        ldm.denoise,
-        ldm.scheduler,
-        ldm.decode,
-        cond,
-        z,
-        guidance=GuidanceConfig("entropy", 100.0),
-        guide_decode=guide,
-        **kw,
-    )
+    kw = dict(denoiser=ldm.denoise, scheduler=ldm.scheduler, decode=ldm.decode, cond=cond, latents=z,
+              num_steps=2, classifier=clf, uncond=ldm.encode_prompts(["", ""]), cfg_scale=2.0)
+    full = sample(guidance=GuidanceConfig("entropy", 100.0), **kw)
+    cheap = sample(guidance=GuidanceConfig("entropy", 100.0), guide_decode=guide, **kw)
     assert calls == [2, 2]  # one call per guided step, none for the final images
     assert cheap.images.shape == full.images.shape == (2, 3, 64, 64)
     assert not torch.allclose(cheap.images, full.images)
-    none = sample(
-        ldm.denoise,
-        ldm.scheduler,
-        ldm.decode,
-        cond,
-        z,
-        guidance=GuidanceConfig("entropy", 0.0),
-        guide_decode=guide,
-        **kw,
-    )
-    plain = sample(ldm.denoise, ldm.scheduler, ldm.decode, cond, z, **kw)
+    none = sample(guidance=GuidanceConfig("entropy", 0.0), guide_decode=guide, **kw)
+    plain = sample(**kw)
     assert torch.allclose(none.images, plain.images, atol=1e-6)
 
 

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from helpers import TINY_GEN, fake_fashion_mnist
+from helpers import fake_fashion_mnist
 from longtail.models.tiny import load_tiny_generator, train_generator
 from longtail.sampling import initial_latents, sample
+from longtail.testing import TINY_GEN
 
 
 def test_train_generator_writes_a_loadable_model_and_resumes_the_vae(tmp_path):
@@ -23,8 +24,9 @@ def test_train_generator_writes_a_loadable_model_and_resumes_the_vae(tmp_path):
     assert abs(ldm.scaling_factor - 1.0) > 1e-6  # measured from the latents, not the default
     cond = ldm.encode_prompts(["a photo of a coat", "a photo of a coat, dark"])
     assert cond.shape == (2, TINY_GEN.max_tokens, 384)
-    res = sample(ldm.denoise, ldm.scheduler, ldm.decode, cond, initial_latents([0, 1], ldm.latent_shape),
-                 uncond=ldm.encode_prompts(["", ""]), cfg_scale=2.0, num_steps=2)
+    res = sample(denoiser=ldm.denoise, scheduler=ldm.scheduler, decode=ldm.decode, cond=cond,
+                 latents=initial_latents([0, 1], ldm.latent_shape), uncond=ldm.encode_prompts(["", ""]),
+                 cfg_scale=2.0, num_steps=2)
     assert res.images.shape == (2, 1, 32, 32) and torch.isfinite(res.images).all()
     # weights are stored as fp16 safetensors, loaded as fp32
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()

@@ -94,7 +94,8 @@ class Handler(BaseHTTPRequestHandler):
         scenario = self.path.strip("/").split("/")[0]
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(
-            {"scenario": scenario, "path": self.path, "headers": dict(self.headers), "body": body}
+            {"scenario": scenario, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+             "body": body}
         )
         n = self.server.count(scenario)
         if scenario == "ok":
@@ -153,7 +154,7 @@ def test_chat_normal_reply_and_request(server: ChatServer, monkeypatch: pytest.M
     assert reply == "A photo of a coat that is dark."
     (req,) = server.requests
     assert req["path"] == "/ok/v1/chat/completions"
-    assert req["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert req["headers"]["authorization"] == f"Bearer {SECRET}"
     assert req["body"] == {"model": "m1", "messages": USER, "max_tokens": 7, "temperature": 0.0}
     assert try_chat(server.base("ok"), "m1", USER, **FAST).text == reply
     assert chat(server.base("parts"), "m1", USER, **FAST) == "a coat"
@@ -161,8 +162,13 @@ def test_chat_normal_reply_and_request(server: ChatServer, monkeypatch: pytest.M
 
 def test_no_auth_header_without_a_key(server: ChatServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-this-one")  # only the named variable is read
     chat(server.base("ok"), "m", USER, api_key_env=KEY_ENV)
-    assert "Authorization" not in server.requests[0]["headers"]
+    chat(server.base("ok"), "m", USER, api_key_env=None)
+    assert all("authorization" not in r["headers"] for r in server.requests)  # the server lower-cases names
+    monkeypatch.setenv(KEY_ENV, SECRET)  # read at call time, not when the first client was made
+    chat(server.base("ok"), "m", USER, api_key_env=KEY_ENV)
+    assert server.requests[-1]["headers"]["authorization"] == f"Bearer {SECRET}"
 
 
 def test_timeout(server: ChatServer) -> None:
@@ -181,6 +187,17 @@ def test_server_error_is_retried(server: ChatServer) -> None:
     with pytest.raises(ChatError, match="after 3 attempts: HTTP 503: overloaded") as info:
         chat(server.base("down"), "m", USER, **FAST)
     assert info.value.status == 503 and server.count("down") == 3
+
+
+def test_backoff_sets_the_wait_before_a_retry(server: ChatServer) -> None:
+    start = time.monotonic()
+    with pytest.raises(ChatError, match="after 3 attempts"):
+        chat(server.base("down"), "m", USER, **FAST)  # two retries, 0.01 s and 0.02 s apart
+    assert time.monotonic() - start < 0.25
+    start = time.monotonic()
+    with pytest.raises(ChatError, match="after 2 attempts"):
+        chat(server.base("down"), "m", USER, **{**FAST, "retries": 1, "backoff": 0.4})
+    assert time.monotonic() - start >= 0.3  # 0.4 s less the client's jitter (at most 25%)
 
 
 def test_client_error_is_not_retried_and_hides_the_key(
@@ -266,7 +283,7 @@ def test_openai_captioner_sends_png_and_key(server: ChatServer, monkeypatch: pyt
     assert len(server.requests) == 3
     texts = []
     for req in server.requests:
-        assert req["headers"]["Authorization"] == f"Bearer {SECRET}"
+        assert req["headers"]["authorization"] == f"Bearer {SECRET}"
         body = req["body"]
         assert body["model"] == "llava" and body["temperature"] == 0.0
         (message,) = body["messages"]

@@ -1,9 +1,17 @@
 """Augmentation baselines of the paper's comparison tables (Cutout, GridMask, RandAugment, AutoAugment, AugMix,
 CutMix), applied to training batches on top of the base recipe's rotation / shift / flip.
 
-All take and return a batch ``x [B, C, H, W]`` in [-1, 1] and targets ``y [B]`` (class ids) or ``[B, K]``
-(probabilities: CutMix mixes labels). torchvision's v2 transforms do the work; GridMask, which no installed
-library has, is written out here.
+Two kinds, each applied in one place:
+
+- batch baselines (``BATCH_AUGMENTATIONS``: Cutout, GridMask, CutMix) work in any value range and are applied
+  by ``longtail.train.fit`` to every batch, on the in-memory and the DataLoader path alike (``batch_augment``);
+- pixel policies (``PIXEL_AUGMENTATIONS``: RandAugment, AutoAugment, AugMix) need uint8 pixels, so they belong
+  to the data's own per-image stage: ``image_augment`` (uint8 ops for ``data.imagefolder.train_transform``,
+  before normalisation) or ``pixel_augment`` (batches in [-1, 1], ``longtail.train.tensor_augment``).
+
+A ``BatchAugment`` takes a batch ``x [B, C, H, W]``, targets ``y [B]`` (class ids) or ``[B, C]`` (probabilities:
+CutMix mixes labels) and a ``torch.Generator`` (all randomness comes from it), and returns ``(x, y)``.
+torchvision's v2 transforms do the work; GridMask, which no installed library has, is written out here.
 """
 
 from __future__ import annotations
@@ -39,7 +47,12 @@ def _per_image(transform: Callable[[Tensor], Tensor]) -> BatchAugment:
 
 
 def cutout(x: Tensor, y: Tensor, gen: torch.Generator, size: float = 0.25) -> tuple[Tensor, Tensor]:
-    """Cutout (DeVries and Taylor): one square of side ``size * H`` per image set to the background level."""
+    """Cutout (DeVries and Taylor): one square of side ``size * H`` per image set to the image's minimum.
+
+    The one meaning of ``aug:cutout`` on every path: the erased box takes the image's background level (its
+    minimum: black on Fashion-MNIST-like data in any normalisation), not a fixed 0, which after mean/std
+    normalisation would paint a mid-grey box that the data never contains. ``x [B, C, H, W]``, any device.
+    """
     b, _, h, w = x.shape
     side = max(1, round(size * h))
     cy = torch.randint(0, h, (b,), generator=gen)
@@ -47,11 +60,12 @@ def cutout(x: Tensor, y: Tensor, gen: torch.Generator, size: float = 0.25) -> tu
     rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
     mask = ((rows - cy.view(-1, 1, 1)).abs() <= side // 2) & ((cols - cx.view(-1, 1, 1)).abs() <= side // 2)
     background = x.amin(dim=(1, 2, 3), keepdim=True)
-    return torch.where(mask.unsqueeze(1), background, x), y
+    return torch.where(mask.unsqueeze(1).to(x.device), background, x), y
 
 
 def gridmask(x: Tensor, y: Tensor, gen: torch.Generator, ratio: float = 0.5) -> tuple[Tensor, Tensor]:
-    """GridMask (Chen et al. 2020): drop a regular grid of squares with a random period and offset per image."""
+    """GridMask (Chen et al. 2020): drop a regular grid of squares with a random period and offset per image;
+    dropped cells take the image's minimum, as in ``cutout``."""
     b, _, h, w = x.shape
     period = torch.randint(max(2, h // 6), max(3, h // 2), (b,), generator=gen).view(-1, 1, 1)
     keep = (period.float() * (1 - ratio)).round().long().clamp_min(1)
@@ -60,7 +74,7 @@ def gridmask(x: Tensor, y: Tensor, gen: torch.Generator, ratio: float = 0.5) -> 
     rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
     drop = (((rows + oy) % period) >= keep) & (((cols + ox) % period) >= keep)
     background = x.amin(dim=(1, 2, 3), keepdim=True)
-    return torch.where(drop.unsqueeze(1), background, x), y
+    return torch.where(drop.unsqueeze(1).to(x.device), background, x), y
 
 
 def cutmix(num_classes: int) -> BatchAugment:
@@ -76,47 +90,57 @@ def cutmix(num_classes: int) -> BatchAugment:
     return run
 
 
-def make_augment(name: str | None, num_classes: int) -> BatchAugment | None:
-    """The named baseline augmentation (``None`` / ``"none"``: only the base recipe)."""
-    if name in (None, "", "none"):
-        return None
-    table: dict[str, Callable[[], BatchAugment]] = {
-        "cutout": lambda: cutout,
-        "gridmask": lambda: gridmask,
-        "randaugment": lambda: _per_image(v2.RandAugment()),
-        "autoaugment": lambda: _per_image(v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)),
-        "augmix": lambda: _per_image(v2.AugMix()),
-        "cutmix": lambda: cutmix(num_classes),
-    }
-    if name not in table:
-        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(table)}")
-    return table[name]()
-
-
+PIXEL_AUGMENTATIONS = ("randaugment", "autoaugment", "augmix")  # need uint8 pixels: the data's own stage
+BATCH_AUGMENTATIONS = ("cutout", "gridmask", "cutmix")  # any value range: ``longtail.train.fit`` applies them
 AUGMENTATIONS = ("cutout", "gridmask", "randaugment", "autoaugment", "augmix", "cutmix")
 
-
-class _GridMaskImage(torch.nn.Module):
-    """GridMask on one image tensor ``[C, H, W]`` (any normalisation: dropped cells take the image minimum)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
-        return gridmask(x.unsqueeze(0), torch.zeros(1), gen)[0][0]
+_UINT8_POLICIES: dict[str, Callable[[], torch.nn.Module]] = {
+    "randaugment": v2.RandAugment,
+    "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
+    "augmix": v2.AugMix,
+}
 
 
-def image_augment(name: str | None) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
-    """Per-image baseline transforms for the DataLoader path: (ops on uint8 images, ops on normalised tensors).
+def _check(name: str | None) -> str | None:
+    """``None`` for no baseline (``None``, ``""``, ``"none"``), else the name; raises ``ValueError`` if unknown."""
+    if name in (None, "", "none"):
+        return None
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}")
+    return name
 
-    CutMix mixes a batch, so it is not here: ``longtail.train.fit_loader`` applies it per batch.
+
+def batch_augment(name: str | None, num_classes: int | None) -> BatchAugment | None:
+    """The batch-level baseline (Cutout, GridMask, CutMix) that ``longtail.train.fit`` applies to every batch on
+    both paths (in-memory tensors and DataLoaders), or ``None`` for a pixel policy or no baseline.
+
+    These work in any value range: Cutout and GridMask fill with each image's minimum (its background), so
+    ``aug:cutout`` means the same on [-1, 1] tensors and on mean/std-normalised ImageFolder batches. CutMix needs
+    ``num_classes`` (``ValueError`` without it). Raises ``ValueError`` for an unknown name.
     """
-    if name in (None, "", "none", "cutmix"):
-        return [], []
-    uint8_ops = {"randaugment": v2.RandAugment, "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
-                 "augmix": v2.AugMix}
-    if name in uint8_ops:
-        return [uint8_ops[name]()], []
-    if name == "cutout":
-        return [], [v2.RandomErasing(p=1.0, scale=(0.0625, 0.0625), ratio=(1.0, 1.0), value=0.0)]
-    if name == "gridmask":
-        return [], [_GridMaskImage()]
-    raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}")
+    name = _check(name)
+    if name == "cutmix":
+        if num_classes is None:
+            raise ValueError("cutmix needs num_classes")
+        return cutmix(num_classes)
+    return {"cutout": cutout, "gridmask": gridmask}.get(name or "")
+
+
+def pixel_augment(name: str | None) -> BatchAugment | None:
+    """The per-image photometric policy (RandAugment, AutoAugment, AugMix) on a batch in [-1, 1] (the in-memory
+    tensor path), or ``None`` for a batch baseline or no baseline. Raises ``ValueError`` for an unknown name."""
+    name = _check(name)
+    return _per_image(_UINT8_POLICIES[name]()) if name in _UINT8_POLICIES else None
+
+
+def make_augment(name: str | None, num_classes: int) -> BatchAugment | None:
+    """The named baseline augmentation on a batch in [-1, 1] (``None`` / ``"none"``: only the base recipe)."""
+    return pixel_augment(name) or batch_augment(name, num_classes)
+
+
+def image_augment(name: str | None) -> list[torch.nn.Module]:
+    """Per-image baseline transforms on uint8 images for the DataLoader path (before normalisation): the pixel
+    policies. Cutout, GridMask and CutMix are not here: ``longtail.train.fit`` applies them per batch (``[]``).
+    Raises ``ValueError`` for an unknown name."""
+    name = _check(name)
+    return [_UINT8_POLICIES[name]()] if name in _UINT8_POLICIES else []

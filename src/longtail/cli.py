@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -20,9 +23,10 @@ def heads_overhead(
     head_name: str | None = typer.Option(None, help="module path of the head, if it is not found automatically"),
 ) -> None:
     """Parameters an Epistemic Head adds to an architecture (random weights, nothing downloaded)."""
-    from .heads import build_architecture, parameter_overhead
+    from .heads import parameter_overhead
+    from .models.classifiers import build_model
 
-    stats = parameter_overhead(build_architecture(arch, num_classes), heads, head_name)
+    stats = parameter_overhead(build_model(arch, num_classes), heads, head_name)
     typer.echo(f"architecture {arch}: C={stats['num_classes']} classes, d_model={stats['d_model']}, K={heads} heads")
     typer.echo(f"base parameters:  {stats['base_params']:,}")
     extra = stats["added_with_bias"] - stats["added_params"]
@@ -32,38 +36,41 @@ def heads_overhead(
 
 @app.command()
 def demo(
-    config: Path | None = typer.Option(None, help="YAML config (see configs/demo.yaml); flags override it"),
+    config: Path | None = typer.Option(None, help="a YAML over configs/demo.yaml (unlisted keys keep the demo's)"),
     quick: bool = typer.Option(False, "--quick", help="a few-minute run: one seed, smaller sizes"),
     out: str | None = typer.Option(None, help="run directory (default runs/demo, or runs/demo-quick with --quick)"),
     seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
-    set_: list[str] = typer.Option([], "--set", help="override any config key: --set mining.rounds=3"),
+    set_: list[str] = typer.Option([], "--set", help="override any config key: --set schedule.per_round=100"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
-    """The embedded default end to end: train, detect, sweep the weight, mine, summarise (resumable)."""
-    from .config import load_config
-    from .demo import DemoConfig, quick_overrides, run_demo
+    """The embedded default end to end: `longtail mine` with configs/demo.yaml (resumable)."""
+    from .jobs.mine import load_demo_config, quick_overrides, run_mine
 
-    overrides = list(set_)
-    if seeds:
-        overrides.append(f"seeds=[{seeds}]")
-    if out:
-        overrides.append(f"out={out}")
-    elif quick:
-        overrides.append("out=runs/demo-quick")
-    cfg = load_config(DemoConfig, config, overrides, top=quick_overrides() if quick else None)
-    run_demo(cfg, show=progress)
+    top = _layer(quick_overrides() if quick else {}, seeds=_split(seeds),
+                 out=out or ("runs/demo-quick" if quick else None))
+    run_mine(load_demo_config(config, set_, top=top), show=progress)
 
 
-def _flags(**flags: object) -> list[str]:
-    """Turn the shortcut flags that were given into ``key=value`` overrides (YAML-parsed later)."""
-    out = []
+def _split(text: str | None) -> list[str] | None:
+    """``"0, 1,2"`` -> ``["0", "1", "2"]`` (the config converts the items to the field's type)."""
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _layer(under: Mapping[str, Any] | None = None, **flags: Any) -> dict[str, Any]:
+    """The flags that were given, as one config layer over ``under``: ``a__b=v`` -> ``{"a": {"b": v}}``.
+
+    Passed to :func:`~longtail.config.load_config` as ``top``: over the ``--config`` file, under ``--set``.
+    """
+    layer: dict[str, Any] = copy.deepcopy(dict(under or {}))
     for key, value in flags.items():
         if value is None:
             continue
-        if isinstance(value, list | tuple):
-            value = "[" + ", ".join(str(v) for v in value) + "]"
-        out.append(f"{key.replace('__', '.')}={value}")
-    return out
+        *sections, name = key.split("__")
+        node = layer
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    return layer
 
 
 @app.command()
@@ -91,14 +98,14 @@ def generate(
 ) -> None:
     """Generate a synthetic dataset (guided or not); resumable; `accelerate launch -m longtail generate` shards."""
     from .config import load_config
-    from .pipelines import GenerateConfig, run_generate
+    from .jobs.generate import GenerateConfig, run_generate
 
-    overrides = _flags(out=out, generator__kind="sd" if sd else None, generator__model=sd or generator,
-                       classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
-                       classifier__class_names=class_names, per_class=per_class, counts_file=counts_file,
-                       guidance__signal=signal, guidance__weight=weight, seed=seed, generator__num_steps=steps,
-                       generator__batch_size=batch_size, device=device)
-    run_generate(load_config(GenerateConfig, config, [*overrides, *set_]), show=progress)
+    top = _layer(out=out, generator__kind="sd" if sd else None, generator__model=sd or generator,
+                 classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
+                 classifier__class_names=class_names, per_class=per_class, counts_file=counts_file,
+                 guidance__signal=signal, guidance__weight=weight, seed=seed, generator__num_steps=steps,
+                 generator__batch_size=batch_size, device=device)
+    run_generate(load_config(GenerateConfig, config, set_, top=top), show=progress)
 
 
 @app.command()
@@ -121,15 +128,13 @@ def calibrate(
 ) -> None:
     """Choose the guidance weight: sweep, apply the paper's rule (3.1), record the evidence."""
     from .config import load_config
-    from .pipelines import CalibrateConfig, run_calibrate
+    from .jobs.calibrate import CalibrateConfig, run_calibrate
 
-    overrides = _flags(out=out, generator__kind="sd" if sd else None, generator__model=sd or generator,
-                       classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
-                       classifier__class_names=class_names,
-                       signals=signals.split(",") if signals else None,
-                       weights=weights.split(",") if weights else None, per_class=per_class,
-                       generator__num_steps=steps, device=device)
-    run_calibrate(load_config(CalibrateConfig, config, [*overrides, *set_]), show=progress)
+    top = _layer(out=out, generator__kind="sd" if sd else None, generator__model=sd or generator,
+                 classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
+                 classifier__class_names=class_names, signals=_split(signals), weights=_split(weights),
+                 per_class=per_class, generator__num_steps=steps, device=device)
+    run_calibrate(load_config(CalibrateConfig, config, set_, top=top), show=progress)
 
 
 @app.command()
@@ -148,14 +153,16 @@ def mine(
     set_: list[str] = typer.Option([], "--set", help="any config key: --set schedule.every=2"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
-    """The mining loop on your data, classifier and generator (resumable; `accelerate launch -m longtail mine`)."""
+    """Every stage of a run on your data, classifier and generator: base classifier, Epistemic Head, sweep,
+    introspection, mining per condition and seed, distances, summary, report (resumable; `accelerate launch -m
+    longtail mine` shards generation and fine-tuning)."""
     from .config import load_config
-    from .mine_job import MineConfig, run_mine
+    from .jobs.mine import MineConfig, run_mine
 
-    overrides = _flags(out=out, data__train=train, data__val=val, classifier__spec=classifier,
-                       classifier__checkpoint=checkpoint, generator__kind="sd" if sd else None, generator__model=sd,
-                       guidance__weight=weight, data__allow_corrupt=True if allow_corrupt else None)
-    run_mine(load_config(MineConfig, config, [*overrides, *set_]), dry_run=dry_run, show=progress)
+    top = _layer(out=out, data__train=train, data__val=val, classifier__spec=classifier,
+                 classifier__checkpoint=checkpoint, generator__kind="sd" if sd else None, generator__model=sd,
+                 guidance__weight=weight, data__allow_corrupt=True if allow_corrupt else None)
+    run_mine(load_config(MineConfig, config, set_, top=top), dry_run=dry_run, show=progress)
 
 
 @app.command()
@@ -177,39 +184,35 @@ def evaluate(
     from .config import load_config
     from .evaluation.run import EvaluateConfig, run_evaluate
 
-    overrides = _flags(data=data, classifier__spec=classifier, classifier__checkpoint=checkpoint,
-                       classifier__heads=heads, train=train, real=real,
-                       ensemble=ensemble.split(",") if ensemble else None, out=out)
-    run_evaluate(load_config(EvaluateConfig, config, [*overrides, *set_]))
+    top = _layer(data=data, classifier__spec=classifier, classifier__checkpoint=checkpoint,
+                 classifier__heads=heads, train=train, real=real, ensemble=_split(ensemble), out=out)
+    run_evaluate(load_config(EvaluateConfig, config, set_, top=top))
 
 
 @app.command()
 def introspect(
-    config: Path | None = typer.Option(None, help="YAML config of the demo (the same run directory is reused)"),
-    out: str = typer.Option("runs/introspect", help="run directory"),
-    seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
-    llm_url: str | None = typer.Option(None, help="OpenAI-compatible chat endpoint for refined prompts "
+    run_dir: Path = typer.Argument(..., help="a run directory of `longtail mine` or `longtail demo` (its base "
+                                   "stage done)"),
+    captioner: str | None = typer.Option(None, help="attribute | vlm:<local model dir> | openai:<model>"),
+    llm_url: str | None = typer.Option(None, help="OpenAI-compatible endpoint for the captioner / refined prompts "
                                        "(key from $OPENAI_API_KEY); default: the offline template"),
-    llm_model: str = typer.Option("default", help="model name at that endpoint"),
-    set_: list[str] = typer.Option([], "--set", help="override any config key: --set introspection.pairs=20"),
+    llm_model: str | None = typer.Option(None, help="chat model name at that endpoint"),
+    set_: list[str] = typer.Option([], "--set", help="introspection keys: --set introspection.pairs=20"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
-    """Longtail Introspection on the embedded default: keywords, refined prompts, and the Table 4 comparison
-    (no synthetic data / prompt-tuned GIF data / introspection-prompt data)."""
-    from .config import load_config
-    from .demo import DemoConfig, run_demo
+    """Longtail Introspection on a run: captions of guided vs unguided images -> keywords -> refined prompts
+    (RUN/introspection/). Add the `introspect` condition to a mine config to train on them."""
+    from .jobs.mine import run_introspect
 
-    overrides = [f"out={out}", "mining.conditions=[none, gif, introspect]", *set_]
-    if seeds:
-        overrides.append(f"seeds=[{seeds}]")
-    if llm_url:
-        overrides += [f"introspection.llm_url={llm_url}", f"introspection.llm_model={llm_model}"]
-    run_demo(load_config(DemoConfig, config, overrides), show=progress)
+    flags = {"captioner": captioner, "llm_url": llm_url, "llm_model": llm_model}
+    overrides = [f"introspection.{k}={v}" for k, v in flags.items() if v is not None]
+    prompts = run_introspect(run_dir, [*overrides, *set_], show=progress)
+    typer.echo(f"{run_dir / 'introspection' / 'prompts.json'}: prompts for {len(prompts)} classes")
 
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="a run directory (demo, introspect, mine)"),
+    run_dir: Path = typer.Argument(..., help="a run directory: demo, mine, generate or calibrate"),
     out: Path | None = typer.Option(None, help="output HTML (default RUN_DIR/report.html)"),
 ) -> None:
     """One self-contained HTML page with the run's images, plots and tables."""
@@ -235,8 +238,8 @@ def distill_decoder_cmd(
     """Distil a small decoder from the generator's VAE for cheap guidance (`--set generator.guide_decoder=OUT`)."""
     import torch
 
+    from .jobs.common import GeneratorSpec, load_generator, pick_device
     from .models.surrogate import distill_decoder, save_surrogate
-    from .pipelines import GeneratorSpec, load_generator, pick_device
 
     dev = pick_device(device)
     spec = GeneratorSpec(kind="sd" if sd else "embedded", model=sd or generator)

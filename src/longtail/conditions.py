@@ -1,51 +1,143 @@
-"""The comparison conditions of the embedded demo (paper Tables 1-4 analogs): names, labels, validation."""
+"""One ``Condition`` type for every comparison (paper Tables 1-4 analogs), parsed once, one meaning everywhere.
+
+Grammar (``Condition.parse``):
+
+* ``none`` -- fine-tune on real data only, on the same schedule (the real-only control);
+* ``unguided`` -- + synthetic images from the class prompts, no guidance;
+* ``ltg[:<signal>][@<weight>]`` -- + Longtail-Guided images (predicted clean latent, Eq. 8-11); the signal
+  defaults to the run's guidance signal and the weight to its calibrated (or configured) weight;
+* ``naive[:<signal>][@<weight>]`` -- + images guided on the decoded *noisy* latent (the A.7 ablation);
+* ``gif`` -- + unguided images from GIF's 40 prompt templates per class;
+* ``introspect`` -- + unguided images from the Longtail Introspection prompts of the run;
+* ``aug:<name>`` -- real data only, fine-tuned with that baseline augmentation (``longtail.augment``).
+"""
 
 from __future__ import annotations
 
-CONDITION_LABELS = {
-    "introspect": "+ introspection prompts",
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .sampling import GuidanceConfig
+
+KINDS = ("none", "unguided", "ltg", "naive", "gif", "introspect", "aug")
+LABELS = {
     "none": "+ fine-tune, no synth",
     "unguided": "+ unguided synthetic",
     "gif": "+ prompt-tuned (GIF)",
-    "naive": "+ naive guidance (z_t)",
+    "introspect": "+ introspection prompts",
 }
 
 
-def condition_label(cond: str, guided: dict | None = None) -> str:
-    if cond == "ltg" or cond.startswith("ltg:"):
-        return f"+ LTG ({guided['signal']}, w={guided['weight']:g})" if guided else "+ LTG"
-    if cond == "naive" and guided:
-        return f"+ naive guidance (w={guided['weight']:g})"
-    if cond.startswith("aug:"):
-        return f"+ aug {cond[4:]}"
-    return CONDITION_LABELS.get(cond, cond)
+class ConditionError(ValueError):
+    """A condition string that does not follow the grammar of ``longtail.conditions``."""
 
 
-def check_condition(cond: str) -> None:
+def _grammar() -> str:
     from .augment import AUGMENTATIONS
-    from .signals import SIGNALS
 
-    if cond in ("none", "unguided", "ltg", "gif", "naive", "introspect"):
-        return
-    if cond.startswith("aug:") and cond[4:] in AUGMENTATIONS:
-        return
-    if cond.startswith("ltg:"):
-        signal, _, weight = cond[4:].partition("@")
-        if signal in SIGNALS and (not weight or _is_float(weight)):
-            return
-    raise ValueError(f"unknown mining condition {cond!r}: use none, unguided, ltg, ltg:<signal>[@<weight>], gif, "
-                     f"naive, introspect or aug:<{'|'.join(AUGMENTATIONS)}>")
+    return ("use none, unguided, ltg[:<signal>][@<weight>], naive[:<signal>][@<weight>], gif, introspect or "
+            f"aug:<{'|'.join(AUGMENTATIONS)}>")
 
 
-def _is_float(text: str) -> bool:
+@dataclass(frozen=True)
+class Condition:
+    """A parsed comparison condition. ``text`` is what the user wrote; ``kind`` one of ``KINDS``."""
+
+    text: str
+    kind: str
+    signal: str | None = None  # guided kinds: an explicit signal, else the run's
+    weight: float | None = None  # guided kinds: an explicit weight, else the run's
+    augment: str | None = None  # aug: the augmentation's name
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        """Parse ``text``; raises ``ConditionError`` naming it and the grammar when it does not fit."""
+        from .augment import AUGMENTATIONS
+        from .signals import SIGNALS
+
+        text = str(text).strip()
+        head, sep, rest = text.partition(":")
+        if head in ("none", "unguided", "gif", "introspect") and not sep:
+            return cls(text, head)
+        if head == "aug":
+            if rest in AUGMENTATIONS:
+                return cls(text, "aug", augment=rest)
+            raise ConditionError(f"unknown augmentation in condition {text!r}: {_grammar()}")
+        kind, at, weight_text = head.partition("@")
+        if kind in ("ltg", "naive"):
+            if sep:  # ltg:<signal>[@w]
+                signal, at, weight_text = rest.partition("@")
+                if signal not in SIGNALS:
+                    raise ConditionError(f"unknown signal {signal!r} in condition {text!r}; signals: {sorted(SIGNALS)}")
+            else:
+                signal = None
+            weight = None
+            if at:
+                try:
+                    weight = float(weight_text)
+                except ValueError:
+                    raise ConditionError(f"condition {text!r}: weight {weight_text!r} is not a number") from None
+            return cls(text, kind, signal=signal, weight=weight)
+        raise ConditionError(f"unknown mining condition {text!r}: {_grammar()}")
+
+    @property
+    def guided(self) -> bool:
+        return self.kind in ("ltg", "naive")
+
+    @property
+    def synthetic(self) -> bool:
+        """Whether the condition adds generated images (``none`` and ``aug:*`` do not)."""
+        return self.kind not in ("none", "aug")
+
+    @property
+    def dirname(self) -> str:
+        """The condition's folder name in a run (``ltg:total@3`` -> ``ltg_total_w3``)."""
+        return self.text.replace(":", "_").replace("@", "_w")
+
+    def guidance(self, base: GuidanceConfig, weight_of: Callable[[str], float]) -> GuidanceConfig | None:
+        """The sampler's guidance for this condition, or None for unguided generation.
+
+        ``base`` carries the run's signal, window and options; ``weight_of(signal)`` gives the calibrated (or
+        configured) weight of a signal when the condition names none.
+        """
+        if not self.guided:
+            return None
+        signal = self.signal or base.signal
+        weight = self.weight if self.weight is not None else weight_of(signal)
+        return replace(base, signal=signal, weight=float(weight), on_noisy=self.kind == "naive")
+
+    def label(self, guidance: dict | None = None) -> str:
+        """A table label; ``guidance`` (``{"signal", "weight"}``) as resolved for the run, when known."""
+        if self.kind == "aug":
+            return f"+ aug {self.augment}"
+        if self.kind == "ltg":
+            return f"+ LTG ({guidance['signal']}, w={guidance['weight']:g})" if guidance else "+ LTG"
+        if self.kind == "naive":
+            return f"+ naive guidance (w={guidance['weight']:g})" if guidance else "+ naive guidance (z_t)"
+        return LABELS[self.kind]
+
+
+def parse_conditions(texts: list[str]) -> list[Condition]:
+    """Parse a config's condition list; every bad entry and any duplicate is named in one error."""
+    errors, seen, out = [], set(), []
+    for text in texts:
+        try:
+            cond = Condition.parse(text)
+        except ConditionError as err:
+            errors.append(str(err))
+            continue
+        if cond.dirname in seen:
+            errors.append(f"condition {text!r} is listed twice")
+        seen.add(cond.dirname)
+        out.append(cond)
+    if errors:
+        raise ConditionError("; ".join(errors))
+    return out
+
+
+def condition_label(text: str, guidance: dict | None = None) -> str:
+    """``Condition.parse(text).label(guidance)``; the text itself when it does not parse (old runs)."""
     try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def mean_std_cell(stat: dict[str, float], width: int = 14, digits: int = 3) -> str:
-    """A right-aligned table cell: ``mean ± std`` over seeds, just the mean when there is one seed (``n``)."""
-    text = f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["n"] > 1 else "")
-    return f"{text:>{width}}"
+        return Condition.parse(text).label(guidance)
+    except ConditionError:
+        return text

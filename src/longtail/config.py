@@ -1,18 +1,24 @@
-"""Dataclass configs: defaults in code, a YAML file over them, ``section.key=value`` overrides over that.
+"""Dataclass configs on OmegaConf structured configs: defaults in code, layers of mappings over them.
 
-The resolved config is written next to every run's outputs (``config.yaml``).
+Defaults <- ``base`` <- a YAML file <- ``top`` (e.g. typed CLI flags) <- ``section.key=value`` overrides.
+OmegaConf checks every layer against the dataclass: unknown keys and wrong types are a :class:`ConfigError`
+naming the key, its section and the layer; ints are accepted for floats. The resolved config is written
+next to every run's outputs (``config.yaml``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -21,135 +27,157 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or holds a value of the wrong type."""
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert YAML/CLI values to the annotated type (nested dataclasses, lists, tuples, optionals)."""
-    origin = typing.get_origin(tp)
-    if _is_dataclass_type(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of ``a.b[0].c`` in dataclass ``cls`` (None where the path leaves the dataclasses)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        name, _, index = part.partition("[")
+        if not dataclasses.is_dataclass(tp):
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
-    if origin in (list, tuple, Sequence):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp in (int, float):
+        tp = typing.get_type_hints(tp).get(name)
+        if index:  # an item of a list / tuple field, maybe `... | None`
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 and typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+            tp = (typing.get_args(tp) or (None,))[0]
+    return tp
+
+
+def _explain(err: OmegaConfBaseException, cls: type) -> str:
+    """One line naming the key, its section and what was wrong (OmegaConf's message is several lines)."""
+    key = err.full_key or ""
+    if isinstance(err, ConfigKeyError) and dataclasses.is_dataclass(err.object_type):
+        section = key.rpartition(".")[0] or "the top level"
+        known = ", ".join(f.name for f in dataclasses.fields(err.object_type))
+        return f"{key}: unknown key {err.key!r} in {section} (known: {known})"
+    tp = _field_type(cls, key) if key else None
+    if tp is not None and not isinstance(err, InterpolationResolutionError):
+        return f"{key}: expected {_type_name(tp)}, got {err.value!r}"
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{key}: {first}" if key else first
+
+
+def _not_a_section(cls: type, layer: Any, prefix: str = "") -> str | None:
+    """``section: value`` where the section is a dataclass but the value no mapping (OmegaConf omits the key)."""
+    hints = typing.get_type_hints(cls)
+    for name, value in (layer.items() if isinstance(layer, Mapping) else ()):
+        tp = hints.get(name)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                return f"{prefix}{name}: expected {_type_name(tp)}, got {value!r}"
+            found = _not_a_section(tp, value, f"{prefix}{name}.")
+            if found:
+                return found
+    return None
+
+
+def _merge(cfg: DictConfig, layer: Any, cls: type, where: str) -> DictConfig:
+    try:
+        return typing.cast(DictConfig, OmegaConf.merge(cfg, layer))
+    except OmegaConfBaseException as err:
+        reason = (None if err.full_key else _not_a_section(cls, layer)) or _explain(err, cls)
+        raise ConfigError(f"{where}: {reason}") from None
+
+
+def _set(cfg: DictConfig, item: tuple[str, Any], cls: type, where: str) -> DictConfig:
+    """An override replaces the value at its key: a plain mapping field too (``model_kwargs={}`` empties it),
+    while a dataclass section is merged key by key, so ``section={a: 1}`` keeps the section's other keys."""
+    key, value = item
+    if isinstance(value, Mapping) and not dataclasses.is_dataclass(_field_type(cls, key)):
         try:
-            out = tp(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-        if tp is int and isinstance(value, float) and value != out:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return out
-    if tp is str:
-        return str(value)
-    return value
+            node = OmegaConf.select(cfg, key, default=None)
+        except OmegaConfBaseException:
+            node = None
+        if isinstance(node, DictConfig):
+            OmegaConf.update(cfg, key, value, merge=False)
+            return cfg
+    return _merge(cfg, _dotted(key, value), cls, where)
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from a (partial) mapping; unknown keys are errors naming the key."""
-    types_ = _field_types(cls)
-    unknown = set(data) - set(types_)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(types_)}")
-    base = cls()
-    kwargs = {}
-    for name, value in data.items():
-        tp = types_[name]
-        if _is_dataclass_type(tp) and isinstance(value, dict):
-            merged = {**to_dict(getattr(base, name)), **value}
-            kwargs[name] = from_dict(tp, merged, f"{where}.{name}")
-        else:
-            kwargs[name] = _coerce(value, tp, f"{where}.{name}")
-    return dataclasses.replace(base, **kwargs)
+def _dotted(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _build(cls: type[T], layers: Sequence[tuple[str, Any]]) -> T:
+    cfg = OmegaConf.structured(cls)
+    for where, layer in layers:
+        cfg = _set(cfg, layer, cls, where) if isinstance(layer, tuple) else _merge(cfg, layer, cls, where)
+    try:
+        return typing.cast(T, OmegaConf.to_object(cfg))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config: {_explain(err, cls)}") from None
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from a (partial, nested) mapping over its defaults; errors name the key."""
+    return _build(cls, [(where, dict(data))])
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {p}: invalid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: top level must be a mapping")
+    return loaded
+
+
+def _override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` -> ``(key, value)``, the value parsed as YAML."""
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if "=" not in item or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*", key):
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None, top: Mapping[str, Any] | None = None) -> T:
+    """Defaults <- ``base`` <- YAML ``path`` <- ``top`` <- ``overrides`` (``"a.b=value"``, value parsed as YAML).
+
+    ``base`` sits under the file (defaults of a variant), ``top`` over it (typed CLI flags, a mode such as
+    ``--quick``). Raises :class:`ConfigError` naming the layer and the key.
+    """
+    layers: list[tuple[str, Any]] = []
+    if base:
+        layers.append(("base config", dict(base)))
+    if path is not None:
+        layers.append((f"config file {path}", _read_yaml(path)))
+    if top:
+        layers.append(("options", dict(top)))
+    layers += [(f"override {item!r}", _override(item)) for item in overrides]
+    return _build(cls, layers)
 
 
 def to_dict(obj: Any) -> Any:
     """Dataclass -> plain dict/list values (tuples become lists), for YAML/JSON."""
-    if dataclasses.is_dataclass(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, list | tuple):
         return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
     return obj
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
-    node[keys[-1]] = value
-
-
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
-                base: dict[str, Any] | None = None, top: dict[str, Any] | None = None) -> T:
-    """Defaults <- ``base`` <- YAML ``path`` <- ``top`` <- ``overrides`` (``"a.b=value"``, value parsed as YAML).
-
-    ``base`` sits under the file (defaults of a variant), ``top`` over it (a mode such as ``--quick``).
-    """
-    data: dict[str, Any] = to_dict(cls())
-    layers: list[dict[str, Any]] = []
-    if base:
-        layers.append(base)
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping")
-        layers.append(loaded)
-    if top:
-        layers.append(top)
-    for layer in layers:
-        _merge(data, layer)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
-    return from_dict(cls, data)
-
-
-def _merge(into: dict[str, Any], layer: dict[str, Any]) -> None:
-    for key, value in layer.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
 def dump_config(obj: Any, path: str | Path) -> None:
+    """Write the resolved config ``obj`` as YAML (``load_config(type(obj), path)`` reads it back)."""
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -16,8 +16,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .data.store import SyntheticStore, to_uint8
-from .heads import ClassifierOutput
 from .models.ldm import LatentDiffusion
+from .outputs import ClassifierOutput
 from .sampling import GuidanceConfig, SampleResult, initial_latents, sample
 
 
@@ -119,9 +119,10 @@ def generate(
         uncond = ldm.encode_prompts([negative_prompt] * len(batch)) if cfg_scale != 1.0 else None
         latents = initial_latents([j.seed for j in batch], ldm.latent_shape, ldm.device, ldm.dtype)
         labels = torch.tensor([j.class_id for j in batch], device=ldm.device)
-        results.append(sample(ldm.denoise, ldm.scheduler, ldm.decode, cond, latents, uncond=uncond,
-                              num_steps=num_steps, cfg_scale=cfg_scale, classifier=classifier, labels=labels,
-                              guidance=guidance, record_signal=record_signal, guide_decode=guide_decode))
+        results.append(sample(denoiser=ldm.denoise, scheduler=ldm.scheduler, decode=ldm.decode, cond=cond,
+                              latents=latents, uncond=uncond, num_steps=num_steps, cfg_scale=cfg_scale,
+                              classifier=classifier, labels=labels, guidance=guidance,
+                              record_signal=record_signal, guide_decode=guide_decode))
     outputs = [r.output for r in results]
     output = None
     if outputs and all(o is not None for o in outputs):

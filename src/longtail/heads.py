@@ -14,13 +14,14 @@ loss needs: with identical copies the argmin is always head 0 and the others nev
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from .outputs import ClassifierOutput
 
 # Module paths of the classification head in torchvision's families (first that exists and is Linear wins).
 _TORCHVISION_HEAD_PATHS = (
@@ -113,15 +114,6 @@ def oracle_loss(head_logits: Tensor, targets: Tensor) -> Tensor:
     return per_head.min(dim=1).values.mean()
 
 
-@dataclass
-class ClassifierOutput:
-    """One forward pass: base logits ``[B, C]``, head logits ``[B, K, C]`` (or None), head features ``[B, D]``."""
-
-    logits: Tensor
-    head_logits: Tensor | None = None
-    features: Tensor | None = None
-
-
 class EpistemicClassifier(nn.Module):
     """A base classifier plus an Epistemic Head fed by the base head's input, behind a stop-grad.
 
@@ -209,16 +201,15 @@ class HeadsOnly(nn.Module):
         self.heads = wrapped.heads
         self._wrapped = [wrapped]  # a list, not a submodule: the base stays out of .parameters()
 
+    def _apply(self, fn, *args, **kwargs):  # .to(device) / .half() move the (hidden) base with the heads
+        self._wrapped[0].base._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x: Tensor) -> ClassifierOutput:
         wrapped = self._wrapped[0]
         wrapped.base.eval()
         out = wrapped(x)
         return ClassifierOutput(logits=out.logits.detach(), head_logits=out.head_logits, features=out.features)
-
-
-def as_output(out: Tensor | ClassifierOutput) -> ClassifierOutput:
-    """Normalise what a classifier returns (plain logits or ``ClassifierOutput``) to ``ClassifierOutput``."""
-    return out if isinstance(out, ClassifierOutput) else ClassifierOutput(logits=out)
 
 
 # --- parameter overhead (METHOD.md section 2, paper Table 9) -----------------------------------------------
@@ -240,20 +231,6 @@ def parameter_overhead(model: nn.Module, num_heads: int, head_name: str | None =
         "added_with_bias": added + (num_heads * head.out_features if head.bias is not None else 0),
         "percent": 100.0 * added / base,
     }
-
-
-def build_architecture(arch: str, num_classes: int) -> nn.Module:
-    """A torchvision (``vit_b_16``) or timm (``timm:vit_base_patch16_224``) model with random weights, no download."""
-    if arch.startswith("timm:"):
-        import timm
-
-        return timm.create_model(arch[5:], pretrained=False, num_classes=num_classes)
-    import torchvision
-
-    try:
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-    except ValueError as err:
-        raise ValueError(f"unknown torchvision architecture {arch!r} ({err}); use timm:<name> for timm models") from None
 
 
 def overhead_json(stats: dict[str, float]) -> str:

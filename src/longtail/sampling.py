@@ -1,4 +1,4 @@
-"""The guided DDIM loop (paper Algorithm 1), written out over plain callables.
+"""The guided sampling loop (paper Algorithm 1), written out over plain callables.
 
 Parts, all supplied by the caller so the same loop serves the embedded model and Stable Diffusion:
 
@@ -9,8 +9,8 @@ Parts, all supplied by the caller so the same loop serves the embedded model and
   come from ``decode``
 * ``classifier(image) -> logits [B, C] | ClassifierOutput`` (optional; needed for guidance and records)
 
-Per step: classifier-free guidance gives eps; when the guidance window is open, the longtail gradient of
-the decoded predicted clean latent biases eps (Eq. 11) before the scheduler step (Eq. 7).
+Per step: classifier-free guidance gives eps; a ``LongtailGuide`` (``longtail.guidance``) turns it into the
+guided eps (Eq. 11) before the scheduler step (Eq. 7). Everything about guidance lives in the guide.
 """
 
 from __future__ import annotations
@@ -20,23 +20,26 @@ import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .guidance import (
-    GuidanceWindow,
+    GuidanceConfig,
+    LongtailGuide,
+    StepRecord,
     eps_from_model_output,
-    guided_eps,
-    longtail_grad,
-    make_score_fn,
     model_output_from_eps,
-    normalize_grad,
+    predicted_z0,
 )
-from .heads import ClassifierOutput, as_output
+from .outputs import ClassifierOutput, as_output
 from .signals import get_signal
 
+# GuidanceConfig and StepRecord live in longtail.guidance; `from longtail.sampling import GuidanceConfig` stays valid.
+
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+StepCallback = Callable[[dict[str, Any]], None]
 
 # Schedulers whose `step` consumes a (modifiable) noise prediction. The loop works in variance-preserving
 # space, z_vp = scale_model_input(z, t) (z itself for DDIM-like schedulers, x / sqrt(1 + sigma^2) for Euler),
@@ -51,33 +54,6 @@ SUPPORTED_SCHEDULERS = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
 )
-
-
-@dataclass
-class GuidanceConfig:
-    """Longtail Guidance settings. ``weight = 0`` with a signal still computes (and records) the signal."""
-
-    signal: str = "total"
-    weight: float = 0.0
-    start: float = 0.0
-    end: float = 1.0
-    every: int = 1
-    through_denoiser: bool = False  # also backpropagate through the denoiser (exact, ~2x the guidance cost)
-    normalize: bool = False  # rescale the gradient to eps's RMS per sample (w becomes scale-free)
-    on_noisy: bool = False  # A.7 ablation: guide on decoded z_t instead of the predicted clean latent
-
-    def window(self) -> GuidanceWindow:
-        return GuidanceWindow(self.start, self.end, self.every)
-
-
-@dataclass
-class StepRecord:
-    """What one guided step saw: mean signal of the decoded predicted clean image, and the guidance size."""
-
-    step: int
-    timestep: int
-    mean_signal: float
-    grad_rms: float
 
 
 @dataclass
@@ -163,14 +139,46 @@ def _cfg_eps(
     return eps_u + cfg_scale * (eps_c - eps_u)
 
 
+
+def _check_inputs(scheduler: object, cond: Tensor, latents: Tensor, guidance: GuidanceConfig | None,
+                  classifier: object) -> None:
+    """Refuse what the loop cannot run, before any denoiser call (``ValueError``)."""
+    check_scheduler(scheduler)
+    if latents.shape[0] != cond.shape[0]:
+        raise ValueError(f"latents batch {latents.shape[0]} != cond batch {cond.shape[0]}")
+    if guidance is not None and classifier is None:
+        raise ValueError("guidance needs a classifier")
+
+
+def _step_kwargs(scheduler: object, eta: float, generator: torch.Generator | None) -> dict[str, object]:
+    """``eta`` and ``generator`` for the schedulers whose ``step`` takes them (DDIM, DDPM, Euler ancestral)."""
+    params = inspect.signature(scheduler.step).parameters
+    return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in params}
+
+
+def _record_final(result: SampleResult, out: ClassifierOutput, labels: Tensor | None, name: str) -> None:
+    """Fill ``result``'s per-sample records ``[B]`` from the classifier's output on the final images.
+
+    ``name`` is the signal to record; a signal that needs heads falls back to entropy on a plain classifier.
+    """
+    if out.head_logits is None and get_signal(name).needs_heads:
+        name = "entropy"
+    result.output, result.signal_name = out, name
+    result.signal = get_signal(name)(out.logits, out.head_logits).float()
+    probs = out.logits.float().softmax(dim=-1)
+    result.pred = probs.argmax(dim=-1)
+    if labels is not None:
+        result.p_class = probs.gather(1, labels.view(-1, 1).to(probs.device)).squeeze(1)
+
+
 @torch.no_grad()
 def sample(
+    *,
     denoiser: Denoiser,
     scheduler: object,
     decode: Callable[[Tensor], Tensor],
     cond: Tensor,
     latents: Tensor,
-    *,
     uncond: Tensor | None = None,
     num_steps: int = 50,
     cfg_scale: float = 1.0,
@@ -180,86 +188,52 @@ def sample(
     guidance: GuidanceConfig | None = None,
     record_signal: str | None = None,
     generator: torch.Generator | None = None,
-    on_step: Callable[[int, Tensor, Tensor, Tensor, Tensor], None] | None = None,
+    on_step: StepCallback | None = None,
     guide_decode: Callable[[Tensor], Tensor] | None = None,
 ) -> SampleResult:
-    """Run the (optionally guided) sampler from ``latents`` = z_T ``[B, ...]``.
+    """Run the (optionally longtail-guided) sampler from ``latents`` = z_T ``[B, ...]`` (Algorithm 1).
 
-    ``cond``/``uncond``: conditioning batches for the denoiser (``uncond`` enables CFG with ``cfg_scale``).
-    ``guidance=None`` is the plain sampler; with a ``GuidanceConfig`` the longtail gradient is computed on the
-    window's steps and applied with its weight. ``labels [B]`` (intended classes) give P(class) records.
+    ``cond``/``uncond [B, ...]``: conditioning batches for the denoiser (``uncond`` enables CFG with
+    ``cfg_scale``). ``guidance=None`` is the plain sampler; with a ``GuidanceConfig`` a ``LongtailGuide``
+    biases eps on its window's steps (Eq. 11) before each scheduler step (Eq. 7); ``guide_decode`` replaces
+    ``decode`` on the guidance path only. ``labels [B]`` (intended classes) give P(class) records;
     ``record_signal`` names the signal recorded on the final images (default: the guidance signal, else
-    entropy). ``on_step(i, t, z_vp, eps, alpha_bar)`` is called after each (unguided) eps, with the
-    variance-preserving latent, for trajectory analyses.
-    ``guide_decode`` replaces ``decode`` on the guidance path only (a cheap surrogate decoder).
+    entropy). ``on_step(info)`` is called once per step with a dict: ``step`` (index), ``timestep``, ``z`` (the
+    variance-preserving latent ``[B, ...]``), ``eps`` (unguided), ``a_t`` (alpha_bar), ``z0`` (Eq. 8 from the
+    unguided eps) and ``guided`` (the eps the scheduler steps with).
 
-    A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored after).
+    A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored
+    after). Raises ``ValueError`` for an unsupported scheduler, mismatched batches, or guidance without a
+    classifier.
     """
-    with frozen(classifier):
-        return _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, cfg_scale, eta,
-                            classifier, labels, guidance, record_signal, generator, on_step, guide_decode)
-
-
-def _sample_loop(denoiser, scheduler, decode, cond, latents, uncond, num_steps, cfg_scale, eta,
-                 classifier, labels, guidance, record_signal, generator, on_step, guide_decode) -> SampleResult:
-    """The body of ``sample`` (same arguments, positional)."""
-    check_scheduler(scheduler)
-    if latents.shape[0] != cond.shape[0]:
-        raise ValueError(f"latents batch {latents.shape[0]} != cond batch {cond.shape[0]}")
-    if guidance is not None and classifier is None:
-        raise ValueError("guidance needs a classifier")
+    _check_inputs(scheduler, cond, latents, guidance, classifier)
     started = time.perf_counter()
     scheduler.set_timesteps(num_steps, device=latents.device)
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    step_params = inspect.signature(scheduler.step).parameters
-    step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_params}
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    step_kwargs = _step_kwargs(scheduler, eta, generator)
     alphas = scheduler.alphas_cumprod.to(latents.device)
-    window = guidance.window() if guidance is not None else None
-    score_fn = make_score_fn(guide_decode or decode, classifier, guidance.signal) if guidance is not None else None
-
-    z = latents * getattr(scheduler, "init_noise_sigma", 1.0)
-    result = SampleResult(images=torch.empty(0), latents=torch.empty(0))
-    timesteps = scheduler.timesteps
-    for i, t in enumerate(timesteps):
-        a_t = _alpha_bar(scheduler, alphas, i, t).to(z.dtype)
-        z_vp = scheduler.scale_model_input(z, t)  # the variance-preserving latent (z itself for DDIM)
-        guide_now = window is not None and window.active(i, len(timesteps))
-        lg = None
-        if guide_now and guidance.through_denoiser and not guidance.on_noisy:
-            # one denoiser pass with autograd on serves as both the step's eps and the gradient's path
-            def eps_fn(zz: Tensor, _t: Tensor = t, _a: Tensor = a_t) -> Tensor:
-                return _cfg_eps(denoiser, zz, _t, cond, uncond, cfg_scale, _a, prediction_type)
-            lg = longtail_grad(z_vp, a_t, score_fn, eps_fn=eps_fn)
-            eps = lg.eps
-        else:
-            eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction_type)
-        if on_step is not None:
-            on_step(i, t, z_vp, eps, a_t)
-        if guide_now:
-            if lg is None:
-                lg = longtail_grad(z_vp, a_t, score_fn, eps=eps, on_noisy=guidance.on_noisy)
-            grad = normalize_grad(lg.grad, eps) if guidance.normalize else lg.grad
-            result.nonfinite += int((~lg.finite).sum())
-            result.trajectory.append(StepRecord(i, int(t), float(lg.score.mean()),
-                                                float(grad.float().pow(2).mean().sqrt())))
-            if guidance.weight != 0.0:
-                eps = guided_eps(eps, grad, a_t, guidance.weight)
-        output = model_output_from_eps(eps, z_vp, a_t, prediction_type)
-        z = scheduler.step(output, t, z, **step_kwargs).prev_sample
-
-    images = decode(z)
-    result.images, result.latents = images, z
-    if classifier is not None:
-        name = record_signal or (guidance.signal if guidance is not None else "entropy")
-        out = as_output(classifier(images))
-        result.output = out
-        if out.head_logits is None and get_signal(name).needs_heads:
-            name = "entropy"
-        result.signal_name = name
-        result.signal = get_signal(name)(out.logits, out.head_logits).float()
-        probs = out.logits.float().softmax(dim=-1)
-        result.pred = probs.argmax(dim=-1)
-        if labels is not None:
-            result.p_class = probs.gather(1, labels.view(-1, 1).to(probs.device)).squeeze(1)
+    with frozen(classifier):
+        guide = None if guidance is None else LongtailGuide(
+            guidance, classifier, decode, num_steps=len(scheduler.timesteps), guide_decode=guide_decode)
+        z = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+        for i, t in enumerate(scheduler.timesteps):
+            a_t = _alpha_bar(scheduler, alphas, i, t).to(z.dtype)
+            track = guide is not None and guide.needs_denoiser_graph(i)  # one pass serves eps and the gradient
+            z_vp = scheduler.scale_model_input(z, t).detach().requires_grad_(track)  # z itself for DDIM
+            with torch.set_grad_enabled(track):
+                eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction)
+            guided = eps if guide is None else guide(i, z_vp, a_t, eps, timestep=t)
+            z_vp, eps = z_vp.detach(), eps.detach()
+            if on_step is not None:
+                on_step({"step": i, "timestep": t, "z": z_vp, "eps": eps, "a_t": a_t,
+                         "z0": predicted_z0(z_vp, eps, a_t), "guided": guided})
+            output = model_output_from_eps(guided, z_vp, a_t, prediction)
+            z = scheduler.step(output, t, z, **step_kwargs).prev_sample
+        result = SampleResult(images=decode(z), latents=z)
+        if guide is not None:
+            result.trajectory, result.nonfinite = guide.records, guide.nonfinite
+        if classifier is not None:
+            name = record_signal or (guidance.signal if guidance is not None else "entropy")
+            _record_final(result, as_output(classifier(result.images)), labels, name)
     result.seconds = time.perf_counter() - started
     return result

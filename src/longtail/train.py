@@ -1,22 +1,33 @@
-"""Classifier training and fine-tuning (METHOD.md section 4 recipe: Adam, cosine LR, rotation/crop/flip).
+"""Classifier training and fine-tuning: one loop for in-memory tensors and DataLoaders (paper A.1: Adam, cosine LR).
 
-Works on in-memory tensors (the embedded default) through ``fit``; the base loss trains the classifier and
-the oracle loss trains its Epistemic Head in the same step (the head's inputs are detached, so the two
-losses never interact). ``predict`` returns logits and head logits for a whole tensor dataset.
+``fit(model, loader, cfg)`` trains on any DataLoader under ``accelerate`` (one device, or sharded under
+``accelerate launch``); ``fit(model, (images, labels), cfg)`` is the in-memory path: it builds the loader
+(``tensor_loader``) and the tensor recipe's per-sample rotation / shift / flip (``tensor_augment``) itself.
+The loss is cross-entropy on the base logits plus, for an ``EpistemicClassifier``, the oracle loss on the head
+logits in the same step (the head's inputs are detached, so the two losses never interact). The learning rate
+follows one cosine schedule (``cosine_schedule``, diffusers' scheduler) that a mining loop can split over
+several calls. ``predict`` / ``predict_loader`` return logits and head logits for a tensor dataset / a loader.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from .augment import make_augment
-from .heads import ClassifierOutput, EpistemicClassifier, as_output, oracle_loss
+from .augment import BatchAugment, batch_augment, pixel_augment
+from .heads import EpistemicClassifier, oracle_loss
+from .outputs import ClassifierOutput, as_output
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 class SmallCNN(nn.Module):
@@ -76,63 +87,165 @@ def augment(x: Tensor, cfg: TrainConfig, generator: torch.Generator) -> Tensor:
     return F.grid_sample(x - background, grid, align_corners=False, padding_mode="zeros") + background
 
 
+def tensor_augment(cfg: TrainConfig) -> BatchAugment:
+    """The in-memory path's per-image stage (what ``train_transform`` is for ImageFolders): ``augment``'s
+    rotation / shift / flip, then ``cfg.augment``'s pixel policy if it is one (RandAugment, AutoAugment, AugMix on
+    [-1, 1] batches). Batch baselines (Cutout, GridMask, CutMix) are not here: ``fit`` applies them on every path.
+    """
+    pixel = pixel_augment(cfg.augment)
+
+    def run(x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = augment(x, cfg, gen)
+        return pixel(x, y, gen) if pixel is not None else (x, y)
+
+    return run
+
+
+def tensor_loader(images: Tensor, labels: Tensor, cfg: TrainConfig, weights: Tensor | None = None) -> DataLoader:
+    """A shuffled DataLoader over ``images [N, C, H, W]``, ``labels [N]`` (and per-example ``weights [N]``, which
+    ``fit`` reads as the batch's third element), ``cfg.batch_size`` per batch, shuffled by a generator seeded
+    with ``cfg.seed``. A final batch of one example is dropped (BatchNorm needs two). Raises ``ValueError`` when
+    the lengths differ.
+    """
+    if len(images) != len(labels) or (weights is not None and len(weights) != len(images)):
+        sizes = f"images ({len(images)}), labels ({len(labels)})" + (
+            f", weights ({len(weights)})" if weights is not None else "")
+        raise ValueError(f"{sizes} differ in length")
+    tensors = (images, labels) if weights is None else (images, labels, weights)
+    return DataLoader(TensorDataset(*tensors), batch_size=cfg.batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(cfg.seed),
+                      drop_last=len(images) % cfg.batch_size == 1)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, start_step: int = 0
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine annealing from the optimizer's ``lr`` to 0 over ``total_steps`` optimizer steps (paper A.1), as
+    diffusers' ``get_cosine_schedule_with_warmup`` without warmup: step ``s`` runs at ``0.5 lr (1 + cos(pi s / S))``.
+
+    ``start_step`` resumes the schedule on a fresh optimizer (each mining round: a new Adam, the same global
+    schedule); call ``.step()`` after each ``optimizer.step()``. Raises ``ValueError`` unless
+    ``0 <= start_step <= total_steps``.
+    """
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    if not 0 <= start_step <= total_steps:
+        raise ValueError(f"start_step {start_step} outside the schedule's [0, {total_steps}] steps")
+    for group in optimizer.param_groups:  # a scheduler resumed at step > 0 reads its base LR from here
+        group.setdefault("initial_lr", group["lr"])
+    return get_cosine_schedule_with_warmup(optimizer, 0, total_steps, last_epoch=start_step - 1)
+
+
 def fit(
     model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    cfg: TrainConfig,
-    weights: Tensor | None = None,
+    data: DataLoader | tuple[Tensor, ...] | Tensor,
+    cfg: TrainConfig | Tensor,
+    *legacy_cfg: TrainConfig,
+    accelerator: Accelerator | None = None,
+    first_epoch: int = 0,
+    last_epoch: int | None = None,
+    total_epochs: int | None = None,
+    num_classes: int | None = None,
+    batch_transform: BatchAugment | None = None,
     desc: str = "train",
     show: bool = True,
 ) -> list[float]:
-    """Train ``model`` on ``images [N, C, H, W]``, ``labels [N]``; returns the mean loss per epoch.
+    """Train ``model`` in place for epochs ``[first_epoch, last_epoch)`` of a cosine schedule over ``total_epochs``;
+    returns the mean loss per epoch (over all processes).
 
-    The loss is cross-entropy on the base logits plus, for an ``EpistemicClassifier``, the oracle loss on the
-    head logits. ``weights [N]`` optionally weight examples in the base loss (e.g. synthetic vs real).
+    ``data``: a DataLoader of batches ``(x [B, C, H, W], y [B])`` or ``(x, y, weights [B])``, or the in-memory
+    tuple ``(images, labels)`` / ``(images, labels, weights)``, which becomes ``tensor_loader(..., cfg)`` with
+    ``batch_transform`` defaulting to ``tensor_augment(cfg)`` and ``num_classes`` to ``labels.max() + 1``.
+    Per batch: ``batch_transform(x, y, generator)`` (the data's own augmentation, if any), then the batch baseline
+    ``cfg.augment`` names (Cutout, GridMask, CutMix: ``longtail.augment.batch_augment``), then the loss:
+    cross-entropy on the base logits (weighted per example when the batch has weights) plus, for an
+    ``EpistemicClassifier``, the oracle loss on the head logits. Adam with ``cfg.lr`` / ``cfg.weight_decay``, fresh
+    each call, and the learning rate continuing ``cosine_schedule`` over ``total_epochs`` (paper A.1).
+
+    Defaults: ``last_epoch = cfg.epochs``, ``total_epochs = last_epoch``. ``accelerator`` (``accelerate``) shards
+    batches under ``accelerate launch``; without one an ``Accelerator()`` for the local device is made. The model
+    trains on the accelerator's device and is left on the device it came on, in eval mode. Randomness: the global
+    seed and the augmentation generator come from ``cfg.seed`` (and ``first_epoch``), so a seed repeats a run.
+    The deprecated form ``fit(model, images, labels, cfg)`` means ``fit(model, (images, labels), cfg)``.
+
+    Raises ``ValueError`` for an epoch range outside ``0 <= first_epoch <= last_epoch <= total_epochs``, CutMix
+    without ``num_classes`` or an unknown ``cfg.augment``; ``TypeError`` for arguments of neither form.
     """
-    if len(images) != len(labels):
-        raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) differ in length")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    from accelerate import Accelerator
+
+    if isinstance(data, Tensor):  # the pre-merge form fit(model, images, labels, cfg)
+        if not isinstance(cfg, Tensor) or len(legacy_cfg) != 1:
+            raise TypeError("fit(model, images, labels, cfg) needs labels and a TrainConfig; prefer "
+                            "fit(model, (images, labels), cfg)")
+        warnings.warn("fit(model, images, labels, cfg) is deprecated: call fit(model, (images, labels), cfg)",
+                      DeprecationWarning, stacklevel=2)
+        data, cfg, legacy_cfg = (data, cfg), legacy_cfg[0], ()
+    if legacy_cfg or not isinstance(cfg, TrainConfig):
+        raise TypeError("call fit(model, loader_or_(images, labels), cfg: TrainConfig, ...)")
+    if isinstance(data, tuple):
+        num_classes = num_classes or int(data[1].max()) + 1
+        batch_transform = batch_transform or tensor_augment(cfg)
+        data = tensor_loader(data[0], data[1], cfg, data[2] if len(data) > 2 else None)
+    last_epoch = cfg.epochs if last_epoch is None else last_epoch
+    total_epochs = last_epoch if total_epochs is None else total_epochs
+    if not 0 <= first_epoch <= last_epoch <= total_epochs:
+        raise ValueError(f"epochs [{first_epoch}, {last_epoch}) do not lie in a schedule of {total_epochs} epochs")
+    mix = batch_augment(cfg.augment, num_classes)
     torch.manual_seed(cfg.seed)
-    extra = make_augment(cfg.augment, int(labels.max()) + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first_epoch)  # rounds of one run draw anew
+    acc = accelerator or Accelerator()
+    home = next((p.device for p in model.parameters()), None)
+    adam = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net, opt, loader = acc.prepare(model, adam, data)
+    steps = len(loader)
+    sched = cosine_schedule(adam, total_epochs * steps, first_epoch * steps)
     history: list[float] = []
-    model.train()
-    for _ in tqdm(range(cfg.epochs), desc=desc, disable=not show, leave=False):
-        total, count = 0.0, 0
-        for idx in torch.randperm(len(images), generator=gen).split(cfg.batch_size):
-            if len(idx) < 2:  # BatchNorm needs two examples
-                continue
-            x, y = augment(images[idx], cfg, gen), labels[idx]
-            if extra is not None:
-                x, y = extra(x, y, gen)
-            out = as_output(model(x))
+    net.train()
+    for _ in tqdm(range(first_epoch, last_epoch), desc=desc, disable=not (show and acc.is_main_process), leave=False):
+        total = torch.zeros((), device=acc.device)
+        count = torch.zeros((), device=acc.device)
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            if batch_transform is not None:
+                x, y = batch_transform(x, y, gen)
+            if mix is not None:
+                x, y = mix(x, y, gen)
+            out = as_output(net(x))
             ce = F.cross_entropy(out.logits, y, reduction="none")
-            loss = (ce * weights[idx]).sum() / weights[idx].sum() if weights is not None else ce.mean()
+            loss = (ce * batch[2]).sum() / batch[2].sum() if len(batch) > 2 else ce.mean()
             if out.head_logits is not None:
                 loss = loss + oracle_loss(out.head_logits, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            acc.backward(loss)
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-        history.append(total / max(1, count))
+            total += loss.detach() * len(x)
+            count += len(x)
+        history.append(float(acc.reduce(total, "sum") / acc.reduce(count, "sum").clamp_min(1)))
     model.eval()
+    acc.wait_for_everyone()
+    if home is not None and next(model.parameters()).device != home:
+        model.to(home)
     return history
+
+
+def fit_loader(model: nn.Module, loader: DataLoader, cfg: TrainConfig, **kwargs: Any) -> list[float]:
+    """Deprecated alias of ``fit(model, loader, cfg, **kwargs)`` (same loop; ``desc`` defaults to "fine-tune")."""
+    warnings.warn("fit_loader is deprecated: call fit(model, loader, cfg, ...)", DeprecationWarning, stacklevel=2)
+    kwargs.setdefault("desc", "fine-tune")
+    return fit(model, loader, cfg, **kwargs)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 512) -> ClassifierOutput:
-    """Base logits ``[N, C]`` (and head logits ``[N, K, C]``) for a tensor dataset, in eval mode."""
+    """Base logits ``[N, C]`` (and head logits ``[N, K, C]``) for a tensor dataset, in eval mode, on the model's
+    device; the outputs come back on ``images``' device."""
     model.eval()
-    outs = [as_output(model(x)) for x in images.split(batch_size)]
+    device = next((p.device for p in model.parameters()), images.device)
+    outs = [as_output(model(x.to(device))) for x in images.split(batch_size)]
     heads = [o.head_logits for o in outs]
     return ClassifierOutput(
-        logits=torch.cat([o.logits for o in outs]),
-        head_logits=torch.cat(heads) if all(h is not None for h in heads) else None,
+        logits=torch.cat([o.logits for o in outs]).to(images.device),
+        head_logits=torch.cat(heads).to(images.device) if all(h is not None for h in heads) else None,
     )
 
 
@@ -142,76 +255,8 @@ def make_classifier(num_classes: int = 10, width: int = 32, num_heads: int = 5, 
     return EpistemicClassifier(SmallCNN(1, num_classes, width), num_heads=num_heads, seed=seed)
 
 
-# --- DataLoader path (user data of any size; runs under `accelerate launch` as on one device) ---------------
-
-
-def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    """Cosine annealing from ``base_lr`` to 0 over ``total_steps`` (one schedule across all mining rounds)."""
-    return 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
-
-
-def fit_loader(
-    model: nn.Module,
-    loader: torch.utils.data.DataLoader,
-    cfg: TrainConfig,
-    *,
-    accelerator: object | None = None,
-    first_epoch: int = 0,
-    last_epoch: int | None = None,
-    total_epochs: int | None = None,
-    num_classes: int | None = None,
-    desc: str = "fine-tune",
-    show: bool = True,
-) -> list[float]:
-    """Train epochs ``[first_epoch, last_epoch)`` of a cosine schedule over ``total_epochs`` on a DataLoader.
-
-    Base cross-entropy plus the oracle loss for Epistemic Heads, Adam as in the paper's A.1. The loader's own
-    transforms do the augmentation. ``accelerator`` (an ``accelerate.Accelerator``) shards batches across
-    processes under ``accelerate launch``; without one, an ``Accelerator()`` for the local device is made.
-    A fresh Adam starts each call (each mining round); the learning rate continues the global schedule.
-    ``cfg.augment == "cutmix"`` mixes each batch (needs ``num_classes``); other baselines belong in the loader's
-    transforms (``longtail.data.imagefolder.train_transform(extra=...)``).
-    """
-    from accelerate import Accelerator
-    from torchvision.transforms import v2
-
-    acc = accelerator or Accelerator()
-    last_epoch = cfg.epochs if last_epoch is None else last_epoch
-    total_epochs = total_epochs or last_epoch
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    mixer = v2.CutMix(num_classes=num_classes) if cfg.augment == "cutmix" else None
-    if mixer is not None and num_classes is None:
-        raise ValueError("cutmix needs num_classes")
-    model, opt, loader = acc.prepare(model, opt, loader)
-    steps_per_epoch = len(loader)
-    history: list[float] = []
-    model.train()
-    for epoch in tqdm(range(first_epoch, last_epoch), desc=desc, disable=not (show and acc.is_main_process),
-                      leave=False):
-        total = torch.zeros((), device=acc.device)
-        count = 0
-        for i, (x, y) in enumerate(loader):
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(cfg.lr, epoch * steps_per_epoch + i, total_epochs * steps_per_epoch)
-            if mixer is not None:
-                x, y = mixer(x, y)
-            out = as_output(model(x))
-            loss = F.cross_entropy(out.logits, y)
-            if out.head_logits is not None:
-                loss = loss + oracle_loss(out.head_logits, y)
-            opt.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            opt.step()
-            total += loss.detach() * len(y)
-            count += len(y)
-        history.append(float(acc.reduce(total, "sum")) / max(1, count * acc.num_processes))
-    model.eval()
-    acc.wait_for_everyone()
-    return history
-
-
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: torch.utils.data.DataLoader, accelerator: object | None = None
+def predict_loader(model: nn.Module, loader: torch.utils.data.DataLoader, accelerator: Accelerator | None = None
                    ) -> tuple[ClassifierOutput, Tensor]:
     """Logits (and head logits) plus labels over a DataLoader, gathered from every process."""
     from accelerate import Accelerator

@@ -149,17 +149,22 @@ class Preprocess:
 
 def train_transform(pre: Preprocess, rotation: float = 15.0, hflip: bool = True, extra: str | None = None
                     ) -> v2.Transform:
-    """The paper's fine-tuning augmentations: random resized crop to ``size``, rotation +-15 degrees, flips;
-    ``extra`` adds a baseline augmentation (``longtail.augment.AUGMENTATIONS``; CutMix acts per batch)."""
+    """The paper's fine-tuning augmentations: random resized crop to ``size``, rotation +-15 degrees, flips.
+
+    ``extra`` names a baseline (``longtail.augment.AUGMENTATIONS``): the pixel policies (RandAugment,
+    AutoAugment, AugMix) act here on uint8 images, before normalisation; Cutout, GridMask and CutMix add nothing
+    here because ``longtail.train.fit`` applies them per batch from ``TrainConfig.augment`` (on this path and the
+    in-memory one alike, filling with the image's minimum). Raises ``ValueError`` for an unknown name.
+    """
     from ..augment import image_augment
 
-    before, after = image_augment(extra)
     ops: list[v2.Transform] = [v2.PILToTensor(), v2.RandomResizedCrop(pre.size, scale=(0.5, 1.0), antialias=True)]
     if rotation:
         ops.append(v2.RandomRotation(rotation))
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*ops, *before, v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std), *after])
+    return v2.Compose([*ops, *image_augment(extra), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(pre.mean, pre.std)])
 
 
 def eval_transform(pre: Preprocess) -> v2.Transform:

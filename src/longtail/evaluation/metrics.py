@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
-from ..heads import ClassifierOutput
+from ..outputs import ClassifierOutput
 from ..signals import SIGNALS, get_signal
 
 GROUPS = ("many", "medium", "few")

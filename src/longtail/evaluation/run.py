@@ -22,9 +22,9 @@ import torch
 
 from ..config import dump_config
 from ..data.imagefolder import ImageListDataset, eval_transform, read_class_names, scan_imagefolder
-from ..heads import ClassifierOutput
-from ..mine_job import preprocess_for
-from ..pipelines import ClassifierSpec, load_classifier_spec, pick_device, read_counts
+from ..jobs.common import ClassifierSpec, load_classifier_spec, pick_device, read_counts
+from ..jobs.mine import preprocess_for
+from ..outputs import ClassifierOutput
 from .distribution import distribution_report
 from .metrics import accuracy_report, detection_report, signal_scores
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from torch import Tensor
 
-from ..guidance import predicted_z0
-from ..sampling import GuidanceConfig, sample
+from ..guidance import GuidanceConfig
+from ..sampling import sample
 from .distribution import frechet_distance
 
 
@@ -44,17 +45,15 @@ def trajectory_analysis(
     wanted = set(range(num_steps)) if steps is None else set(steps)
     decoded: dict[int, tuple[Tensor, Tensor, int]] = {}
 
-    def capture(i: int, t: Tensor, z_vp: Tensor, eps: Tensor, a_t: Tensor) -> None:
-        if i in wanted:
-            clean = decode(predicted_z0(z_vp, eps, a_t))
-            noisy = decode(z_vp)
-            decoded[i] = (features(clean), features(noisy), int(t))
+    def capture(info: dict[str, Any]) -> None:
+        if info["step"] in wanted:
+            clean, noisy = decode(info["z0"]), decode(info["z"])
+            decoded[info["step"]] = (features(clean), features(noisy), int(info["timestep"]))
 
-    unguided = sample(denoiser, scheduler, decode, cond, latents, uncond=uncond, cfg_scale=cfg_scale,
-                      num_steps=num_steps, classifier=classifier, on_step=capture,
-                      guidance=replace(guidance, weight=0.0))
-    guided = sample(denoiser, scheduler, decode, cond, latents, uncond=uncond, cfg_scale=cfg_scale,
-                    num_steps=num_steps, classifier=classifier, guidance=guidance)
+    parts = dict(denoiser=denoiser, scheduler=scheduler, decode=decode, cond=cond, latents=latents, uncond=uncond,
+                 cfg_scale=cfg_scale, num_steps=num_steps, classifier=classifier)
+    unguided = sample(**parts, on_step=capture, guidance=replace(guidance, weight=0.0))
+    guided = sample(**parts, guidance=guidance)
     signal_w0 = {r.step: r.mean_signal for r in unguided.trajectory}
     signal_w = {r.step: r.mean_signal for r in guided.trajectory}
     rows = []

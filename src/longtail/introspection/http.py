@@ -1,33 +1,34 @@
-"""A small client for OpenAI-compatible chat completion endpoints, on the standard library only.
+"""OpenAI-compatible chat completions through the ``openai`` client.
 
 Works with hosted APIs and local servers that speak the same schema (vLLM, Ollama's ``/v1``, llama.cpp's
-server). :func:`chat` raises :class:`ChatError` on any failure; :func:`try_chat` returns a
-:class:`ChatResult` instead, so a long run can record a failed request and go on.
+server). The client owns the transport: timeouts, retries of connection errors, 408/409/429 and 5xx with
+exponential backoff and ``Retry-After``. :func:`chat` raises :class:`ChatError` on any failure;
+:func:`try_chat` returns a :class:`ChatResult` instead, so a long run can record a failed request and go on.
 
-The API key is read from an environment variable at call time; it is sent only in the ``Authorization``
-header and is scrubbed from every error message.
+The API key comes only from the environment variable ``api_key_env`` (read at call time); it is scrubbed
+from every error message.
 """
 
 from __future__ import annotations
 
-import http.client
+import functools
 import json
 import os
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import openai
+from openai._constants import INITIAL_RETRY_DELAY  # pinned by tests/test_vlm.py's backoff test
 
 Message = Mapping[str, Any]
 ChatFn = Callable[[list[dict[str, Any]]], str]  # messages -> reply text
 
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_RETRIES = 3
-DEFAULT_BACKOFF = 1.0
-MAX_BACKOFF = 30.0
+DEFAULT_BACKOFF = 1.0  # seconds before the first retry; doubled each retry (capped, jittered by the client)
 BODY_EXCERPT = 300  # characters of a server's error body quoted in a ChatError
+SUFFIX = "/chat/completions"
 
 
 class ChatError(RuntimeError):
@@ -54,16 +55,7 @@ class ChatResult:
 def endpoint(base_url: str) -> str:
     """``http://host:8000/v1`` -> ``http://host:8000/v1/chat/completions`` (a full endpoint is kept)."""
     url = base_url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
-
-
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
-def _excerpt(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip().replace("\n", " ")
-    return text if len(text) <= BODY_EXCERPT else text[:BODY_EXCERPT] + "..."
+    return url if url.endswith(SUFFIX) else url + SUFFIX
 
 
 def reply_text(payload: Any) -> str:
@@ -86,23 +78,52 @@ def reply_text(payload: Any) -> str:
     return content
 
 
-def _retry_after(headers: Any) -> float | None:
-    """Seconds from a numeric ``Retry-After`` header, if any."""
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+class BackoffOpenAI(openai.OpenAI):
+    """``openai.OpenAI`` whose first retry waits ``backoff`` seconds (the library's schedule, scaled)."""
+
+    def __init__(self, *, backoff: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.backoff = backoff
+
+    def _calculate_retry_timeout(self, remaining_retries: int, options: Any, response_headers: Any = None) -> float:
+        wait = super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+        if self._parse_retry_after_header(response_headers):  # the server's wait is kept as it is
+            return wait
+        return wait * self.backoff / INITIAL_RETRY_DELAY
 
 
-def _post_once(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, Any, bytes]:
-    """One POST -> (status, headers, body); HTTP errors are returned, network errors raised."""
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read() if err.fp is not None else b""
+@functools.lru_cache(maxsize=16)
+def _client(base_url: str, api_key: str, timeout: float, retries: int, backoff: float) -> openai.OpenAI:
+    # The placeholder keeps the client from looking for $OPENAI_API_KEY when the caller named another
+    # variable or none; chat() then omits the Authorization header (local servers need none).
+    return BackoffOpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout, max_retries=retries,
+                         backoff=backoff)
+
+
+def _redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def _excerpt(text: str) -> str:
+    text = text.strip().replace("\n", " ")
+    return text if len(text) <= BODY_EXCERPT else text[:BODY_EXCERPT] + "..."
+
+
+def _attempts(err: openai.APIError) -> int:
+    """Requests sent, from the retry counter the client puts on each request (1 when it is absent)."""
+    request = getattr(err, "request", None)
+    count = request.headers.get("x-stainless-retry-count") if request is not None else None
+    return int(count) + 1 if count is not None and count.isdigit() else 1
+
+
+def _reason(err: openai.APIError, timeout: float) -> tuple[str, int | None]:
+    if isinstance(err, openai.APITimeoutError):
+        return f"timed out after {timeout:g} s", None
+    if isinstance(err, openai.APIConnectionError):
+        return f"cannot connect ({err.__cause__ or err})", None
+    if isinstance(err, openai.APIStatusError):
+        return f"HTTP {err.status_code}: {_excerpt(err.response.text)}", err.status_code
+    return f"{type(err).__name__}: {err}", None
 
 
 def chat(
@@ -121,53 +142,32 @@ def chat(
     """Send ``messages`` to ``<base_url>/chat/completions`` and return the reply text.
 
     ``api_key_env`` names the environment variable holding the key (no ``Authorization`` header when it is
-    None or unset, as local servers need none). Timeouts, connection errors, HTTP 429 and 5xx are retried
-    up to ``retries`` times, waiting ``backoff * 2**attempt`` seconds (or the server's ``Retry-After``);
-    other 4xx, malformed JSON and a missing ``choices[0].message.content`` fail at once.
+    None or unset, as local servers need none). The ``openai`` client retries timeouts, connection errors,
+    429 and 5xx up to ``retries`` times, waiting about ``backoff * 2**retry`` seconds (or the server's
+    ``Retry-After``); other 4xx, malformed JSON and a missing ``choices[0].message.content`` fail at once.
     ``extra`` adds fields to the request body. Raises :class:`ChatError`.
     """
     url = endpoint(base_url)
-    key = os.environ.get(api_key_env) if api_key_env else None
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    payload: dict[str, Any] = {"model": model, "messages": list(messages), **(extra or {})}
-    if max_tokens is not None:
-        payload["max_tokens"] = max_tokens
-    if temperature is not None:
-        payload["temperature"] = temperature
-    body = json.dumps(payload).encode("utf-8")
-
-    attempts = max(0, retries) + 1
-    for attempt in range(attempts):
-        wait = min(backoff * 2**attempt, MAX_BACKOFF)
-        try:
-            status, resp_headers, raw = _post_once(url, body, headers, timeout)
-        except TimeoutError:
-            reason, status = f"timed out after {timeout:g} s", None
-        except urllib.error.URLError as err:
-            timed_out = isinstance(err.reason, TimeoutError)
-            reason = f"timed out after {timeout:g} s" if timed_out else f"cannot connect ({err.reason})"
-            status = None
-        except (OSError, http.client.HTTPException, ValueError) as err:  # resets, cut-off bodies, bad URLs
-            reason, status = f"{type(err).__name__}: {err}", None
-        else:
-            if 200 <= status < 300:
-                try:
-                    return reply_text(json.loads(raw.decode("utf-8")))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    problem = f"malformed JSON in response ({err}): {_excerpt(raw)!r}"
-                    raise ChatError(url, _redact(problem, key), status) from None
-                except ValueError as err:
-                    raise ChatError(url, _redact(str(err), key), status) from None
-            reason = _redact(f"HTTP {status}: {_excerpt(raw)}", key)
-            if status != 429 and status < 500:
-                raise ChatError(url, reason, status, attempt + 1)
-            asked = _retry_after(resp_headers)
-            wait = min(asked if asked is not None else wait, MAX_BACKOFF)
-        if attempt + 1 < attempts:
-            time.sleep(wait)
-    raise ChatError(url, reason, status, attempts)
+    key = (os.environ.get(api_key_env) if api_key_env else None) or ""
+    client = _client(url.removesuffix(SUFFIX), key, timeout, max(0, retries), backoff)
+    options: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    try:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=list(messages), extra_body=dict(extra) if extra else None,
+            extra_headers=None if key else {"Authorization": openai.Omit()},
+            **{k: v for k, v in options.items() if v is not None},
+        )
+    except openai.APIError as err:
+        reason, status = _reason(err, timeout)
+        raise ChatError(url, _redact(reason, key), status, _attempts(err)) from None
+    text = raw.http_response.text
+    try:
+        return reply_text(json.loads(text))
+    except json.JSONDecodeError as err:
+        problem = f"malformed JSON in response ({err}): {_excerpt(text)!r}"
+        raise ChatError(url, _redact(problem, key), raw.status_code) from None
+    except ValueError as err:
+        raise ChatError(url, _redact(str(err), key), raw.status_code) from None
 
 
 def try_chat(base_url: str, model: str, messages: Sequence[Message], **kwargs: Any) -> ChatResult:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..data.imagefolder import read_class_names
 from ..heads import EpistemicClassifier, find_head
-from .stable_diffusion import BridgeConfig, BridgedClassifier, ClassifierBridge
+from .bridge import BridgeConfig, BridgedClassifier, ClassifierBridge
 
 STRIP_PREFIXES = ("module.", "model.", "_orig_mod.")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")

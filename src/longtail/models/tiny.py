@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -218,13 +219,7 @@ def train_unet(
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.unet_steps - cfg.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.unet_steps)  # linear warmup, cosine to 0
     noise_sched = ddim_scheduler()
     alphas = noise_sched.alphas_cumprod
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,4 +1,5 @@
-"""`longtail mine` on small ImageFolders: end to end, resume after kills, bad inputs, paper configs, accelerate."""
+"""`longtail mine` on small ImageFolders: end to end, resume after kills, bad inputs, paper configs, accelerate,
+the base-training and introspection stages, the comparison over conditions and seeds."""
 
 import csv
 import json
@@ -16,12 +17,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import tiny_generator
+from helpers import chromium_dom
 from longtail.config import ConfigError, load_config
 from longtail.data.datasets import DataError
 from longtail.heads import EpistemicClassifier
-from longtail.mine_job import MineConfig, generation_epochs, run_mine
-from longtail.models.stable_diffusion import write_tiny_stable_diffusion
+from longtail.jobs.mine import MineConfig, generation_epochs, run_mine
+from longtail.testing import tiny_generator, write_tiny_stable_diffusion
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CLASSES = ("coat", "sandal", "bag")
@@ -77,13 +78,21 @@ def base_overrides(world, out: Path) -> list[str]:
             "schedule.allocation=even", "finetune.batch_size=8", "finetune.num_workers=0", "device=cpu"]
 
 
-def manifest(run: Path) -> list[dict]:
-    with (run / "synthetic" / "manifest.csv").open() as f:
+def mining_dir(run: Path, cond: str = "ltg", seed: int = 0) -> Path:
+    return run / f"seed_{seed}" / "mining" / cond
+
+
+def manifest(run: Path, cond: str = "ltg", seed: int = 0) -> list[dict]:
+    with (mining_dir(run, cond, seed) / "synthetic" / "manifest.csv").open() as f:
         return list(csv.DictReader(f))
 
 
+def history(result: dict, cond: str = "ltg", seed: int = 0) -> list[dict]:
+    return result["per_seed"][str(seed)]["mining"][cond]
+
+
 def test_schedule_forms():
-    from longtail.mine_job import ScheduleSpec
+    from longtail.jobs.mine import ScheduleSpec
 
     assert generation_epochs(ScheduleSpec(epochs=100, every=5)) == list(range(0, 100, 5))
     assert generation_epochs(ScheduleSpec(epochs=10, every=2, until=5)) == [0, 2, 4]
@@ -94,14 +103,28 @@ def test_schedule_forms():
 def test_mini_mining_run_end_to_end(world, tmp_path):
     out = tmp_path / "run"
     result = run_mine(load_config(MineConfig, overrides=base_overrides(world, out)), show=False, log=lambda m: None)
-    history = result["history"]
-    assert [h["round"] for h in history] == [0, 1, 2] and [h["synthetic"] for h in history] == [0, 6, 12]
-    assert all(0 <= h["top1"] <= 1 for h in history) and "detection" in history[-1]
+    rows_by_round = history(result)
+    assert [h["round"] for h in rows_by_round] == [0, 1, 2] and [h["synthetic"] for h in rows_by_round] == [0, 6, 12]
+    assert all(0 <= h["top1"] <= 1 for h in rows_by_round) and "detection" in rows_by_round[-1]
     rows = manifest(out)
     assert len(rows) == 12 == len({r["id"] for r in rows}) and {r["class_name"] for r in rows} == set(CLASSES)
     assert {float(r["weight"]) for r in rows} == {1.0}
-    for name in ("config.yaml", "plan.json", "metrics.json", "round_2/classifier.safetensors"):
+    for name in ("config.yaml", "plan.json", "metrics.json", "summary.txt", "report.html", "seed_0/base/metrics.json",
+                 "seed_0/base/classifier.json", "seed_0/mining/ltg/round_2/classifier.safetensors"):
         assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    dom = chromium_dom(out / "report.html", tmp_path / "profile")
+    if dom is not None:  # the run's own report, rendered: its mining sections are there
+        assert '<section id="rounds">' in dom and '<section id="synthetic">' in dom
+    # `longtail introspect RUN` on the finished run: its classifier, its weight, its generator
+    from longtail.jobs.mine import run_introspect
+
+    prompts = run_introspect(out, ["introspection.images_per_class=2", "introspection.pairs=2"], show=False,
+                             log=lambda m: None)
+    assert set(prompts) == set(CLASSES) and (out / "introspection" / "class_keywords.json").is_file()
+    assert json.loads((out / "introspection" / "prompts.json").read_text()) == prompts
+    with pytest.raises(ConfigError, match="not a run directory"):
+        run_introspect(tmp_path / "nowhere", show=False, log=lambda m: None)
 
 
 def test_colour_data_and_heads_trained_on_request(world, tmp_path):
@@ -110,11 +133,11 @@ def test_colour_data_and_heads_trained_on_request(world, tmp_path):
     save_file(timm.create_model("test_resnet", num_classes=3).state_dict(), str(tmp_path / "c.safetensors"))
     over = [*base_overrides(world, tmp_path / "run"), f"data.train={train}", f"data.val={val}",
             "classifier.spec=timm:test_resnet", f"classifier.checkpoint={tmp_path / 'c.safetensors'}",
-            "classifier.model_kwargs={}", "classifier.preprocess={size: 32}", "finetune.train_heads_epochs=1",
-            "schedule.epochs=2"]
+            "classifier.model_kwargs={}", "classifier.preprocess={size: 32}",
+            "heads.epochs=1", "schedule.epochs=2"]
     result = run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
-    assert (tmp_path / "run" / "heads.safetensors").is_file()
-    assert result["history"][-1]["synthetic"] == 6
+    assert (tmp_path / "run" / "seed_0" / "base" / "heads.safetensors").is_file()
+    assert history(result)[-1]["synthetic"] == 6
 
 
 @pytest.mark.parametrize("problem", ["missing class", "empty class", "corrupt png", "class mismatch"])
@@ -152,21 +175,22 @@ def test_resume_after_kills_at_several_points(world, tmp_path):
         proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 180
         while proc.poll() is None and time.time() < deadline:
-            rows = manifest(out) if (out / "synthetic" / "manifest.csv").is_file() else []
-            if ((point == "synthetic row" and rows) or (point == "round 1 done" and (out / "round_1" / "metrics.json").is_file())
+            rows = manifest(out) if (mining_dir(out) / "synthetic" / "manifest.csv").is_file() else []
+            if ((point == "synthetic row" and rows)
+                    or (point == "round 1 done" and (mining_dir(out) / "round_1" / "metrics.json").is_file())
                     or (point == "round 2 rows" and any(r["round"] == "2" for r in rows))):
                 break
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        evidence.append((point, len(manifest(out)) if (out / "synthetic" / "manifest.csv").is_file() else 0))
+        evidence.append((point, len(manifest(out)) if (mining_dir(out) / "synthetic" / "manifest.csv").is_file() else 0))
     done = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = manifest(out)
     print("resume evidence (kill point, manifest rows at kill):", evidence, "final rows:", len(rows))
     assert len(rows) == 36 == len({r["id"] for r in rows}), evidence
-    history = json.loads((out / "metrics.json").read_text())["history"]
-    assert [h["synthetic"] for h in history] == [0, 12, 24, 36]
+    rounds = history(json.loads((out / "metrics.json").read_text()))
+    assert [h["synthetic"] for h in rounds] == [0, 12, 24, 36]
 
 
 @pytest.mark.slow
@@ -195,8 +219,8 @@ def test_finetuning_under_accelerate_matches_one_process(world, tmp_path):
         results[n] = out
     from safetensors.torch import load_file
 
-    a = load_file(str(results[1] / "round_2" / "classifier.safetensors"))
-    b = load_file(str(results[2] / "round_2" / "classifier.safetensors"))
+    a = load_file(str(mining_dir(results[1]) / "round_2" / "classifier.safetensors"))
+    b = load_file(str(mining_dir(results[2]) / "round_2" / "classifier.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
@@ -231,12 +255,60 @@ def test_comparison_over_conditions_and_seeds(world, tmp_path):
             "conditions=[none, unguided, ltg, 'ltg:entropy@2', gif, naive, 'aug:cutmix', 'aug:randaugment']"]
     lines = []
     result = run_mine(load_config(MineConfig, overrides=over), show=False, log=lines.append)
-    table = result["table"]
+    table = result["conditions"]
     assert list(table) == ["none", "unguided", "ltg", "ltg:entropy@2", "gif", "naive", "aug:cutmix", "aug:randaugment"]
-    for cond, per_seed in result["conditions"].items():
+    for cond in table:
         expected = 0 if cond in ("none", "aug:cutmix", "aug:randaugment") else 3
-        assert [h[-1]["synthetic"] for h in per_seed.values()] == [expected, expected], cond
-    assert (out / "comparison.json").is_file() and "+ LTG (entropy, w=2)" in "\n".join(lines)
-    gif_rows = manifest(out / "gif" / "seed_0")
+        assert [history(result, cond, s)[-1]["synthetic"] for s in (0, 1)] == [expected, expected], cond
+        assert table[cond]["few"]["n"] == 2
+    assert (out / "metrics.json").is_file() and "+ LTG (entropy, w=2)" in "\n".join(lines)
+    gif_rows = manifest(out, "gif")
     assert all(r["prompt"].startswith("a ") and " of a" in r["prompt"] for r in gif_rows)
-    assert {float(r["weight"]) for r in manifest(out / "ltg_entropy_w2" / "seed_1")} == {2.0}
+    assert {float(r["weight"]) for r in manifest(out, "ltg_entropy_w2", seed=1)} == {2.0}
+    assert {float(r["weight"]) for r in manifest(out, "unguided", seed=1)} == {0.0}
+
+
+def test_base_training_stage_for_users_without_a_trained_classifier(world, tmp_path):
+    """Data but no trained classifier: the base stage trains the architecture, then an Epistemic Head; the
+    mining stage starts from it and guides with a head signal."""
+    out = tmp_path / "run"
+    over = [*base_overrides(world, out), "classifier.spec=longtail.train:SmallCNN", "classifier.checkpoint=null",
+            "classifier.model_kwargs={in_channels: 1, width: 8}", "base.epochs=2", "heads.epochs=1",
+            "heads.num_heads=3", "schedule.epochs=2", "schedule.per_round=3", "guidance.signal=epistemic"]
+    result = run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+    base = out / "seed_0" / "base"
+    for name in ("classifier.safetensors", "heads.safetensors", "classifier.json", "test_scores.safetensors"):
+        assert (base / name).is_file(), name
+    assert "epistemic" in result["per_seed"]["0"]["base"]["detection"]
+    assert history(result)[-1]["synthetic"] == 3
+    assert {r["signal_name"] for r in manifest(out)} == {"epistemic"}
+    # the base stage resumes: a second run loads it instead of training again
+    stamp = (base / "classifier.safetensors").stat().st_mtime_ns
+    run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+    assert (base / "classifier.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_introspection_is_a_stage_and_a_condition_of_any_run(world, tmp_path):
+    out = tmp_path / "run"
+    over = [*base_overrides(world, out), "conditions=[introspect]", "schedule.epochs=2", "schedule.per_round=3",
+            "introspection.images_per_class=2", "introspection.pairs=2"]
+    run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+    prompts = json.loads((out / "introspection" / "prompts.json").read_text())
+    assert set(prompts) == set(CLASSES)
+    rows = manifest(out, "introspect")
+    assert len(rows) == 3 and all(r["prompt"] in prompts[r["class_name"]] for r in rows)
+    assert (out / "introspection" / "keywords.json").is_file()
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ("conditions=[ltg, 'ltg:bogus']", "bogus"),
+    ("conditions=[ltg, ltg]", "twice"),
+    ("base.epochs=3", "drop classifier.checkpoint"),
+    ("data.source=parquet", "data.source"),
+    ("introspection.captioner=magic", "introspection.captioner"),
+    ("introspection.captioner=openai:gpt", "llm_url"),
+])
+def test_settings_that_cannot_work_are_named(world, tmp_path, setting, match):
+    over = [*base_overrides(world, tmp_path / "run"), setting]
+    with pytest.raises(ConfigError, match=match):
+        run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)

@@ -1,0 +1,214 @@
+"""What every job shares: which generator and classifier, how to load them, sampling defaults per kind.
+
+Generators are the embedded default or a Stable Diffusion checkpoint; classifiers are anything
+``models.classifiers`` loads, or a ``classifier.json`` written next to a run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, to_dict
+from ..files import write_json
+from ..models.classifiers import LoadedClassifier, load_classifier
+from ..models.ldm import LatentDiffusion
+from ..sampling import GuidanceConfig
+
+
+@dataclass
+class GeneratorSpec:
+    """Which latent diffusion model, how to sample it, and how to prompt it."""
+
+    kind: str = "embedded"  # embedded | sd
+    model: str | None = None  # embedded: a generator directory (None: the shipped one); sd: a path or hub id
+    dtype: str = "fp32"
+    vae_dtype: str | None = None
+    scheduler: str = "ddim"  # ddim | dpm++ | euler
+    height: int | None = None
+    width: int | None = None
+    decoder_checkpointing: bool = False
+    local_files_only: bool = True
+    guide_decoder: str | None = None  # a distilled surrogate (longtail distill-decoder) or a TAESD directory
+    prompt_template: str = "a photo of {a} {}"
+    prompt_file: str | None = None
+    negative_prompt: str = ""
+    # unset (None): the kind's defaults, SAMPLING_DEFAULTS (see with_sampling_defaults)
+    num_steps: int | None = None
+    cfg_scale: float | None = None
+    batch_size: int | None = None
+
+
+# Sampling settings per generator kind: the embedded model was trained and measured at 20 DDIM steps and
+# classifier-free guidance 3 (configs/demo.yaml); Stable Diffusion at the usual 50 steps and 7.5 (the paper's DDIM 50).
+SAMPLING_DEFAULTS: dict[str, dict[str, float]] = {
+    "embedded": {"num_steps": 20, "cfg_scale": 3.0, "batch_size": 100},
+    "sd": {"num_steps": 50, "cfg_scale": 7.5, "batch_size": 8},
+}
+
+
+def with_sampling_defaults(gs: GeneratorSpec) -> GeneratorSpec:
+    """``gs`` with every unset sampling setting (num_steps, cfg_scale, batch_size) filled from its kind's defaults."""
+    if gs.kind not in SAMPLING_DEFAULTS:
+        raise ConfigError(f"generator.kind must be 'embedded' or 'sd', got {gs.kind!r}")
+    defaults = SAMPLING_DEFAULTS[gs.kind]
+    return replace(gs, **{k: type(v)(v) for k, v in defaults.items() if getattr(gs, k) is None})
+
+
+@dataclass
+class ClassifierSpec:
+    """``spec``: torchvision name, ``timm:<name>``, ``module:function``, or a ``classifier.json`` of a run."""
+
+    spec: str | None = None
+    checkpoint: str | None = None
+    heads: str | None = None
+    num_heads: int | None = None
+    head_name: str | None = None
+    class_names: str | None = None  # a file: JSON list or one name per line
+    num_classes: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    preprocess: dict | None = None
+
+
+def active(guidance: GuidanceConfig) -> GuidanceConfig | None:
+    """The guidance to run, or None (the plain, cheaper sampler) when its weight is 0."""
+    return guidance if guidance.weight != 0 else None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_classifier_spec(cs: ClassifierSpec) -> ClassifierSpec:
+    """Expand a ``classifier.json`` (written next to a run's checkpoint) into a full spec; paths in it are
+    relative to the JSON file."""
+    if cs.spec is None or not cs.spec.endswith(".json"):
+        return cs
+    path = Path(cs.spec)
+    if not path.is_file():
+        raise ConfigError(f"classifier description {path} does not exist")
+    data = json.loads(path.read_text())
+    merged = {**data, **{k: v for k, v in to_dict(cs).items() if k != "spec" and v not in (None, {}, [])}}
+    for key in ("checkpoint", "heads", "class_names"):
+        if merged.get(key) and not Path(merged[key]).is_absolute():
+            merged[key] = str(path.parent / merged[key])
+    unknown = set(merged) - set(ClassifierSpec.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    return ClassifierSpec(**merged)
+
+
+def write_classifier_json(directory: Path, spec: str, checkpoint: str | None, *, model_kwargs: dict | None = None,
+                          num_classes: int | None = None, class_names: list[str] | None = None,
+                          preprocess: dict | None = None, heads: str | None = None, num_heads: int | None = None,
+                          head_name: str | None = None) -> Path:
+    """Describe a saved classifier so ``--classifier <dir>/classifier.json`` loads it; relative paths
+    (``checkpoint``, ``heads``) are relative to ``directory``, class names go to ``class_names.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    names_file = None
+    if class_names:
+        write_json(directory / "class_names.json", list(class_names))
+        names_file = "class_names.json"
+    data = {"spec": spec, "checkpoint": checkpoint, "model_kwargs": model_kwargs or {}, "num_classes": num_classes,
+            "class_names": names_file, "preprocess": preprocess, "heads": heads, "num_heads": num_heads,
+            "head_name": head_name}
+    return write_json(directory / "classifier.json", data)
+
+
+def load_classifier_spec(cs: ClassifierSpec, device: torch.device) -> LoadedClassifier:
+    cs = resolve_classifier_spec(cs)
+    if cs.spec is None:
+        raise ConfigError("no classifier given: set classifier.spec (--classifier)")
+    return load_classifier(cs.spec, num_classes=cs.num_classes, checkpoint=cs.checkpoint, heads=cs.heads,
+                           num_heads=cs.num_heads, head_name=cs.head_name, class_names_file=cs.class_names,
+                           preprocess=cs.preprocess, model_kwargs=cs.model_kwargs, device=device)
+
+
+def load_generator(gs: GeneratorSpec, device: torch.device) -> tuple[LatentDiffusion, Callable | None, list[str]]:
+    """The generator, an optional surrogate guidance decoder, and the class names the generator knows (if any)."""
+    from ..models import surrogate
+
+    if gs.kind == "embedded":
+        from ..models.tiny import ASSETS_DIR, load_tiny_generator
+
+        root = Path(gs.model) if gs.model else ASSETS_DIR
+        ldm = load_tiny_generator(root, device=device)
+        known = json.loads((root / "longtail_generator.json").read_text()).get("class_names", [])
+    elif gs.kind == "sd":
+        from ..models.stable_diffusion import load_stable_diffusion
+
+        if not gs.model:
+            raise ConfigError("generator.kind=sd needs generator.model (a diffusers directory or a hub id)")
+        ldm = load_stable_diffusion(gs.model, dtype=gs.dtype, vae_dtype=gs.vae_dtype, device=device,
+                                    scheduler=gs.scheduler, height=gs.height, width=gs.width,
+                                    local_files_only=gs.local_files_only,
+                                    decoder_checkpointing=gs.decoder_checkpointing)
+        known = []
+    else:
+        raise ConfigError(f"generator.kind must be 'embedded' or 'sd', got {gs.kind!r}")
+    guide = None
+    if gs.guide_decoder:
+        path = Path(gs.guide_decoder)
+        if (path / "surrogate.json").is_file():
+            guide = surrogate.surrogate_decode(surrogate.load_surrogate(path).to(device), ldm.scaling_factor)
+        else:
+            guide = surrogate.load_tiny_autoencoder(path, device=device)
+    return ldm, guide, known
+
+
+def class_list(loaded: LoadedClassifier | None, known: list[str], names_file: str | None) -> list[str]:
+    if names_file:
+        from ..data.imagefolder import read_class_names
+
+        return read_class_names(names_file)
+    if loaded is not None and loaded.class_names:
+        return list(loaded.class_names)
+    if known:
+        return list(known)
+    raise ConfigError("class names unknown: pass a class-name file (--class-names)")
+
+
+def read_counts(path: str | Path, class_names: list[str]) -> list[int]:
+    """Per-class image counts from JSON ``{class: n}`` or lines ``class<TAB or spaces>n``; absent classes get 0."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"counts file {p} does not exist")
+    text = p.read_text()
+    if text.lstrip().startswith("{"):
+        data = {str(k): int(v) for k, v in json.loads(text).items()}
+    else:
+        data = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            name, _, count = line.strip().rpartition(" ") if "\t" not in line else line.strip().partition("\t")
+            try:
+                data[name.strip()] = int(count)
+            except ValueError:
+                raise ConfigError(f"{p}:{n}: expected 'class count', got {line!r}") from None
+    unknown = sorted(set(data) - set(class_names))
+    if unknown:
+        raise ConfigError(f"{p}: classes {unknown} are not among {class_names}")
+    return [data.get(name, 0) for name in class_names]
+
+
+def check_guidance(guidance: GuidanceConfig | None, loaded: LoadedClassifier | None) -> None:
+    """Fail before any sampling when the guidance cannot run with this classifier."""
+    from ..heads import EpistemicClassifier
+    from ..signals import get_signal
+
+    if guidance is None:
+        return
+    if loaded is None:
+        raise ConfigError("guidance needs a classifier (--classifier), or use --weight 0 for unguided data")
+    if get_signal(guidance.signal).needs_heads and not isinstance(loaded.model, EpistemicClassifier):
+        raise ConfigError(f"signal {guidance.signal!r} needs an Epistemic Head: pass its weights (--heads) or use "
+                          "--signal entropy / energy")
+
+

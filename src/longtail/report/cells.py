@@ -1,0 +1,138 @@
+"""What templates render: table cells, tables, notes and inlined images (formatting happens here, once)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from markupsafe import Markup
+
+from ..evaluation.stats import mean_std
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DASH = "–"
+
+
+def fmt(value: object, digits: int = 3) -> str:
+    """A table cell: floats to ``digits`` decimals (1 from 100 up), NaN / None as a dash, bools yes / no."""
+    if value is None:
+        return DASH
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return DASH
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: ``text`` (escaped by the template unless ``Markup``), right-aligned when ``num``;
+    ``span`` wraps the text in ``<span class=...>``."""
+
+    text: str
+    num: bool = False
+    span: str = ""
+
+
+def cell(value: object) -> Cell:
+    """Strings stay text (left-aligned); numbers, bools and ``None`` become right-aligned ``fmt`` cells."""
+    if isinstance(value, Cell):
+        return value
+    if isinstance(value, str):
+        return Cell(value)
+    return Cell(fmt(value), num=True)
+
+
+def num(text: str) -> Cell:
+    """A pre-formatted number, right-aligned."""
+    return Cell(text, num=True)
+
+
+def numf(value: object, spec: str = ".1f") -> Cell:
+    """A finite number formatted with ``spec``; anything else shows as a dash."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return num(format(value, spec) if ok else DASH)
+
+
+def fmt_ms(values: Sequence[float | None]) -> Cell:
+    """``mean ± std`` over seeds (just the mean for one seed), as a right-aligned cell."""
+    stat = mean_std(values)
+    if stat["n"] > 1:
+        return num(f"{fmt(stat['mean'])} ± {fmt(stat['std'])}")
+    return num(fmt(stat["mean"]))
+
+
+def mean_of(values: Sequence[float | None]) -> float | None:
+    """The mean of the finite values, ``None`` when there are none."""
+    return mean_std(values)["mean"]
+
+
+@dataclass
+class Table:
+    """Headers and rows; any row value goes through ``cell``."""
+
+    headers: Sequence[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    cls: str = ""
+
+    def __post_init__(self) -> None:
+        self.rows = [[cell(v) for v in row] for row in self.rows]
+
+
+@dataclass(frozen=True)
+class Note:
+    """A highlighted paragraph; ``kind`` is ``info``, ``missing`` or ``error``."""
+
+    text: str
+    kind: str = "info"
+
+
+@dataclass(frozen=True)
+class Image:
+    """An inlined PNG: ``uri`` is a ``data:image/png;base64`` URI."""
+
+    uri: str
+    alt: str
+    cls: str = ""
+
+
+def png_data_uri(png: bytes) -> str:
+    if not png.startswith(PNG_MAGIC):
+        raise ValueError("not a PNG image")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def image(png: bytes, alt: str, cls: str = "") -> Image:
+    return Image(png_data_uri(png), alt, cls)
+
+
+def shrink_png(png: bytes, max_side: int = 1600) -> bytes:
+    """The PNG itself, or a downscaled copy when its longer side exceeds ``max_side`` (keeps pages light)."""
+    from PIL import Image as PILImage
+
+    img = PILImage.open(io.BytesIO(png))
+    if max(img.size) <= max_side:
+        return png
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def json_text(data: object, limit: int = 20_000) -> str:
+    """Indented JSON for a ``<pre>``, cut at ``limit`` characters."""
+    text = json.dumps(data, indent=2, default=str)
+    return text[:limit] + "\n… (truncated)" if len(text) > limit else text
+
+
+def code(name: str) -> Markup:
+    """``<code>name</code>`` with ``name`` escaped, for notes."""
+    return Markup("<code>{}</code>").format(name)

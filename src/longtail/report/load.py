@@ -1,0 +1,261 @@
+"""Load any run directory into one ``RunData``; every part of it is optional.
+
+Three kinds of directory are read (``run_kind``):
+
+* ``mine`` -- a ``longtail mine`` / demo run: ``config.yaml``, ``metrics.json``, ``summary.txt``,
+  ``sweep/{sweep.json, grid_<signal>.png}``, ``seed_<s>/base/{metrics.json, test_scores.safetensors}``,
+  ``seed_<s>/mining/<condition dir>/round_<r>/metrics.json``, ``seed_<s>/mining/<condition dir>/synthetic/``
+  (a manifest and PNGs), optional ``distribution.json``, ``trajectory.json``, ``introspection/*.json``.
+  A condition's folder is ``Condition.parse(text).dirname``; folders are mapped back to the condition texts
+  the run lists (``config.yaml`` or ``metrics.json``). A run may have no ``seed_<s>/base/`` at all.
+* ``generate`` -- a ``longtail generate`` output: ``config.yaml``, ``manifest.csv``, ``<class>/<id>.png``.
+* ``calibrate`` -- a ``longtail calibrate`` output: ``config.yaml``, ``calibration.json``,
+  ``grid_<signal>.png``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..conditions import Condition, ConditionError, condition_label
+from ..files import read_json
+
+KINDS = ("mine", "generate", "calibrate")
+CONDITION_ORDER = ("none", "unguided", "ltg")
+MINE_FILES = ("config.yaml", "metrics.json", "summary.txt", "sweep")
+SEED_DIR = re.compile(r"seed_(\d+)")
+ROUND_DIR = re.compile(r"round_(\d+)")
+
+
+def condition_dirname(text: str) -> str:
+    """The folder a condition's results live in (``ltg:total@3`` -> ``ltg_total_w3``); old texts unchanged."""
+    try:
+        return Condition.parse(text).dirname
+    except ConditionError:
+        return text
+
+
+@dataclass
+class RunData:
+    """What a run directory holds, loaded once; missing pieces are ``None`` / empty."""
+
+    root: Path
+    kind: str = "mine"
+    config_text: str | None = None
+    config: dict | None = None
+    summary_text: str | None = None
+    metrics: dict | None = None
+    sweep: dict | None = (
+        None  # sweep/sweep.json, metrics.json's sweep, or a calibrate output's calibration.json
+    )
+    base: dict[int, dict] = field(default_factory=dict)  # seed -> base metrics
+    mining: dict[int, dict[str, list[dict]]] = field(default_factory=dict)  # seed -> condition text -> rounds
+    class_names: list[str] = field(default_factory=list)
+    condition_dirs: dict[str, str] = field(default_factory=dict)  # condition text -> folder name
+    manifest: list[dict[str, str]] = field(default_factory=list)  # generate: rows of <root>/manifest.csv
+    problems: list[str] = field(default_factory=list)  # files that exist but could not be read
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(set(self.base) | set(self.mining))
+
+    @property
+    def conditions(self) -> list[str]:
+        """Condition texts with mining results, in the configured order (then none, unguided, ltg, others)."""
+        found = {c for per_seed in self.mining.values() for c in per_seed}
+        order = [*configured_conditions(self.config, self.metrics), *CONDITION_ORDER]
+        return sorted(found, key=lambda c: (order.index(c) if c in order else len(order), c))
+
+    @property
+    def grid_dir(self) -> Path:
+        """Where the sweep's ``grid_<signal>.png`` are: ``sweep/`` of a run, a calibrate output itself."""
+        return self.root if self.kind == "calibrate" else self.root / "sweep"
+
+    def guidance(self, cond: str) -> dict | None:
+        """``{"signal", "weight"}`` the run resolved for a guided condition (``metrics.json``), if known."""
+        return ((self.metrics or {}).get("condition_guidance") or {}).get(cond)
+
+    def ltg_label(self) -> str:
+        ltg = (self.metrics or {}).get("ltg") or {}
+        mining = (self.config or {}).get("mining") or {}
+        signal, weight = ltg.get("signal", mining.get("signal")), ltg.get("weight", mining.get("weight"))
+        if signal is None:
+            return "LTG"
+        return f"LTG ({signal}, w={weight:g})" if isinstance(weight, int | float) else f"LTG ({signal})"
+
+    def condition_label(self, cond: str) -> str:
+        guided = self.guidance(cond)
+        if cond == "ltg" and guided is None:
+            return f"+ {self.ltg_label()} synthetic"
+        return condition_label(cond, guided)
+
+    def condition_dir(self, cond: str) -> str:
+        return self.condition_dirs.get(cond, condition_dirname(cond))
+
+    def store_dir(self, seed: int, cond: str) -> Path:
+        """A condition's synthetic store: ``seed_<s>/mining/<condition dir>/synthetic``."""
+        return self.root / f"seed_{seed}" / "mining" / self.condition_dir(cond) / "synthetic"
+
+    def scores(self, seed: int) -> dict[str, Tensor] | None:
+        """``seed_<s>/base/test_scores.safetensors``: ``signal/<name>``, ``labels``, ``preds``, ``rare``."""
+        path = self.root / f"seed_{seed}" / "base" / "test_scores.safetensors"
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+
+    def class_name(self, c: int) -> str:
+        return self.class_names[c] if c < len(self.class_names) else f"class {c}"
+
+    def json(self, relative: str) -> Any:
+        """A JSON file under the run, ``None`` when absent or unreadable (noted in ``problems``)."""
+        return _json(self.root / relative, self.problems)
+
+
+def configured_conditions(config: dict | None, metrics: dict | None) -> list[str]:
+    """Condition texts the run lists: config ``mining.conditions`` / ``conditions``, then metrics.json."""
+    config, metrics = config or {}, metrics or {}
+    mining = config.get("mining") if isinstance(config.get("mining"), dict) else {}
+    texts = [*(mining.get("conditions") or []), *(config.get("conditions") or [])]
+    texts += [*(metrics.get("conditions") or {}), *(metrics.get("condition_guidance") or {})]
+    for per_seed in (metrics.get("per_seed") or {}).values():
+        texts += list((per_seed or {}).get("mining") or {})
+    return list(dict.fromkeys(str(t) for t in texts))
+
+
+def _json(path: Path, problems: list[str]) -> Any:
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        problems.append(f"{path.name}: {type(err).__name__}: {err}")
+        return None
+
+
+def _text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def seed_dirs(root: Path) -> dict[int, Path]:
+    """``seed_<s>/`` folders by seed, sorted."""
+    out = {}
+    for d in root.glob("seed_*"):
+        m = SEED_DIR.fullmatch(d.name)
+        if d.is_dir() and m:
+            out[int(m.group(1))] = d
+    return dict(sorted(out.items()))
+
+
+def run_kind(root: Path, config: dict | None = None) -> str:
+    """``mine``, ``generate`` or ``calibrate`` from the files present (then the config's keys).
+
+    Raises ``FileNotFoundError`` when nothing of a run is there.
+    """
+    if (root / "calibration.json").is_file():
+        return "calibrate"
+    if (root / "manifest.csv").is_file() or any(root.glob("manifest.part-*.csv")):
+        return "generate"
+    config = config or {}
+    if "min_p_ratio" in config:
+        return "calibrate"
+    if "per_class" in config and not {"mining", "conditions", "schedule"} & set(config):
+        return "generate"
+    if any((root / k).exists() for k in MINE_FILES) or seed_dirs(root):
+        return "mine"
+    raise FileNotFoundError(
+        f"{root} is not a run directory: none of {', '.join(MINE_FILES)}, seed_*/, manifest.csv or "
+        "calibration.json is there"
+    )
+
+
+def manifest_rows(store_dir: Path) -> list[dict[str, str]]:
+    """Rows of a synthetic store's manifest (and unmerged part files) whose image exists."""
+    from ..data.store import SyntheticStore
+
+    return SyntheticStore(store_dir).rows()
+
+
+def _round_histories(run: RunData, seed_dir: Path) -> dict[str, list[dict]]:
+    """``mining/<condition dir>/round_<r>/metrics.json`` -> condition text -> rounds in order."""
+    texts = {d: t for t, d in run.condition_dirs.items()}
+    out: dict[str, list[dict]] = {}
+    for cond_dir in sorted((seed_dir / "mining").glob("*")):
+        rounds = []
+        for rd in cond_dir.glob("round_*"):
+            m = ROUND_DIR.fullmatch(rd.name)
+            row = _json(rd / "metrics.json", run.problems) if m else None
+            if isinstance(row, dict):
+                rounds.append({**row, "round": int(m.group(1))})
+        if rounds:
+            out[texts.get(cond_dir.name, cond_dir.name)] = sorted(rounds, key=lambda r: r["round"])
+    return out
+
+
+def _load_seeds(run: RunData) -> None:
+    """Base metrics and mining histories per seed, from the seed folders, else metrics.json's ``per_seed``."""
+    per_seed = {int(s): v or {} for s, v in ((run.metrics or {}).get("per_seed") or {}).items()}
+    for seed in sorted(set(seed_dirs(run.root)) | set(per_seed)):
+        base = run.json(f"seed_{seed}/base/metrics.json") or per_seed.get(seed, {}).get("base")
+        if base is not None:
+            run.base[seed] = base
+        mining = {
+            **(per_seed.get(seed, {}).get("mining") or {}),
+            **_round_histories(run, run.root / f"seed_{seed}"),
+        }
+        if mining:
+            run.mining[seed] = mining
+
+
+def _class_names(run: RunData) -> list[str]:
+    """From metrics.json, calibration.json or class_names.json, else the manifests, else ``class <i>``."""
+    for source in (run.metrics, run.sweep if run.kind == "calibrate" else None):
+        if source and source.get("class_names"):
+            return [str(n) for n in source["class_names"]]
+    listed = run.json("class_names.json")
+    if isinstance(listed, list) and listed:
+        return [str(n) for n in listed]
+    rows = list(run.manifest)
+    for manifest in sorted(run.root.glob("seed_*/mining/*/synthetic/manifest.csv")):
+        rows += manifest_rows(manifest.parent)
+    names: dict[int, str] = {}
+    for row in rows:
+        names.setdefault(int(row["class_id"]), row["class_name"])
+    num = max([len(b.get("per_class", [])) for b in run.base.values()] + [max(names, default=-1) + 1])
+    return [names.get(c, f"class {c}") for c in range(num)]
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory; raises ``FileNotFoundError`` naming the path if it is absent or not a run."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"run directory {root} does not exist (or is not a directory)")
+    run = RunData(
+        root=root, config_text=_text(root / "config.yaml"), summary_text=_text(root / "summary.txt")
+    )
+    if run.config_text is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(run.config_text)
+        except yaml.YAMLError as err:
+            run.problems.append(f"config.yaml: {err}")
+            loaded = None
+        run.config = loaded if isinstance(loaded, dict) else None
+    run.kind = run_kind(root, run.config)
+    metrics = run.json("metrics.json")
+    run.metrics = metrics if isinstance(metrics, dict) else None
+    if run.kind == "calibrate":
+        run.sweep = run.json("calibration.json")
+    else:
+        run.sweep = run.json("sweep/sweep.json") or (run.metrics or {}).get("sweep")
+    run.condition_dirs = {t: condition_dirname(t) for t in configured_conditions(run.config, run.metrics)}
+    _load_seeds(run)
+    if run.kind == "generate":
+        run.manifest = manifest_rows(root)
+    run.class_names = _class_names(run)
+    return run

@@ -1,0 +1,152 @@
+"""Sections on a run's classifiers: overview, accuracy by group, accuracy per round, detection."""
+
+from __future__ import annotations
+
+from .cells import Cell, Table, fmt_ms, image
+from .load import RunData
+from .plots import GROUP_KEYS, GROUP_LABELS, Rows, plot_accuracy_bars, plot_roc, plot_rounds
+
+OPTIONAL_FILES = ("distribution.json", "trajectory.json", "introspection")
+
+
+def _status(name: str, value: str, bad: bool = False) -> list[Cell]:
+    return [Cell(name), Cell(value, span="bad" if bad else "ok")]
+
+
+def _mine_stages(run: RunData) -> list[list[Cell]]:
+    rows = [_status("base classifiers", f"seeds {sorted(run.base)}" if run.base else "missing", not run.base)]
+    points = len((run.sweep or {}).get("points", []))
+    rows.append(_status("guidance sweep", f"{points} points" if run.sweep else "missing", not run.sweep))
+    for cond in run.conditions:
+        done = {s: len(run.mining[s][cond]) - 1 for s in run.seeds if cond in run.mining.get(s, {})}
+        rows.append(_status(f"mining: {cond}", ", ".join(f"seed {s}: {r} rounds" for s, r in done.items())))
+    if not run.conditions:
+        rows.append(_status("mining", "missing", True))
+    rows.append(_status("summary (metrics.json)", "present" if run.metrics else "missing", not run.metrics))
+    for name in OPTIONAL_FILES:
+        rows.append(_status(name, "present" if (run.root / name).exists() else "not produced (optional)"))
+    return rows
+
+
+def _generate_stages(run: RunData) -> list[list[Cell]]:
+    parts = len(list(run.root.glob("manifest.part-*.csv")))
+    classes = len({r["class_id"] for r in run.manifest})
+    rows = [_status("manifest.csv", f"{len(run.manifest)} images, {classes} classes", not run.manifest)]
+    if parts:
+        rows.append(_status("unmerged part files", f"{parts} (the run has not finished)", True))
+    return rows
+
+
+def _calibrate_stages(run: RunData) -> list[list[Cell]]:
+    points = len((run.sweep or {}).get("points", []))
+    grids = len(list(run.grid_dir.glob("grid_*.png")))
+    return [
+        _status("calibration.json", f"{points} points" if run.sweep else "missing", not run.sweep),
+        _status("grids", f"{grids} signal(s)" if grids else "missing", not grids),
+    ]
+
+
+def section_overview(run: RunData) -> dict:
+    """The printed summary (mine runs) next to the stages found and the resolved config."""
+    stages = {"generate": _generate_stages, "calibrate": _calibrate_stages}.get(run.kind, _mine_stages)(run)
+    return {
+        "show_summary": run.kind == "mine",
+        "summary": run.summary_text.rstrip() if run.summary_text else None,
+        "config": run.config_text.rstrip() if run.config_text else None,
+        "stages": Table(["stage", "status"], stages, "narrow"),
+        "problems": list(run.problems),
+    }
+
+
+def final_rounds(run: RunData, cond: str) -> list[dict]:
+    return [run.mining[s][cond][-1] for s in run.seeds if cond in run.mining.get(s, {})]
+
+
+def base_label(run: RunData) -> str:
+    """The base row: trained here on the long-tailed data, or the classifier the run was given (0 epochs)."""
+    base = (run.config or {}).get("base")
+    if isinstance(base, dict) and base.get("epochs") == 0:
+        return "base (the given classifier)"
+    return "base (long-tailed real data only)"
+
+
+def accuracy_rows(run: RunData) -> Rows:
+    """``(key, label, final metrics per seed)``: the base classifier (if trained here), each condition."""
+    rows = [("base", base_label(run), [run.base[s] for s in sorted(run.base)])] if run.base else []
+    rows += [(c, run.condition_label(c), final_rounds(run, c)) for c in run.conditions]
+    return [r for r in rows if any(k in f for f in r[2] for k in GROUP_KEYS)]
+
+
+def _per_class_table(run: RunData, rows: Rows) -> Table | None:
+    count = max((len(f.get("per_class", [])) for _, _, finals in rows for f in finals), default=0)
+    if count == 0:
+        return None
+    groups = (run.metrics or {}).get("groups")
+    headers = ["class", *(["group"] if groups else []), *[label for _, label, _ in rows]]
+    body = []
+    for c in range(count):
+        cells = [
+            fmt_ms([f["per_class"][c] for f in finals if len(f.get("per_class", [])) > c])
+            for _, _, finals in rows
+        ]
+        group = [str(groups[c]) if c < len(groups) else ""] if groups else []
+        body.append([run.class_name(c), *group, *cells])
+    return Table(headers, body)
+
+
+def section_accuracy(run: RunData) -> dict | None:
+    """Final accuracy per condition, by Many / Medium / Few (paper section 6, Table 3's columns)."""
+    rows = accuracy_rows(run)
+    if not rows:
+        return None
+    body = []
+    for _, label, finals in rows:
+        rounds = sorted({f.get("round", 0) for f in finals})
+        shown = "–" if not rounds or rounds == [0] else "/".join(map(str, rounds))
+        body.append([label, *[fmt_ms([f.get(k) for f in finals]) for k in GROUP_KEYS], len(finals), shown])
+    per_class = _per_class_table(run, rows)
+    return {
+        "n_seeds": max(len(f) for _, _, f in rows),
+        "evaluated_on": (run.metrics or {}).get("evaluated_on"),
+        "has_base": bool(run.base),
+        "plot": image(plot_accuracy_bars(rows), "accuracy by group"),
+        "table": Table(["condition", *[GROUP_LABELS[k] for k in GROUP_KEYS], "seeds", "rounds"], body),
+        "per_class": per_class,
+        "num_classes": len(per_class.rows) if per_class else 0,
+    }
+
+
+def section_rounds(run: RunData) -> dict | None:
+    """Accuracy per mining round, one line per condition (mean over seeds, band = ± std)."""
+    histories = {
+        c: (run.condition_label(c), [run.mining[s][c] for s in run.seeds if c in run.mining.get(s, {})])
+        for c in run.conditions
+    }
+    histories = {
+        c: h for c, h in histories.items() if any(k in r for hist in h[1] for r in hist for k in GROUP_KEYS)
+    }
+    if not histories:
+        return None
+    return {"plot": image(plot_rounds(histories), "rounds")}
+
+
+def section_detection(run: RunData) -> dict | None:
+    """How well each signal flags rare and hard test images (Figure 5) and the q90 split (Figure 11)."""
+    dets = {s: run.base[s]["detection"] for s in sorted(run.base) if run.base[s].get("detection")}
+    if not dets:
+        return None
+    keys = ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")
+    body = [
+        [sig, *[fmt_ms([d[sig].get(k) for d in dets.values() if sig in d]) for k in keys]]
+        for sig in next(iter(dets.values()))
+    ]
+    seed = next((s for s in run.seeds if run.scores(s) is not None), None)
+    roc = image(plot_roc(run.scores(seed))[0], "ROC curves") if seed is not None else None
+    return {
+        "n_seeds": len(dets),
+        "table": Table(
+            ["signal", "AUROC rare", "AUROC hard", "accuracy above q90", "accuracy below q90"], body
+        ),
+        "roc": roc,
+        "roc_seed": seed,
+    }
