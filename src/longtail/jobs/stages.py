@@ -1,0 +1,498 @@
+"""The stages of a mining run (base classifier and Epistemic Head, sweep, introspection, mining, trajectory,
+distances) and what they share: the run context, the data source, training and evaluation. Each stage reads
+and writes only the run directory and resumes from what it finds there."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..conditions import Condition
+from ..config import ConfigError
+from ..data.sources import DataSource, FashionMNISTLT, ImageFolderSource
+from ..data.store import SyntheticStore
+from ..evaluation.metrics import accuracy_report, detection_report, signal_scores
+from ..evaluation.stats import mean_std
+from ..files import read_json, write_json
+from ..heads import EpistemicClassifier, HeadsOnly
+from ..mining import MiningConfig, mine, save_state
+from ..models.classifiers import LoadedClassifier, bridged_classifier, input_channels
+from ..outputs import ClassifierOutput
+from ..sampling import GuidanceConfig
+from .common import ClassifierSpec, check_guidance, load_classifier_spec, write_classifier_json
+from .mine_config import FinetuneSpec, IntrospectionSpec, MineConfig, Plan, check_captioner
+
+Log = Callable[[str], None]
+
+
+# --- set-up ---------------------------------------------------------------------------------------------------
+
+
+def preprocess_for(loaded: LoadedClassifier):
+    """The training / evaluation input size and normalisation, from the classifier's bridge and first layer."""
+    from ..data.imagefolder import Preprocess
+
+    b = loaded.bridge
+    size = b.size[0] if b.size else (b.resize if isinstance(b.resize, int) else None)
+    base = loaded.model.base if isinstance(loaded.model, EpistemicClassifier) else loaded.model
+    channels = b.in_channels or input_channels(base) or 3
+    if size is None:
+        raise ConfigError("the classifier's input size is unknown: set classifier.preprocess.size")
+    mean = b.mean if len(b.mean) == channels else b.mean * channels
+    std = b.std if len(b.std) == channels else b.std * channels
+    # the classifier's own resize-then-crop ratio; no resize in its preprocessing means images arrive at size
+    crop_pct = size / b.resize if isinstance(b.resize, int) else 1.0
+    return Preprocess(size=int(size), mean=tuple(mean), std=tuple(std), channels=channels, crop_pct=crop_pct)
+
+
+def class_names_for(cfg: MineConfig, loaded: LoadedClassifier | None) -> list[str] | None:
+    from ..data.imagefolder import read_class_names
+
+    if cfg.data.class_names:
+        return read_class_names(cfg.data.class_names)
+    return list(loaded.class_names) if loaded is not None and loaded.class_names else None
+
+
+def make_source(cfg: MineConfig, loaded: LoadedClassifier) -> tuple[DataSource, list]:
+    """The run's data source (and the unreadable images skipped, if allowed)."""
+    from ..data.imagefolder import scan_imagefolder
+
+    d = cfg.data
+    if d.source == "fashion_mnist_lt":
+        return FashionMNISTLT(d.data_dir, d.n_max, d.imbalance, d.data_seed, d.many, d.few), []
+    train = scan_imagefolder(d.train, class_names_for(cfg, loaded), d.allow_corrupt)
+    outputs = loaded.num_classes
+    if outputs is not None and outputs != len(train.class_names):
+        raise ConfigError(f"the classifier has {outputs} outputs but {d.train} has "
+                          f"{len(train.class_names)} classes {train.class_names}")
+    val = scan_imagefolder(d.val, train.class_names, d.allow_corrupt)
+    return ImageFolderSource(train, val, preprocess_for(loaded), d.many, d.few), train.skipped + val.skipped
+
+
+@dataclass
+class Context:
+    """What every stage shares: config, run directory, data, generator, accelerator, logging."""
+
+    cfg: MineConfig
+    run: Path
+    source: DataSource
+    acc: object
+    log: Log
+    show: bool
+    ldm: object = None
+    guide_decode: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.acc.is_main_process
+
+
+# --- training and evaluation --------------------------------------------------------------------------------
+
+
+def train_config(recipe: FinetuneSpec, lr: float | None = None, epochs: int = 1, seed: int = 0):
+    from ..train import TrainConfig
+
+    return TrainConfig(epochs=epochs, lr=recipe.lr if lr is None else lr, weight_decay=recipe.weight_decay,
+                       batch_size=recipe.batch_size, rotation=recipe.rotation, translate=recipe.translate,
+                       hflip=recipe.hflip, augment=recipe.augment, seed=seed)
+
+
+def train_epochs(ctx: Context, model: nn.Module, recipe: FinetuneSpec, *, seed: int, first: int, last: int,
+                 total: int, rows=(), store_root: Path | None = None, lr: float | None = None,
+                 desc: str = "train") -> list[float]:
+    """Epochs ``[first, last)`` of a cosine schedule over ``total`` on real (+ synthetic) data."""
+    from ..train import fit, tensor_augment
+
+    loader = ctx.source.train_loader(recipe, seed, rows, store_root)
+    tc = train_config(recipe, lr, total, seed)
+    return fit(model, loader, tc, accelerator=ctx.acc, first_epoch=first, last_epoch=last, total_epochs=total,
+               num_classes=len(ctx.source.class_names), desc=desc, show=ctx.show,
+               batch_transform=tensor_augment(tc) if ctx.source.batch_augment else None)
+
+
+def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_path: Path | None = None) -> dict:
+    """Accuracy on the evaluation split (top-1, per class, Many / Medium / Few); with ``detection`` also the
+    signals' AUROC for rare and hard examples, and (``scores_path``) every example's signals for ROC curves."""
+    from safetensors.torch import save_file
+
+    from ..train import predict_loader
+
+    out, labels = predict_loader(model, ctx.source.eval_loader(), ctx.acc)
+    preds = out.logits.argmax(-1)
+    groups = ctx.source.groups
+    report = accuracy_report(preds, labels, groups)
+    if detection or out.head_logits is not None:
+        report["detection"] = detection_report(out, labels, groups)
+    if scores_path is not None and ctx.is_main:
+        tensors = {f"signal/{k}": v.contiguous() for k, v in signal_scores(out).items()}
+        tensors.update(labels=labels.contiguous(), preds=preds.contiguous(),
+                       rare=torch.tensor([groups[int(y)] == "few" for y in labels]))
+        save_file(tensors, str(scores_path))
+    return report
+
+
+# --- stage: base classifier (+ Epistemic Head) --------------------------------------------------------------
+
+
+def base_dir_of(run: Path, seed: int) -> Path:
+    return run / f"seed_{seed}" / "base"
+
+
+def load_base(ctx: Context, seed: int) -> LoadedClassifier:
+    """The seed's base classifier as the base stage left it (its ``classifier.json``)."""
+    return load_classifier_spec(ClassifierSpec(spec=str(base_dir_of(ctx.run, seed) / "classifier.json")), ctx.acc.device)
+
+
+def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
+    """Train (or take) the seed's classifier, attach and train an Epistemic Head if asked, evaluate."""
+    cfg, base_dir = ctx.cfg, base_dir_of(ctx.run, seed)
+    metrics_path = base_dir / "metrics.json"
+    if metrics_path.is_file() and (base_dir / "classifier.json").is_file():
+        return load_base(ctx, seed), read_json(metrics_path)
+    started = time.perf_counter()
+    cs = cfg.classifier
+    torch.manual_seed(seed)
+    spec = replace(cs, heads=None) if cfg.base.epochs > 0 else cs
+    loaded = load_classifier_spec(spec, ctx.acc.device)
+    base_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = cs.checkpoint and str(Path(cs.checkpoint).resolve())
+    if cfg.base.epochs > 0:
+        n = cfg.base.epochs
+        train_epochs(ctx, loaded.model, cfg.base, seed=seed, first=0, last=n, total=n,
+                     desc=f"base classifier (seed {seed})")
+        checkpoint = "classifier.safetensors"
+        if ctx.is_main:
+            save_state(loaded.model, base_dir / checkpoint)
+    heads = cs.heads and str(Path(cs.heads).resolve())
+    if cfg.heads.epochs > 0 and not isinstance(loaded.model, EpistemicClassifier):
+        loaded.model = attach_heads(ctx, loaded.model, seed)
+        heads = "heads.safetensors"
+        if ctx.is_main:
+            loaded.model.save_heads(base_dir / heads)
+    num_heads = loaded.model.heads.num_heads if isinstance(loaded.model, EpistemicClassifier) else None
+    metrics = {**evaluate(ctx, loaded.model, detection=True, scores_path=base_dir / "test_scores.safetensors"),
+               "seconds": time.perf_counter() - started}
+    if cfg.base.ensemble > 0 and "detection" in metrics:
+        metrics["detection"].update(ensemble_detection(ctx, seed))
+    if ctx.is_main:
+        write_classifier_json(base_dir, cs.spec, checkpoint, model_kwargs=cs.model_kwargs,
+                              num_classes=len(ctx.source.class_names), class_names=ctx.source.class_names,
+                              preprocess=cs.preprocess, heads=heads, num_heads=num_heads, head_name=cs.head_name)
+        write_json(metrics_path, metrics)
+    ctx.acc.wait_for_everyone()
+    ctx.log(f"seed {seed}: base classifier top-1 {metrics['top1']:.3f} (many {metrics['many']:.3f}, "
+            f"medium {metrics['medium']:.3f}, few {metrics['few']:.3f})")
+    return loaded, metrics
+
+
+def attach_heads(ctx: Context, model: nn.Module, seed: int) -> EpistemicClassifier:
+    """K copies of the trained head (+ noise), trained with the oracle loss while the base stays frozen."""
+    hs = ctx.cfg.heads
+    wrapped = EpistemicClassifier(model, num_heads=hs.num_heads, head_name=ctx.cfg.classifier.head_name,
+                                  init_noise=hs.init_noise, seed=seed)
+    ctx.log(f"training an Epistemic Head ({hs.num_heads} heads) for {hs.epochs} epochs (seed {seed})")
+    train_epochs(ctx, HeadsOnly(wrapped), ctx.cfg.finetune, seed=seed, first=0, last=hs.epochs, total=hs.epochs,
+                 lr=hs.lr, desc=f"epistemic head (seed {seed})")
+    return wrapped
+
+
+def ensemble_detection(ctx: Context, seed: int) -> dict[str, dict[str, float]]:
+    """Detection by independently trained classifiers (their logits stacked as K "heads"; paper Figure 5)."""
+    from ..train import predict_loader
+
+    cfg, logits, labels = ctx.cfg, [], None
+    for k in range(cfg.base.ensemble):
+        member_seed = 1000 * (seed + 1) + k
+        torch.manual_seed(member_seed)
+        member = load_classifier_spec(replace(cfg.classifier, heads=None), ctx.acc.device).model
+        n = cfg.base.epochs
+        train_epochs(ctx, member, cfg.base, seed=member_seed, first=0, last=n, total=n,
+                     desc=f"ensemble member {k} (seed {seed})")
+        out, labels = predict_loader(member, ctx.source.eval_loader(), ctx.acc)
+        logits.append(out.logits)
+    stacked = torch.stack(logits, dim=1)  # [N, K, C]
+    out = ClassifierOutput(logits=stacked.mean(dim=1), head_logits=stacked)
+    report = detection_report(out, labels, ctx.source.groups, names=["total", "aleatoric", "epistemic"])
+    return {f"ensemble_{name}": values for name, values in report.items()}
+
+
+# --- stage: sweep -------------------------------------------------------------------------------------------
+
+
+def _class_jobs(ctx: Context, per_class: int, base_seed: int, prompt=None) -> list:
+    from ..generate import plan_jobs
+    from ..prompts import job_prompts, prompt_table
+
+    names = ctx.source.class_names
+    if prompt is None:
+        prompt = job_prompts(prompt_table(names, ctx.cfg.generator.prompt_template, ctx.cfg.generator.prompt_file))
+    return plan_jobs([per_class] * len(names), prompt, base_seed=base_seed)
+
+
+def _generate(ctx: Context, jobs, classifier, guidance: GuidanceConfig | None, desc: str):
+    from ..generate import generate
+
+    gs = ctx.cfg.generator
+    return generate(ctx.ldm, jobs, classifier=classifier, guidance=guidance, num_steps=gs.num_steps,
+                    cfg_scale=gs.cfg_scale, negative_prompt=gs.negative_prompt, batch_size=gs.batch_size,
+                    guide_decode=ctx.guide_decode, show=ctx.show, desc=desc)
+
+
+def stage_sweep(ctx: Context, loaded: LoadedClassifier) -> dict | None:
+    """Signal and P(class) against the weight with the first seed's classifier; the paper's rule per signal."""
+    from ..calibrate import calibrate
+
+    sw = ctx.cfg.sweep
+    if not sw.signals:
+        return None
+    path = ctx.run / "sweep" / "sweep.json"
+    if path.is_file():
+        return read_json(path)
+    jobs = _class_jobs(ctx, sw.images_per_class, 10_000)
+    classifier = bridged_classifier(loaded)
+
+    def generate_fn(guidance: GuidanceConfig | None):
+        desc = f"sweep {guidance.signal} w={guidance.weight:g}" if guidance else "sweep unguided"
+        return _generate(ctx, jobs, classifier, guidance, desc)
+
+    result = calibrate(generate_fn, torch.tensor([j.class_id for j in jobs]), sw.signals, sw.weights,
+                       ctx.run / "sweep", base=replace(ctx.cfg.guidance, weight=0.0), min_p_ratio=sw.min_p_ratio,
+                       per_class_in_grid=min(2, sw.images_per_class), log=ctx.log)
+    if ctx.is_main:
+        write_json(path, result)
+    return result
+
+
+def weight_of(cfg: MineConfig, sweep: dict | None) -> Callable[[str], float]:
+    """A signal's mining weight: the sweep's choice (``sweep.choose``; the smallest swept weight when the rule
+    passed none), else ``guidance.weight``."""
+
+    def weight(signal: str) -> float:
+        if sweep is None or not cfg.sweep.choose:
+            return cfg.guidance.weight
+        choice = sweep["choices"].get(signal)
+        if choice is None:
+            raise ConfigError(f"signal {signal!r} was not swept; add it to sweep.signals or set sweep.choose: false")
+        if choice["weight"] is None:
+            return min(w for w in cfg.sweep.weights if w > 0)
+        return float(choice["weight"])
+
+    return weight
+
+
+# --- stage: introspection -----------------------------------------------------------------------------------
+
+
+def make_captioner(ic: IntrospectionSpec):
+    """The configured captioner: the attribute captioner, a local transformers VLM, or an OpenAI-compatible
+    vision endpoint (key from the environment)."""
+    from ..introspection import AttributeCaptioner, OpenAIVisionCaptioner, TransformersCaptioner
+
+    kind, arg = check_captioner(ic)
+    if kind == "vlm":
+        return TransformersCaptioner(arg)
+    if kind == "openai":
+        return OpenAIVisionCaptioner(ic.llm_url, arg)
+    return AttributeCaptioner()
+
+
+def stage_introspection(ctx: Context, loaded: LoadedClassifier, guidance: GuidanceConfig) -> dict[str, list[str]]:
+    """Caption guided vs unguided images per class, mine longtail keywords, turn them into prompts.
+
+    Writes ``introspection/{keywords,class_keywords,captions,prompts}.json`` and example pairs per class;
+    returns the refined prompts per class name. Resumes from ``prompts.json``.
+    """
+    from ..calibrate import save_grid
+    from ..introspection import (
+        TransformersTokenEmbedder,
+        class_keywords,
+        make_chat_fn,
+        mine_keywords,
+        refine_prompts,
+    )
+    from ..introspection import save_prompts as write_prompts
+    from ..introspection.prompts import prompt_texts
+    from ..prompts import class_prompts
+
+    out = ctx.run / "introspection"
+    if (out / "prompts.json").is_file():
+        return read_json(out / "prompts.json")
+    ic, names, gs = ctx.cfg.introspection, ctx.source.class_names, ctx.cfg.generator
+    fallback = class_prompts(names, gs.prompt_template, gs.prompt_file)
+    jobs = _class_jobs(ctx, ic.images_per_class, 30_000)
+    classifier = bridged_classifier(loaded)
+    guided = _generate(ctx, jobs, classifier, guidance, "introspection: guided")
+    plain = _generate(ctx, jobs, classifier, None, "introspection: unguided")
+    job_names = [names[j.class_id] for j in jobs]
+    captioner = make_captioner(ic)
+    guided_caps, plain_caps = captioner.caption(guided.images, job_names), captioner.caption(plain.images, job_names)
+    embedder = TransformersTokenEmbedder(ic.embedder) if ic.embedder else TransformersTokenEmbedder()
+    backend = make_chat_fn(ic.llm_url, ic.llm_model) if ic.llm_url else "template"
+    keywords, stats, prompts, errors = {}, {}, {}, {}
+    for c, name in enumerate(names):
+        idx = [i for i, j in enumerate(jobs) if j.class_id == c]
+        pairs = mine_keywords([guided_caps[i] for i in idx], [plain_caps[i] for i in idx], name, embedder,
+                              k=ic.keywords, pairs=ic.pairs, min_distance=ic.min_distance)
+        keywords[name] = [p.to_dict() for p in pairs]
+        stats[name] = [{"word": k.word, "count": k.count, "mean_distance": k.mean_distance}
+                       for k in class_keywords(pairs)]
+        refined = refine_prompts(pairs, name, backend=backend)
+        prompts[name] = prompt_texts(refined, unique=True) or [fallback[c]]
+        errors[name] = [r.error for r in refined if r.error]
+        top = ", ".join(f"{k['word']} ({k['count']})" for k in stats[name][:4])
+        ctx.log(f"  {name:<11} keywords: {top or '-'}; e.g. {prompts[name][0]!r}")
+        n = min(4, len(idx))
+        if ctx.is_main and n:
+            save_grid({0.0: plain.images[idx[:n]], 1.0: guided.images[idx[:n]]}, torch.zeros(n, dtype=torch.long),
+                      out / "examples" / f"{name.replace(' ', '_')}.png", per_class=n)
+    if ctx.is_main:
+        write_json(out / "keywords.json", keywords)
+        write_json(out / "class_keywords.json", stats)
+        write_json(out / "captions.json", {"guided": guided_caps, "unguided": plain_caps,
+                                           "classes": [j.class_id for j in jobs]})
+        if any(errors.values()):
+            write_json(out / "errors.json", errors)
+        write_prompts(out / "prompts.json", prompts)
+    ctx.acc.wait_for_everyone()
+    return prompts
+
+
+# --- stage: mining ------------------------------------------------------------------------------------------
+
+
+def _prompt_fn(ctx: Context, cond: Condition, intro_prompts: dict[str, list[str]] | None):
+    from ..generate import gif_prompts
+    from ..prompts import job_prompts, prompt_table
+
+    names = ctx.source.class_names
+    if cond.kind == "gif":
+        table = [gif_prompts(n) for n in names]
+    elif cond.kind == "introspect":
+        if not intro_prompts:
+            raise ConfigError("the introspect condition needs the introspection stage's prompts")
+        table = [intro_prompts[n] for n in names]
+    else:
+        return job_prompts(prompt_table(names, ctx.cfg.generator.prompt_template, ctx.cfg.generator.prompt_file))
+
+    def prompt(c: int, i: int) -> str:
+        return table[c][i % len(table[c])]
+
+    return prompt
+
+
+def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceConfig | None, plan: Plan,
+                 intro_prompts: dict[str, list[str]] | None) -> list[dict]:
+    """One condition for one seed, from the seed's base classifier (resumable): generate, fine-tune, evaluate."""
+    from ..generate import generate_dataset, plan_jobs
+
+    cfg, acc = ctx.cfg, ctx.acc
+    run_dir = ctx.run / f"seed_{seed}" / "mining" / cond.dirname
+    loaded = load_base(ctx, seed)
+    model, classifier = loaded.model, bridged_classifier(loaded)
+    if guidance is not None:
+        check_guidance(guidance, loaded)
+    gs, prompt = cfg.generator, _prompt_fn(ctx, cond, intro_prompts)
+    meta = {"weight": guidance.weight if guidance else 0.0, "model": f"{gs.kind}:{gs.model or 'shipped'}",
+            "num_steps": gs.num_steps, "cfg_scale": gs.cfg_scale}
+
+    def synthesize(r: int, m: nn.Module, counts: list[int], store: SyntheticStore) -> None:
+        jobs = plan_jobs(counts, prompt, base_seed=seed, start=[(r - 1) * n for n in counts])
+        generate_dataset(ctx.ldm, jobs, store.root, ctx.source.class_names, meta={**meta, "round": r},
+                         prefix=f"r{r}_", process_index=acc.process_index, num_processes=acc.num_processes,
+                         chunk=gs.batch_size * 4, show=ctx.show and ctx.is_main, classifier=classifier,
+                         guidance=guidance, num_steps=gs.num_steps, cfg_scale=gs.cfg_scale,
+                         negative_prompt=gs.negative_prompt, batch_size=gs.batch_size, guide_decode=ctx.guide_decode,
+                         record_signal=(guidance or cfg.guidance).signal, desc=f"{cond.text} r{r} (seed {seed})")
+        acc.wait_for_everyone()
+        if ctx.is_main:
+            store.merge()
+        acc.wait_for_everyone()
+
+    bounds = [r["epoch"] for r in plan.rounds] + [cfg.schedule.epochs]
+    recipe = replace(cfg.finetune, augment=cond.augment) if cond.kind == "aug" else cfg.finetune
+
+    def finetune(m: nn.Module, rows: list[dict[str, str]], r: int) -> list[float]:
+        first, last = bounds[r - 1], bounds[r]
+        if cfg.schedule.restart:
+            first, last, total = 0, last - first, last - first
+        else:
+            total = cfg.schedule.epochs
+        return train_epochs(ctx, m, recipe, seed=seed * 1000 + r, first=first, last=last, total=total, rows=rows,
+                            store_root=run_dir / "synthetic", desc=f"fine-tune {cond.text} r{r} (seed {seed})")
+
+    mcfg = MiningConfig(rounds=len(plan.rounds), images_per_round=sum(plan.rounds[0]["counts"]),
+                        allocation=cfg.schedule.allocation)
+    history = mine(model, synthesize if cond.synthetic else None, finetune, lambda m: evaluate(ctx, m), mcfg,
+                   plan.real_counts, run_dir, is_main=ctx.is_main, barrier=acc.wait_for_everyone)
+    final = history[-1]
+    ctx.log(f"seed {seed} {cond.text:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
+    return history
+
+
+# --- stages: trajectory, distances --------------------------------------------------------------------------
+
+
+def stage_trajectory(ctx: Context, loaded: LoadedClassifier, guidance: GuidanceConfig) -> dict:
+    """A.7: FID of decoded predicted-clean vs decoded noisy latents along the steps; signal at w=0 vs w."""
+    from ..evaluation.features import LayerFeatures, extract
+    from ..evaluation.trajectory import format_trajectory, trajectory_analysis
+    from ..sampling import initial_latents
+
+    path = ctx.run / "trajectory.json"
+    if path.is_file():
+        return read_json(path)
+    jobs = _class_jobs(ctx, max(2, ctx.cfg.sweep.images_per_class), 20_000)
+    features = LayerFeatures(loaded.model)
+    real = extract(features, ctx.source.eval_inputs(2000)[0])
+    ldm, gs = ctx.ldm, ctx.cfg.generator
+    cond = ldm.encode_prompts([j.prompt for j in jobs])
+    uncond = ldm.encode_prompts([gs.negative_prompt] * len(jobs))
+    latents = initial_latents([j.seed for j in jobs], ldm.latent_shape)
+    rows = trajectory_analysis(ldm.denoise, ldm.scheduler, ldm.decode, cond, latents, features, real,
+                               bridged_classifier(loaded), guidance, uncond=uncond, cfg_scale=gs.cfg_scale,
+                               num_steps=gs.num_steps)
+    result = {"signal": guidance.signal, "weight": guidance.weight, "images": len(jobs), "rows": rows}
+    if ctx.is_main:
+        write_json(path, result)
+    ctx.log(format_trajectory(rows, guidance.weight))
+    return result
+
+
+def stage_distances(ctx: Context, conditions: list[Condition]) -> dict:
+    """FID / precision / recall of each condition's synthetic images vs the real evaluation images (per seed),
+    on the seed's base-classifier features (the input of its head)."""
+    from ..evaluation.distribution import distribution_report
+    from ..evaluation.features import LayerFeatures, extract
+
+    path = ctx.run / "distribution.json"
+    if path.is_file():
+        return read_json(path)
+    result: dict[str, dict] = {"features": "base classifier, input of its head", "conditions": {}}
+    real_x, real_y = ctx.source.eval_inputs()
+    for seed in ctx.cfg.seeds:
+        try:
+            features = LayerFeatures(load_base(ctx, seed).model)
+        except ValueError as err:  # no head found: say so, and leave the other stages' results alone
+            ctx.log(f"distances skipped: {err}")
+            return {"skipped": str(err), "summary": {}}
+        real = extract(features, real_x)
+        for cond in conditions:
+            store = ctx.run / f"seed_{seed}" / "mining" / cond.dirname / "synthetic"
+            if not (store / "manifest.csv").is_file():
+                continue
+            fake_x, fake_y = ctx.source.synthetic_inputs(store)
+            report = distribution_report(real, real_y, extract(features, fake_x), fake_y, ctx.source.class_names)
+            result["conditions"].setdefault(cond.text, {})[str(seed)] = report
+    result["summary"] = {
+        cond: {key: mean_std([r["overall"][key] for r in per_seed.values()]) for key in ("fid", "precision", "recall")}
+        for cond, per_seed in result["conditions"].items()
+    }
+    if ctx.is_main:
+        write_json(path, result)
+    return result
