@@ -42,6 +42,12 @@ def test_condition_grammar():
                        ("aug:nope", "nope"), ("none:x", "none:x")]:
         with pytest.raises(ConditionError, match=match):
             Condition.parse(bad)
+    assert Condition.parse("bestof").factor == 4 and Condition.parse("bestof:entropy@8").factor == 8
+    assert Condition.parse("bestof@2").guidance(GuidanceConfig(), float) is None
+    assert Condition.parse("bestof:entropy@8").label() == "+ best-of-8 (entropy)"
+    for bad in ("bestof@1", "bestof@2.5"):
+        with pytest.raises(ConditionError, match="N"):
+            Condition.parse(bad)
     with pytest.raises(ConditionError, match="twice"):
         parse_conditions(["ltg", "ltg"])
 

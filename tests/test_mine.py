@@ -312,3 +312,22 @@ def test_settings_that_cannot_work_are_named(world, tmp_path, setting, match):
     over = [*base_overrides(world, tmp_path / "run"), setting]
     with pytest.raises(ConfigError, match=match):
         run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+
+
+def test_best_of_n_keeps_the_highest_signal_per_class_with_an_exact_count(world, tmp_path):
+    out = tmp_path / "run"
+    over = [*base_overrides(world, out), "conditions=['bestof:entropy@3']", "schedule.epochs=2",
+            "schedule.per_round=3"]
+    result = run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+    assert history(result, "bestof:entropy@3")[-1]["synthetic"] == 3
+    kept = manifest(out, "bestof_entropy_w3")
+    with (mining_dir(out, "bestof_entropy_w3") / "candidates" / "manifest.csv").open() as f:
+        candidates = list(csv.DictReader(f))
+    assert len(kept) == 3 and len(candidates) == 9 and {r["signal_name"] for r in candidates} == {"entropy"}
+    kept_ids = {r["id"] for r in kept}
+    for name in CLASSES:
+        pool = [r for r in candidates if r["class_name"] == name]
+        chosen = [float(r["signal"]) for r in pool if r["id"] in kept_ids]
+        rest = [float(r["signal"]) for r in pool if r["id"] not in kept_ids]
+        assert len(chosen) == 1 and len(pool) == 3 and min(chosen) >= max(rest)
+    assert {float(r["weight"]) for r in kept} == {0.0}

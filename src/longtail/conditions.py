@@ -7,6 +7,9 @@ Grammar (``Condition.parse``):
 * ``ltg[:<signal>][@<weight>]`` -- + Longtail-Guided images (predicted clean latent, Eq. 8-11); the signal
   defaults to the run's guidance signal and the weight to its calibrated (or configured) weight;
 * ``naive[:<signal>][@<weight>]`` -- + images guided on the decoded *noisy* latent (the A.7 ablation);
+* ``bestof[:<signal>][@<N>]`` -- + unguided images selected after the fact: N times the count is generated and,
+  per class, the 1/N with the highest signal is kept (N defaults to 4); the same final count as every other
+  condition, no gradients. If it matches LTG, guidance is not worth its cost;
 * ``gif`` -- + unguided images from GIF's 40 prompt templates per class;
 * ``introspect`` -- + unguided images from the Longtail Introspection prompts of the run;
 * ``aug:<name>`` -- real data only, fine-tuned with that baseline augmentation (``longtail.augment``).
@@ -19,7 +22,8 @@ from dataclasses import dataclass, replace
 
 from .sampling import GuidanceConfig
 
-KINDS = ("none", "unguided", "ltg", "naive", "gif", "introspect", "aug")
+KINDS = ("none", "unguided", "ltg", "naive", "bestof", "gif", "introspect", "aug")
+BEST_OF_DEFAULT = 4
 LABELS = {
     "none": "+ fine-tune, no synth",
     "unguided": "+ unguided synthetic",
@@ -35,8 +39,8 @@ class ConditionError(ValueError):
 def _grammar() -> str:
     from .augment import AUGMENTATIONS
 
-    return ("use none, unguided, ltg[:<signal>][@<weight>], naive[:<signal>][@<weight>], gif, introspect or "
-            f"aug:<{'|'.join(AUGMENTATIONS)}>")
+    return ("use none, unguided, ltg[:<signal>][@<weight>], naive[:<signal>][@<weight>], bestof[:<signal>][@<N>], "
+            f"gif, introspect or aug:<{'|'.join(AUGMENTATIONS)}>")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Condition:
     signal: str | None = None  # guided kinds: an explicit signal, else the run's
     weight: float | None = None  # guided kinds: an explicit weight, else the run's
     augment: str | None = None  # aug: the augmentation's name
+    factor: int | None = None  # bestof: N, candidates generated per kept image
 
     @classmethod
     def parse(cls, text: str) -> Condition:
@@ -64,13 +69,15 @@ class Condition:
                 return cls(text, "aug", augment=rest)
             raise ConditionError(f"unknown augmentation in condition {text!r}: {_grammar()}")
         kind, at, weight_text = head.partition("@")
-        if kind in ("ltg", "naive"):
+        if kind in ("ltg", "naive", "bestof"):
             if sep:  # ltg:<signal>[@w]
                 signal, at, weight_text = rest.partition("@")
                 if signal not in SIGNALS:
                     raise ConditionError(f"unknown signal {signal!r} in condition {text!r}; signals: {sorted(SIGNALS)}")
             else:
                 signal = None
+            if kind == "bestof":
+                return cls(text, kind, signal=signal, factor=_factor(text, weight_text) if at else BEST_OF_DEFAULT)
             weight = None
             if at:
                 try:
@@ -106,15 +113,31 @@ class Condition:
         weight = self.weight if self.weight is not None else weight_of(signal)
         return replace(base, signal=signal, weight=float(weight), on_noisy=self.kind == "naive")
 
+    def selection_signal(self, base: GuidanceConfig) -> str:
+        """The signal that ranks best-of-N candidates (the condition's, else the run's)."""
+        return self.signal or base.signal
+
     def label(self, guidance: dict | None = None) -> str:
         """A table label; ``guidance`` (``{"signal", "weight"}``) as resolved for the run, when known."""
         if self.kind == "aug":
             return f"+ aug {self.augment}"
         if self.kind == "ltg":
             return f"+ LTG ({guidance['signal']}, w={guidance['weight']:g})" if guidance else "+ LTG"
+        if self.kind == "bestof":
+            return f"+ best-of-{self.factor} ({self.signal})" if self.signal else f"+ best-of-{self.factor}"
         if self.kind == "naive":
             return f"+ naive guidance (w={guidance['weight']:g})" if guidance else "+ naive guidance (z_t)"
         return LABELS[self.kind]
+
+
+def _factor(text: str, value: str) -> int:
+    try:
+        factor = int(value)
+    except ValueError:
+        raise ConditionError(f"condition {text!r}: N {value!r} is not a whole number") from None
+    if factor < 2:
+        raise ConditionError(f"condition {text!r}: N must be >= 2 (N = 1 is the unguided condition)")
+    return factor
 
 
 def parse_conditions(texts: list[str]) -> list[Condition]:

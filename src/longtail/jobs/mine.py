@@ -288,7 +288,7 @@ def estimate(ctx: Context, loaded: LoadedClassifier, plan: Plan) -> dict:
     generate(ctx.ldm, jobs, num_steps=2, batch_size=n, guide_decode=ctx.guide_decode, **kw)
     per_image = (time.perf_counter() - started) / len(jobs) * gs.num_steps / 2
     total = sum(sum(r["counts"]) for r in plan.rounds)
-    runs = len(ctx.cfg.seeds) * sum(c.synthetic for c in parse_conditions(ctx.cfg.conditions))
+    runs = len(ctx.cfg.seeds) * sum((c.factor or 1) for c in parse_conditions(ctx.cfg.conditions) if c.synthetic)
     hours = per_image * total * runs / 3600
     ctx.log(f"estimated generation time: {per_image:.2f} s/image, {hours:.2f} h for all rounds, conditions and "
             f"seeds (from a warm-up of {len(jobs)} images x 2 steps, scaled to {gs.num_steps} steps)")

@@ -401,17 +401,25 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
     meta = {"weight": guidance.weight if guidance else 0.0, "model": f"{gs.kind}:{gs.model or 'shipped'}",
             "num_steps": gs.num_steps, "cfg_scale": gs.cfg_scale}
 
+    factor = cond.factor or 1  # best-of-N: N candidates per kept image
+    signal = cond.selection_signal(cfg.guidance) if cond.kind == "bestof" else (guidance or cfg.guidance).signal
+
     def synthesize(r: int, m: nn.Module, counts: list[int], store: SyntheticStore) -> None:
-        jobs = plan_jobs(counts, prompt, base_seed=seed, start=[(r - 1) * n for n in counts])
-        generate_dataset(ctx.ldm, jobs, store.root, ctx.source.class_names, meta={**meta, "round": r},
+        made = [n * factor for n in counts]
+        target = SyntheticStore(run_dir / "candidates") if factor > 1 else store
+        jobs = plan_jobs(made, prompt, base_seed=seed, start=[(r - 1) * n for n in made])
+        generate_dataset(ctx.ldm, jobs, target.root, ctx.source.class_names, meta={**meta, "round": r},
                          prefix=f"r{r}_", process_index=acc.process_index, num_processes=acc.num_processes,
                          chunk=gs.batch_size * 4, show=ctx.show and ctx.is_main, classifier=classifier,
                          guidance=guidance, num_steps=gs.num_steps, cfg_scale=gs.cfg_scale,
                          negative_prompt=gs.negative_prompt, batch_size=gs.batch_size, guide_decode=ctx.guide_decode,
-                         record_signal=(guidance or cfg.guidance).signal, desc=f"{cond.text} r{r} (seed {seed})")
+                         record_signal=signal, desc=f"{cond.text} r{r} (seed {seed})")
         acc.wait_for_everyone()
         if ctx.is_main:
-            store.merge()
+            target.merge()
+            if factor > 1:
+                keep_best(SyntheticStore(target.root), store, counts, ctx.source.class_names, r)
+                store.merge()
         acc.wait_for_everyone()
 
     bounds = [r["epoch"] for r in plan.rounds] + [cfg.schedule.epochs]
@@ -433,6 +441,31 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
     final = history[-1]
     ctx.log(f"seed {seed} {cond.text:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
     return history
+
+
+def keep_best(candidates: SyntheticStore, store: SyntheticStore, counts: list[int], class_names: list[str],
+              r: int) -> int:
+    """Best-of-N selection: copy, per class c, the ``counts[c]`` candidates of round ``r`` with the highest
+    recorded signal (manifest column ``signal``; ties by id) into ``store``. Returns how many were new.
+
+    Raises ``ValueError`` when a class has fewer candidates than it needs (an incomplete generation).
+    """
+    import numpy as np
+    from PIL import Image
+
+    rows = [row for row in candidates.rows() if row.get("round") == str(r)]
+    keep: list[dict[str, str]] = []
+    for c, name in enumerate(class_names):
+        pool = sorted((row for row in rows if row["class_name"] == name),
+                      key=lambda row: (-float(row["signal"]), row["id"]))
+        if len(pool) < counts[c]:
+            raise ValueError(f"{candidates.root}: class {name!r} has {len(pool)} candidates in round {r}, "
+                             f"needs {counts[c]}")
+        keep += pool[: counts[c]]
+    if not keep:
+        return 0
+    images = np.stack([np.asarray(Image.open(candidates.root / row["path"])) for row in keep])
+    return store.add(images, keep)
 
 
 # --- stages: trajectory, distances --------------------------------------------------------------------------
