@@ -266,6 +266,13 @@ def test_comparison_over_conditions_and_seeds(world, tmp_path):
     assert all(r["prompt"].startswith("a ") and " of a" in r["prompt"] for r in gif_rows)
     assert {float(r["weight"]) for r in manifest(out, "ltg_entropy_w2", seed=1)} == {2.0}
     assert {float(r["weight"]) for r in manifest(out, "unguided", seed=1)} == {0.0}
+    # paired differences to unguided, per seed, for every other condition
+    paired = result["paired"]["table"]
+    assert "unguided" not in paired and set(paired) == set(table) - {"unguided"}
+    ltg = paired["ltg"]["few"]
+    assert ltg["n"] == 2 and ltg["wins"] + ltg["losses"] + ltg["ties"] == 2
+    assert ltg["mean"] == pytest.approx(table["ltg"]["few"]["mean"] - table["unguided"]["few"]["mean"])
+    assert "paired difference to unguided" in "\n".join(lines)
 
 
 def test_base_training_stage_for_users_without_a_trained_classifier(world, tmp_path):

@@ -24,7 +24,7 @@ from longtail.conditions import condition_label
 from longtail.data.store import SyntheticStore
 from longtail.evaluation.distribution import distribution_report
 from longtail.evaluation.metrics import dense_rank
-from longtail.evaluation.stats import mean_std
+from longtail.evaluation.stats import mean_std, paired_difference, paired_table
 from longtail.report import (
     SECTIONS,
     Section,
@@ -162,7 +162,9 @@ def _mining(root: Path, seed: int, rng: np.random.Generator, start: dict) -> dic
     return out
 
 
-def _summary(seeds: tuple[int, ...], base: dict[int, dict], mining: dict, sweep: dict | None) -> dict:
+def _summary(
+    seeds: tuple[int, ...], base: dict[int, dict], mining: dict, sweep: dict | None, paired: bool = True
+) -> dict:
     """``metrics.json`` with the keys ``longtail.demo.summarize`` writes."""
     finals = {c: [mining[s][c][-1] for s in seeds] for c in CONDITIONS}
     summary = {
@@ -186,6 +188,9 @@ def _summary(seeds: tuple[int, ...], base: dict[int, dict], mining: dict, sweep:
         }
     if sweep is not None:
         summary["sweep"] = sweep
+    if paired:
+        per_seed_finals = {s: {c: history[-1] for c, history in mining[s].items()} for s in seeds}
+        summary["paired"] = {"baseline": "unguided", "table": paired_table(per_seed_finals, "unguided")}
     return summary
 
 
@@ -198,7 +203,11 @@ def _summary_text(summary: dict) -> str:
 
 
 def make_run(
-    root: Path, seeds: tuple[int, ...] = (0, 1), optional: bool = True, base_stage: bool = True
+    root: Path,
+    seeds: tuple[int, ...] = (0, 1),
+    optional: bool = True,
+    base_stage: bool = True,
+    paired: bool = True,
 ) -> Path:
     """A small run directory in the demo's / ``longtail mine``'s layout and JSON schemas (random numbers).
 
@@ -218,7 +227,7 @@ def make_run(
             _test_scores(root / f"seed_{seed}" / "base" / "test_scores.safetensors", rng)
         mining[seed] = _mining(root, seed, rng, start)
     sweep = _sweep(root) if base_stage else None
-    summary = _summary(seeds, base, mining, sweep)
+    summary = _summary(seeds, base, mining, sweep, paired)
     (root / "metrics.json").write_text(json.dumps(summary))
     (root / "summary.txt").write_text(_summary_text(summary))
     if optional:
@@ -403,6 +412,60 @@ def test_mine_run_with_a_given_classifier(full_run, tmp_path):
     html = write_report(root).read_text()
     assert "base (the given classifier)" in html and "base (long-tailed real data only)" not in html
     assert "Test accuracy (val split)" in html
+
+
+def _section(html: str, section_id: str) -> str:
+    match = re.search(rf'<section id="{section_id}">(.*?)</section>', html, re.S)
+    assert match, section_id
+    return match.group(1)
+
+
+def test_paired_section_shows_the_differences(full_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root)
+    summary = json.loads((root / "metrics.json").read_text())
+    unguided = {0: 0.4, 1: 0.5, 2: 0.5}
+    table = {
+        # differences 0.1, 0.2, 0.1: mean 0.1333, sd 0.05774, half width 4.302653 * 0.05774 / sqrt(3) = 0.1434
+        "ltg": {"few": paired_difference({0: 0.5, 1: 0.7, 2: 0.6}, unguided)},
+        # one seed (the others lack this condition): no interval
+        "ltg:entropy@2": {"few": paired_difference({0: 0.3}, unguided)},
+        # 0, -0.2, 0: mean -0.0667, sd 0.1155, half width 0.2868
+        "none": {"few": paired_difference({0: 0.4, 1: 0.3, 2: 0.5}, unguided)},
+    }
+    summary["paired"] = {"baseline": "unguided", "table": json.loads(json.dumps(table))}
+    (root / "metrics.json").write_text(json.dumps(summary))
+    body = _section(write_report(root).read_text(), "paired")
+    assert "<b>unguided synthetic</b>" in body and "95% Student-t" in body
+    rows = re.findall(
+        r"<tr><td>([^<]*)</td><td class=\"num\">([^<]*)</td><td class=\"num\">(\d+)</td></tr>", body
+    )
+    assert rows == [
+        ("LTG (total, w=0.5)", "+0.133 [-0.010, +0.277] (3/0)", "3"),
+        ("LTG (entropy, w=2)", "-0.100 (0/1)", "1"),
+        ("fine-tune, no synth", "-0.067 [-0.354, +0.220] (0/1, 2 tied)", "3"),
+    ]
+    assert "<th>Few</th>" in body and "<th>top-1</th>" not in body
+
+
+def test_paired_section_follows_the_metrics_key(full_run, tmp_path):
+    html = write_report(full_run, tmp_path / "with.html").read_text()
+    body = _section(html, "paired")
+    for label in ("LTG (total, w=0.5)", "LTG (entropy, w=2)", "fine-tune, no synth"):
+        assert f"<td>{label}</td>" in body
+    assert "<td>unguided synthetic</td>" not in body  # the baseline is no row
+    assert re.findall(r"<th>([^<]*)</th>", body) == [
+        "condition",
+        "Few",
+        "Medium",
+        "top-1",
+        "seeds",
+    ]
+    assert len(re.findall(r"\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\] \(\d/\d", body)) == 9  # 3 conditions x 3
+    root = make_run(tmp_path / "plain", seeds=(0, 1), optional=False, paired=False)
+    html = write_report(root).read_text()
+    assert '<section id="paired">' not in html and 'href="#paired"' not in html
+    assert '<section id="accuracy">' in html and 'class="note error"' not in html
 
 
 def test_roc_handles_scores_far_outside_unit_range():

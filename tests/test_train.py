@@ -10,7 +10,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from longtail.data.imagefolder import ImageListDataset, Preprocess, train_transform
 from longtail.heads import EpistemicClassifier
-from longtail.train import TrainConfig, cosine_schedule, fit, fit_loader, predict, tensor_loader
+from longtail.train import (
+    TrainConfig,
+    base_loss,
+    cosine_schedule,
+    fit,
+    fit_loader,
+    logit_offsets,
+    predict,
+    tensor_loader,
+)
 
 
 def small_cnn(num_classes: int = 2, seed: int = 0) -> nn.Module:
@@ -222,3 +231,146 @@ def test_old_call_forms_still_train():
     assert len(hist) == 1
     with pytest.raises(TypeError):
         fit(small_cnn(), x, TrainConfig())
+
+
+# --- long-tail losses: logit adjustment (Menon et al. 2021) and Balanced Softmax (Ren et al. 2020) ----------
+
+EYE_LOGITS = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+EYE_LABELS = torch.tensor([0, 1])
+
+
+def test_logit_adjusted_loss_matches_its_closed_form():
+    # counts [3, 1]: prior [.75, .25]. Row 0 (y=0): -log softmax(l + tau log p)_0 = log(1 + (1/3)^tau e^-1);
+    # row 1 (y=1): log(1 + 3^tau e^-1).
+    e = math.exp(-1)
+    for tau, want in [(1.0, (math.log(1 + e / 3) + math.log(1 + 3 * e)) / 2),
+                      (2.0, (math.log(1 + e / 9) + math.log(1 + 9 * e)) / 2),
+                      (0.0, math.log(1 + e))]:
+        got = base_loss(EYE_LOGITS, EYE_LABELS, logit_offsets("logit_adjusted", [3, 1], tau)).mean()
+        assert float(got) == pytest.approx(want, rel=1e-6), tau
+    by_hand = (0.11567 + 0.74367) / 2  # log(1.12263), log(2.10364)
+    assert (math.log(1 + e / 3) + math.log(1 + 3 * e)) / 2 == pytest.approx(by_hand, abs=1e-5)
+    ce = base_loss(EYE_LOGITS, EYE_LABELS, logit_offsets("ce", [3, 1]))
+    assert torch.allclose(ce, torch.full((2,), math.log(1 + e)))
+
+
+def test_fit_trains_on_the_configured_loss():
+    # lr 0: the model stays put, so the one epoch's mean loss is the loss of the fixed logits [[1, 0], [0, 1]]
+    def first_loss(loss: str, counts=None) -> float:
+        model = nn.Linear(2, 2)
+        with torch.no_grad():
+            model.weight.copy_(torch.eye(2))
+            model.bias.zero_()
+        loader = DataLoader(TensorDataset(EYE_LOGITS, EYE_LABELS), batch_size=2)
+        cfg = TrainConfig(epochs=1, lr=0.0, loss=loss)
+        return fit(model, loader, cfg, class_counts=counts, show=False)[0]
+
+    e = math.exp(-1)
+    assert first_loss("ce") == pytest.approx(math.log(1 + e), rel=1e-6)
+    assert first_loss("ce", [3, 1]) == pytest.approx(math.log(1 + e), rel=1e-6)  # CE ignores the counts
+    la = (math.log(1 + e / 3) + math.log(1 + 3 * e)) / 2
+    assert first_loss("logit_adjusted", [3, 1]) == pytest.approx(la, rel=1e-6)
+    assert first_loss("balanced_softmax", torch.tensor([30, 10])) == pytest.approx(la, rel=1e-6)
+
+
+def test_balanced_softmax_is_logit_adjustment_at_tau_one_and_ce_for_equal_counts():
+    gen = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(16, 4, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    counts = [50, 20, 5, 1]
+    bs = logit_offsets("balanced_softmax", counts)
+    assert not torch.allclose(bs, logit_offsets("logit_adjusted", counts, 1.0))  # stated separately: log n_c
+    la = logit_offsets("logit_adjusted", counts)
+    assert torch.allclose(base_loss(logits, y, bs), base_loss(logits, y, la), atol=1e-6)
+    assert not torch.allclose(base_loss(logits, y, bs), base_loss(logits, y), atol=1e-3)
+    equal = logit_offsets("balanced_softmax", [7, 7, 7, 7])
+    assert torch.allclose(base_loss(logits, y, equal), base_loss(logits, y), atol=1e-6)
+    equal_la = logit_offsets("logit_adjusted", [7, 7, 7, 7])
+    assert torch.allclose(base_loss(logits, y, equal_la), base_loss(logits, y), atol=1e-6)
+
+
+def test_logit_adjusted_gradient_is_adjusted_softmax_minus_onehot():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 3, generator=gen, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    counts, tau = torch.tensor([10.0, 3.0, 1.0]), 0.5
+    base_loss(logits, y, logit_offsets("logit_adjusted", counts, tau)).sum().backward()
+    prior = counts / counts.sum()
+    onehot = torch.nn.functional.one_hot(y, 3)
+    want = torch.softmax(logits.detach() + tau * prior.log(), -1) - onehot
+    assert torch.allclose(logits.grad, want, atol=1e-6)
+    assert not torch.allclose(logits.grad, torch.softmax(logits.detach(), -1) - onehot, atol=1e-3)
+
+
+def test_soft_targets_take_the_same_offsets():
+    # CutMix hands the loss class probabilities [B, C]; the offsets apply the same way
+    offsets = logit_offsets("logit_adjusted", [3, 1])
+    onehot = torch.nn.functional.one_hot(EYE_LABELS, 2).float()
+    assert torch.allclose(base_loss(EYE_LOGITS, onehot, offsets), base_loss(EYE_LOGITS, EYE_LABELS, offsets))
+
+
+def test_loss_settings_are_validated():
+    allowed = r"TrainConfig\.loss must be one of 'ce', 'logit_adjusted', 'balanced_softmax'; got 'focal'"
+    with pytest.raises(ValueError, match=allowed):
+        TrainConfig(loss="focal")
+    with pytest.raises(ValueError, match=r"TrainConfig\.tau"):
+        TrainConfig(loss="logit_adjusted", tau=-0.5)
+    assert TrainConfig(loss="logit_adjusted", tau=0.0).tau == 0.0
+    for loss in ("logit_adjusted", "balanced_softmax"):  # a class without examples: a finite, very low offset
+        empty = logit_offsets(loss, [4, 0])
+        assert torch.isfinite(empty).all() and float(empty[1] - empty[0]) == pytest.approx(math.log(1e-12))
+    for loss in ("logit_adjusted", "balanced_softmax"):
+        with pytest.raises(ValueError, match=f"'{loss}' needs the training data's class counts"):
+            fit(small_cnn(), linear_loader(), TrainConfig(epochs=1, loss=loss), show=False)
+    cfg = TrainConfig(epochs=1, loss="logit_adjusted")
+    with pytest.raises(ValueError, match="num_classes is 2"):
+        fit(small_cnn(), linear_loader(), cfg, class_counts=[3, 2, 1], num_classes=2, show=False)
+    with pytest.raises(ValueError, match="classifier has 2 logits"):
+        fit(small_cnn(), linear_loader(), cfg, class_counts=[3, 2, 1], show=False)
+    with pytest.raises(ValueError, match="non-negative"):
+        fit(small_cnn(), linear_loader(), cfg, class_counts=[3, -1], show=False)
+    cfg.loss = "focal"  # set after construction: fit checks again
+    with pytest.raises(ValueError, match=r"TrainConfig\.loss"):
+        fit(small_cnn(), linear_loader(), cfg, class_counts=[3, 1], show=False)
+
+
+def test_the_oracle_loss_is_the_same_under_logit_adjustment():
+    # One step: the heads see the same detached features in both runs, so they take the same step; the base
+    # (trained by the base loss) does not.
+    x, y = toy_set(8)
+    x, y = x[:6], torch.tensor([0, 0, 0, 0, 0, 1])
+
+    def one_step(loss: str) -> EpistemicClassifier:
+        model = EpistemicClassifier(small_cnn(), num_heads=3, head_name="5", seed=0)
+        fit(model, DataLoader(TensorDataset(x, y), batch_size=6), TrainConfig(epochs=1, loss=loss),
+            class_counts=[5, 1], show=False)
+        return model
+
+    ce, la = one_step("ce"), one_step("logit_adjusted")
+    assert torch.equal(ce.heads.weight, la.heads.weight)
+    assert not torch.equal(ce.base[-1].weight, la.base[-1].weight)
+
+
+def long_tailed_blobs(counts: tuple[int, int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two overlapping 2-D Gaussians (class 0 at (-0.5, 0), class 1 at (+0.5, 0), unit variance)."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    x = torch.randn(len(y), 2, generator=gen) + torch.stack([y.float() - 0.5, torch.zeros(len(y))], 1)
+    return x, y
+
+
+def test_logit_adjustment_raises_minority_recall_on_a_toy_long_tail():
+    x, y = long_tailed_blobs((190, 10), seed=0)
+    test_x, test_y = long_tailed_blobs((500, 500), seed=1)
+
+    def minority_recall(loss: str) -> float:
+        torch.manual_seed(0)
+        model = nn.Linear(2, 2)
+        loader = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        cfg = TrainConfig(epochs=30, lr=0.05, weight_decay=0.0, loss=loss)
+        fit(model, loader, cfg, class_counts=[190, 10], show=False)
+        pred = predict(model, test_x).logits.argmax(-1)
+        return float((pred[test_y == 1] == 1).float().mean())
+
+    ce, la = minority_recall("ce"), minority_recall("logit_adjusted")
+    assert ce < 0.2 and la > 0.5, (ce, la)

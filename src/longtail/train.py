@@ -3,16 +3,19 @@
 ``fit(model, loader, cfg)`` trains on any DataLoader under ``accelerate`` (one device, or sharded under
 ``accelerate launch``); ``fit(model, (images, labels), cfg)`` is the in-memory path: it builds the loader
 (``tensor_loader``) and the tensor recipe's per-sample rotation / shift / flip (``tensor_augment``) itself.
-The loss is cross-entropy on the base logits plus, for an ``EpistemicClassifier``, the oracle loss on the head
-logits in the same step (the head's inputs are detached, so the two losses never interact). The learning rate
-follows one cosine schedule (``cosine_schedule``, diffusers' scheduler) that a mining loop can split over
-several calls. ``predict`` / ``predict_loader`` return logits and head logits for a tensor dataset / a loader.
+The base loss is cross-entropy on the base logits (``TrainConfig.loss`` "ce") or a long-tail-aware form of it
+(``base_loss``: "logit_adjusted", Menon et al. 2021; "balanced_softmax", Ren et al. 2020), plus, for an
+``EpistemicClassifier``, the oracle loss on the head logits in the same step (the head's inputs are detached,
+so the two losses never interact). The learning rate follows one cosine schedule (``cosine_schedule``,
+diffusers' scheduler) that a mining loop can split over several calls. ``predict`` / ``predict_loader`` return
+logits and head logits for a tensor dataset / a loader.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +56,79 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
 
+LOSSES = ("ce", "logit_adjusted", "balanced_softmax")
+"""``TrainConfig.loss`` values: the base classifier's training loss (``base_loss``)."""
+
+PRIOR_FLOOR = 1e-12  # the prior of a class without examples: a finite log(1e-12), not -inf
+
+
+def check_loss(loss: str, tau: float) -> None:
+    """Raise ``ValueError`` unless ``loss`` is one of ``LOSSES`` and ``tau >= 0``."""
+    if loss not in LOSSES:
+        raise ValueError(f"TrainConfig.loss must be one of {', '.join(map(repr, LOSSES))}; got {loss!r}")
+    if not (isinstance(tau, int | float) and tau >= 0 and math.isfinite(tau)):
+        raise ValueError(f"TrainConfig.tau must be a finite number >= 0; got {tau!r}")
+
+
+def logit_offsets(loss: str, class_counts: Sequence[float] | Tensor | None, tau: float = 1.0
+                  ) -> Tensor | None:
+    """The per-class term ``[C]`` (float32) that ``loss`` adds to the logits before cross-entropy; ``None``
+    for "ce".
+
+    - "logit_adjusted" (Menon et al. 2021, "Long-tail learning via logit adjustment", the logit-adjusted
+      softmax cross-entropy): ``tau * log(prior)``, ``prior = class_counts / class_counts.sum()``.
+    - "balanced_softmax" (Ren et al. 2020, "Balanced Meta-Softmax for Long-Tailed Visual Recognition", the
+      Balanced Softmax): ``log(n_c)``; it differs from "logit_adjusted" at ``tau = 1`` by the constant
+      ``log(sum n)``, which softmax ignores, so the two losses are equal.
+
+    ``class_counts [C]``: training examples per class (any non-negative numbers; a class with none gets the
+    prior ``PRIOR_FLOOR`` instead of ``log 0``). Raises ``ValueError`` for an unknown ``loss``, ``tau < 0``,
+    missing ``class_counts`` when the loss needs them (naming the loss), or counts that are not a 1-D vector
+    of finite non-negative numbers with a positive sum.
+    """
+    check_loss(loss, tau)
+    if loss == "ce":
+        return None
+    if class_counts is None:
+        raise ValueError(f"TrainConfig.loss {loss!r} needs the training data's class counts: pass "
+                         "fit(..., class_counts=source.class_counts(rows)) (or torch.bincount(labels))")
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).detach().cpu()
+    if counts.ndim != 1 or len(counts) < 1 or not torch.isfinite(counts).all() or (counts < 0).any() \
+            or counts.sum() <= 0:
+        raise ValueError("class_counts must be a 1-D vector of finite non-negative counts with a positive "
+                         f"sum; got {class_counts!r}")
+    if loss == "balanced_softmax":
+        return counts.clamp_min(PRIOR_FLOOR * counts.sum()).log().float()
+    prior = (counts / counts.sum()).clamp_min(PRIOR_FLOOR)
+    return (tau * prior.log()).float()
+
+
+def base_loss(logits: Tensor, target: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """Per-example base loss ``[B]``: cross-entropy of ``logits + offsets`` (``logit_offsets``) against
+    ``target`` (class ids ``[B]`` or class probabilities ``[B, C]``, as CutMix makes them).
+
+    ``logits [B, C]``, ``offsets [C]`` or ``None`` (plain cross-entropy). The offsets apply to the training
+    loss only: evaluation (``predict``) reads the plain logits (Menon et al. 2021: a model trained with the
+    logit-adjusted *loss* predicts with ``argmax f(x)``, no post-hoc correction). Raises ``ValueError`` when
+    ``offsets`` do not have ``C`` entries.
+    """
+    if offsets is None:
+        return F.cross_entropy(logits, target, reduction="none")
+    if offsets.shape != logits.shape[-1:]:
+        raise ValueError(f"class_counts give {offsets.numel()} classes but the classifier has "
+                         f"{logits.shape[-1]} logits")
+    return F.cross_entropy(logits + offsets.to(logits), target, reduction="none")
+
+
 @dataclass
 class TrainConfig:
-    """Fit / fine-tune recipe. ``lr`` 1e-3 with Adam and cosine annealing as in the paper's A.1."""
+    """Fit / fine-tune recipe. ``lr`` 1e-3 with Adam and cosine annealing as in the paper's A.1.
+
+    ``loss``: the base classifier's loss, one of ``LOSSES``: "ce" (cross-entropy), "logit_adjusted" (Menon et
+    al. 2021; ``tau`` scales the log prior, 1.0 is the paper's and LiVT's choice) or "balanced_softmax" (Ren
+    et al. 2020). The last two need ``fit(..., class_counts=...)``. Raises ``ValueError`` for an unknown
+    ``loss`` or ``tau < 0``.
+    """
 
     epochs: int = 30
     lr: float = 1e-3
@@ -66,6 +139,11 @@ class TrainConfig:
     hflip: bool = True
     augment: str | None = None  # an extra baseline augmentation: longtail.augment.AUGMENTATIONS
     seed: int = 0
+    loss: str = "ce"  # LOSSES: "ce", "logit_adjusted", "balanced_softmax"
+    tau: float = 1.0  # logit adjustment's temperature on log(prior) (Menon et al. 2021)
+
+    def __post_init__(self) -> None:
+        check_loss(self.loss, self.tau)
 
 
 def augment(x: Tensor, cfg: TrainConfig, generator: torch.Generator) -> Tensor:
@@ -145,6 +223,7 @@ def fit(
     last_epoch: int | None = None,
     total_epochs: int | None = None,
     num_classes: int | None = None,
+    class_counts: Sequence[float] | Tensor | None = None,
     batch_transform: BatchAugment | None = None,
     desc: str = "train",
     show: bool = True,
@@ -157,9 +236,14 @@ def fit(
     ``batch_transform`` defaulting to ``tensor_augment(cfg)`` and ``num_classes`` to ``labels.max() + 1``.
     Per batch: ``batch_transform(x, y, generator)`` (the data's own augmentation, if any), then the batch baseline
     ``cfg.augment`` names (Cutout, GridMask, CutMix: ``longtail.augment.batch_augment``), then the loss:
-    cross-entropy on the base logits (weighted per example when the batch has weights) plus, for an
-    ``EpistemicClassifier``, the oracle loss on the head logits. Adam with ``cfg.lr`` / ``cfg.weight_decay``, fresh
-    each call, and the learning rate continuing ``cosine_schedule`` over ``total_epochs`` (paper A.1).
+    ``cfg.loss`` on the base logits (``base_loss``; weighted per example when the batch has weights) plus, for
+    an ``EpistemicClassifier``, the oracle loss on the head logits (unchanged by ``cfg.loss``). Adam with
+    ``cfg.lr`` / ``cfg.weight_decay``, fresh each call, and the learning rate continuing ``cosine_schedule``
+    over ``total_epochs`` (paper A.1).
+
+    ``class_counts [C]``: examples per class in ``data`` (real + synthetic; ``source.class_counts(rows)`` for
+    a source's ``train_loader``), the prior of "logit_adjusted" / "balanced_softmax"; "ce" ignores it. With a
+    class-balanced sampler the batches are already balanced, so adding these losses corrects twice.
 
     Defaults: ``last_epoch = cfg.epochs``, ``total_epochs = last_epoch``. ``accelerator`` (``accelerate``) shards
     batches under ``accelerate launch``; without one an ``Accelerator()`` for the local device is made. The model
@@ -168,7 +252,9 @@ def fit(
     The deprecated form ``fit(model, images, labels, cfg)`` means ``fit(model, (images, labels), cfg)``.
 
     Raises ``ValueError`` for an epoch range outside ``0 <= first_epoch <= last_epoch <= total_epochs``, CutMix
-    without ``num_classes`` or an unknown ``cfg.augment``; ``TypeError`` for arguments of neither form.
+    without ``num_classes``, an unknown ``cfg.augment`` or ``cfg.loss``, ``cfg.tau < 0``, a loss that needs
+    ``class_counts`` without them (naming the loss), or counts whose length is not the number of logits;
+    ``TypeError`` for arguments of neither form.
     """
     from accelerate import Accelerator
 
@@ -190,6 +276,9 @@ def fit(
     if not 0 <= first_epoch <= last_epoch <= total_epochs:
         raise ValueError(f"epochs [{first_epoch}, {last_epoch}) do not lie in a schedule of {total_epochs} epochs")
     mix = batch_augment(cfg.augment, num_classes)
+    offsets = logit_offsets(cfg.loss, class_counts, cfg.tau)
+    if offsets is not None and num_classes is not None and len(offsets) != num_classes:
+        raise ValueError(f"class_counts give {len(offsets)} classes but num_classes is {num_classes}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first_epoch)  # rounds of one run draw anew
     acc = accelerator or Accelerator()
@@ -210,7 +299,7 @@ def fit(
             if mix is not None:
                 x, y = mix(x, y, gen)
             out = as_output(net(x))
-            ce = F.cross_entropy(out.logits, y, reduction="none")
+            ce = base_loss(out.logits, y, offsets)
             loss = (ce * batch[2]).sum() / batch[2].sum() if len(batch) > 2 else ce.mean()
             if out.head_logits is not None:
                 loss = loss + oracle_loss(out.head_logits, y)
@@ -238,7 +327,8 @@ def fit_loader(model: nn.Module, loader: DataLoader, cfg: TrainConfig, **kwargs:
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int = 512) -> ClassifierOutput:
     """Base logits ``[N, C]`` (and head logits ``[N, K, C]``) for a tensor dataset, in eval mode, on the model's
-    device; the outputs come back on ``images``' device."""
+    device; the outputs come back on ``images``' device. The logits are the model's own, whatever
+    ``TrainConfig.loss`` trained it (the loss offsets are training-only)."""
     model.eval()
     device = next((p.device for p in model.parameters()), images.device)
     outs = [as_output(model(x.to(device))) for x in images.split(batch_size)]

@@ -1,10 +1,11 @@
 """Where a run's real images come from, behind one interface: Fashion-MNIST-LT in memory, or ImageFolders.
 
 A source gives the class names, the real training counts (which set Many / Medium / Few), a DataLoader for
-training on real + synthetic images (with the augmentation that suits it), a DataLoader over the evaluation
-split, and evaluation / synthetic images as classifier-input tensors for feature distances. Every job stage
-goes through it, so the same training loop, evaluation and accelerate path serve the embedded demo and any
-user's data.
+training on real + synthetic images (with the augmentation and the sampling that suit it) and the class counts
+of that training set (``class_counts(rows)``, the prior of the long-tail losses in ``longtail.train``), a
+DataLoader over the evaluation split, and evaluation / synthetic images as classifier-input tensors for
+feature distances. Every job stage goes through it, so the same training loop, evaluation and accelerate path
+serve the embedded demo and any user's data.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
 
 from .datasets import (
     FASHION_MNIST_CLASSES,
@@ -28,13 +29,27 @@ from .datasets import (
 from .imagefolder import ImageIndex, ImageListDataset, Preprocess, eval_transform, train_transform
 from .store import SyntheticStore
 
+SAMPLINGS = ("uniform", "class_balanced")
+"""``Recipe.sampling`` values: how a training loader draws its examples (``seeded_loader``)."""
+
+
+def check_sampling(sampling: str) -> None:
+    """Raise ``ValueError`` unless ``sampling`` is one of ``SAMPLINGS``."""
+    if sampling not in SAMPLINGS:
+        allowed = ", ".join(map(repr, SAMPLINGS))
+        raise ValueError(f"Recipe.sampling must be one of {allowed}; got {sampling!r}")
+
 
 @dataclass
 class Recipe:
-    """How real + synthetic images are fed to training: batch size, augmentation, loader workers.
+    """How real + synthetic images are fed to training: batch size, augmentation, sampling, loader workers.
 
     ``rotation`` (degrees, +-) and ``hflip`` apply on both paths; ``translate`` (pixels, +-) is the in-memory
     path's analog of random crops, ``crop`` ("random" resized crop or "center") the ImageFolder path's.
+    ``sampling`` (``SAMPLINGS``): "uniform" shuffles every example once per epoch; "class_balanced" draws each
+    class equally often (class-balanced sampling as in Kang et al. 2020, "Decoupling Representation and
+    Classifier for Long-Tailed Recognition"; ``seeded_loader``). Raises ``ValueError`` for an unknown
+    ``sampling``.
     """
 
     batch_size: int = 128
@@ -44,6 +59,10 @@ class Recipe:
     crop: str = "random"
     augment: str | None = None  # a baseline augmentation: longtail.augment.AUGMENTATIONS
     num_workers: int = 0
+    sampling: str = "uniform"  # SAMPLINGS: "uniform" or "class_balanced"
+
+    def __post_init__(self) -> None:
+        check_sampling(self.sampling)
 
 
 def uint8_to_input(images: Tensor) -> Tensor:
@@ -51,11 +70,51 @@ def uint8_to_input(images: Tensor) -> Tensor:
     return images.float().unsqueeze(1) / 127.5 - 1.0
 
 
-def _seeded_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
-                   drop_last: bool = False) -> DataLoader:
+def label_counts(labels: Tensor | Sequence[int], num_classes: int) -> list[int]:
+    """Examples per class ``[num_classes]`` among ``labels [N]`` (class ids). Raises ``ValueError`` for an id
+    outside ``0..num_classes - 1``."""
+    y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels span {int(y.min())}..{int(y.max())} but there are {num_classes} classes")
+    return torch.bincount(y, minlength=num_classes).tolist()
+
+
+def seeded_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, drop_last: bool = False,
+                  *, sampling: str = "uniform", labels: Tensor | Sequence[int] | None = None) -> DataLoader:
+    """A training DataLoader over ``dataset`` whose order is fixed by ``seed``.
+
+    ``sampling`` "uniform": a seeded shuffle (every example once per epoch). "class_balanced": torch's
+    ``WeightedRandomSampler`` with weight ``1 / n_c`` for an example of class ``c`` (``n_c`` counted in
+    ``labels [N]``, the dataset's class ids, required), drawing ``len(dataset)`` examples with replacement per
+    epoch from the seeded generator, so each class is drawn with probability ``1 / C`` (``C``: the classes
+    present). Raises ``ValueError`` for an unknown ``sampling``, or "class_balanced" without ``labels`` of the
+    dataset's length.
+    """
+    check_sampling(sampling)
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers,
+    if sampling == "uniform":
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen,
+                          num_workers=num_workers, drop_last=drop_last)
+    y = None if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if y is None or len(y) != len(dataset):
+        raise ValueError(f"sampling 'class_balanced' needs the labels of all {len(dataset)} examples; got "
+                         f"{'none' if y is None else len(y)}")
+    counts = torch.bincount(y).double()
+    sampler = WeightedRandomSampler(1.0 / counts[y], num_samples=len(y), replacement=True, generator=gen)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       drop_last=drop_last)
+
+
+def _add_rows(counts: list[int], class_names: Sequence[str], rows: Sequence[dict[str, str]]) -> list[int]:
+    """``counts [C]`` plus one per synthetic row of each class (by ``row["class_name"]``)."""
+    lookup = {n: i for i, n in enumerate(class_names)}
+    counts = list(counts)
+    for row in rows:
+        if row["class_name"] not in lookup:
+            raise ValueError(f"synthetic row {row.get('id', '?')!r}: class {row['class_name']!r} is not one "
+                             f"of {list(class_names)}")
+        counts[lookup[row["class_name"]]] += 1
+    return counts
 
 
 class FashionMNISTLT:
@@ -86,16 +145,27 @@ class FashionMNISTLT:
         images, labels = SyntheticStore(store_root).load(self.class_names, ids=ids)
         return uint8_to_input(torch.from_numpy(images)), torch.from_numpy(labels)
 
+    def class_counts(self, rows: Sequence[dict[str, str]] = ()) -> list[int]:
+        """Examples per class ``[C]`` in ``train_loader(recipe, seed, rows, ...)``'s dataset: the real
+        training images plus the synthetic ``rows`` (counted by their ``class_name``), for
+        ``fit(..., class_counts=source.class_counts(rows))``. Raises ``ValueError`` for a row of an unknown
+        class."""
+        return _add_rows(label_counts(self.train_y, len(self.class_names)), self.class_names, rows)
+
     def train_loader(self, recipe: Recipe, seed: int, rows: Sequence[dict[str, str]] = (),
                      store_root: Path | None = None) -> DataLoader:
-        """Real + synthetic (``rows`` of the store at ``store_root``) images, shuffled with ``seed``. The
-        augmentation is applied per batch by the training loop (see ``batch_augment``)."""
+        """Real + synthetic (``rows`` of the store at ``store_root``) images, drawn as ``recipe.sampling``
+        says (``seeded_loader``) with ``seed``; ``class_counts(rows)`` gives the dataset's examples per class.
+        The augmentation is applied per batch by the training loop (see ``batch_augment``). Raises
+        ``ValueError`` for an unknown ``recipe.sampling``."""
+        check_sampling(recipe.sampling)
         x, y = self.train_x, self.train_y
         if rows:
             sx, sy = self.synthetic_inputs(store_root, rows)
             x, y = torch.cat([x, sx]), torch.cat([y, sy])
         # a final batch of one example is dropped: BatchNorm needs two
-        return _seeded_loader(TensorDataset(x, y), recipe.batch_size, seed, drop_last=len(x) % recipe.batch_size == 1)
+        return seeded_loader(TensorDataset(x, y), recipe.batch_size, seed,
+                             drop_last=len(x) % recipe.batch_size == 1, sampling=recipe.sampling, labels=y)
 
     def eval_loader(self, batch_size: int = 512) -> DataLoader:
         return DataLoader(TensorDataset(self.eval_x, self.eval_y), batch_size=batch_size)
@@ -131,13 +201,27 @@ class ImageFolderSource:
             raise ValueError(f"finetune.crop must be 'random' or 'center', got {recipe.crop!r}")
         return train_transform(self.pre, recipe.rotation, recipe.hflip, recipe.augment)
 
+    def class_counts(self, rows: Sequence[dict[str, str]] = ()) -> list[int]:
+        """Examples per class ``[C]`` in ``train_loader(recipe, seed, rows, ...)``'s dataset: the real
+        training images plus the synthetic ``rows`` (counted by their ``class_name``), for
+        ``fit(..., class_counts=source.class_counts(rows))``. Raises ``ValueError`` for a row of an unknown
+        class."""
+        return _add_rows(label_counts(self.train.labels, len(self.class_names)), self.class_names, rows)
+
     def train_loader(self, recipe: Recipe, seed: int, rows: Sequence[dict[str, str]] = (),
                      store_root: Path | None = None) -> DataLoader:
+        """Real + synthetic (``rows`` of the store at ``store_root``) images through ``recipe``'s transforms,
+        drawn as ``recipe.sampling`` says (``seeded_loader``) with ``seed``; ``class_counts(rows)`` gives the
+        dataset's examples per class. Raises ``ValueError`` for an unknown ``recipe.sampling`` or ``crop``, or
+        a row of an unknown class."""
+        check_sampling(recipe.sampling)
         lookup = {n: i for i, n in enumerate(self.class_names)}
+        _add_rows([0] * len(self.class_names), self.class_names, rows)  # a clear error for an unknown class
         paths = list(self.train.paths) + [Path(store_root) / row["path"] for row in rows]
         labels = list(self.train.labels) + [lookup[row["class_name"]] for row in rows]
         ds = ImageListDataset(paths, labels, self._transform(recipe), self.pre.mode)
-        return _seeded_loader(ds, recipe.batch_size, seed, recipe.num_workers)
+        return seeded_loader(ds, recipe.batch_size, seed, recipe.num_workers, sampling=recipe.sampling,
+                             labels=labels)
 
     def eval_loader(self, batch_size: int = 64) -> DataLoader:
         ds = ImageListDataset(self.val.paths, self.val.labels, eval_transform(self.pre), self.pre.mode)

@@ -34,7 +34,7 @@ import torch
 
 from ..conditions import Condition, parse_conditions
 from ..config import ConfigError, dump_config
-from ..evaluation.stats import mean_std, mean_std_cell
+from ..evaluation.stats import mean_std, mean_std_cell, paired_table
 from ..files import read_json, write_json
 from ..heads import EpistemicClassifier
 from ..models.classifiers import LoadedClassifier, bridged_classifier
@@ -115,6 +115,9 @@ def summarize(ctx: Context, base: dict[int, dict], mining: dict[int, dict[str, l
         "condition_guidance": guidance_of,
         "conditions": table,
         "per_seed": {str(s): {"base": base[s], "mining": mining[s]} for s in seeds},
+        # every condition of a seed starts from the seed's base classifier: differences to unguided, paired
+        "paired": {"baseline": "unguided", "table": paired_table(
+            {s: {c.text: mining[s][c.text][-1] for c in conditions} for s in seeds}, baseline="unguided")},
     }
 
 
@@ -129,6 +132,7 @@ def format_summary(summary: dict) -> str:
     guidance = summary.get("condition_guidance", {})
     for cond, m in summary["conditions"].items():
         lines.append(f"{condition_label(cond, guidance.get(cond)):<26}" + "".join(mean_std_cell(m[k]) for k in METRICS))
+    lines += format_paired(summary.get("paired"), guidance)
     if summary.get("detection"):
         keys = ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")
         lines += ["", f"{'signal':<20}" + "".join(f"{k:>14}" for k in ("AUROC rare", "AUROC hard", "acc > q90",
@@ -145,6 +149,28 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"generation: unguided {timing['unguided_img_per_s']:.1f} img/s, guided "
                   f"{timing['guided_img_per_s']:.1f} img/s ({timing['slowdown']:.1f}x slower)"]
     return "\n".join(lines)
+
+
+def format_paired(paired: dict | None, guidance: dict) -> list[str]:
+    """Per-seed differences to the baseline condition: mean [95% CI] (wins/losses over seeds)."""
+    from ..conditions import condition_label
+
+    if not paired or not paired.get("table"):
+        return []
+    keys = ("few", "medium", "top1")
+
+    def cell(d: dict) -> str:
+        if d.get("mean") is None:
+            return f"{'-':>30}"
+        ci = f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d.get("ci") else ""
+        text = f"{d['mean']:+.3f}{ci} ({d['wins']}/{d['losses']})"
+        return f"{text:>30}"
+
+    lines = ["", f"paired difference to {paired['baseline']} (mean [95% CI] (wins/losses) over seeds)",
+             f"{'condition':<26}" + "".join(f"{k:>30}" for k in ("few", "medium", "top-1"))]
+    for cond, row in paired["table"].items():
+        lines.append(f"{condition_label(cond, guidance.get(cond)):<26}" + "".join(cell(row[k]) for k in keys))
+    return lines
 
 
 # --- the job ------------------------------------------------------------------------------------------------

@@ -37,10 +37,18 @@ class DataSpec:
 
 @dataclass
 class FinetuneSpec(Recipe):
-    """The fine-tuning recipe (paper A.1: Adam, cosine LR, rotation, crops, flips) and its data feed."""
+    """The fine-tuning recipe (paper A.1: Adam, cosine LR, rotation, crops, flips) and its data feed.
+
+    ``loss``: ``ce``, ``logit_adjusted`` (Menon et al. 2021, the loss LiVT fine-tunes with; ``tau``) or
+    ``balanced_softmax`` (Ren et al. 2020); the class prior is that of the real + synthetic training images.
+    ``sampling`` (``uniform`` | ``class_balanced``) is the loader's; do not combine class-balanced sampling with a
+    prior-compensating loss (the imbalance would be corrected twice).
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
+    loss: str = "ce"
+    tau: float = 1.0
 
 
 @dataclass

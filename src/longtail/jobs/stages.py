@@ -100,7 +100,7 @@ def train_config(recipe: FinetuneSpec, lr: float | None = None, epochs: int = 1,
 
     return TrainConfig(epochs=epochs, lr=recipe.lr if lr is None else lr, weight_decay=recipe.weight_decay,
                        batch_size=recipe.batch_size, rotation=recipe.rotation, translate=recipe.translate,
-                       hflip=recipe.hflip, augment=recipe.augment, seed=seed)
+                       hflip=recipe.hflip, augment=recipe.augment, seed=seed, loss=recipe.loss, tau=recipe.tau)
 
 
 def train_epochs(ctx: Context, model: nn.Module, recipe: FinetuneSpec, *, seed: int, first: int, last: int,
@@ -113,6 +113,7 @@ def train_epochs(ctx: Context, model: nn.Module, recipe: FinetuneSpec, *, seed: 
     tc = train_config(recipe, lr, total, seed)
     return fit(model, loader, tc, accelerator=ctx.acc, first_epoch=first, last_epoch=last, total_epochs=total,
                num_classes=len(ctx.source.class_names), desc=desc, show=ctx.show,
+               class_counts=ctx.source.class_counts(rows),
                batch_transform=tensor_augment(tc) if ctx.source.batch_augment else None)
 
 

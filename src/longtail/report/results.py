@@ -1,8 +1,11 @@
-"""Sections on a run's classifiers: overview, accuracy by group, accuracy per round, detection."""
+"""Sections on a run's classifiers: overview, accuracy by group, paired differences, accuracy per round,
+detection."""
 
 from __future__ import annotations
 
-from .cells import Cell, Table, fmt_ms, image
+import math
+
+from .cells import DASH, Cell, Table, fmt_ms, image, num
 from .load import RunData
 from .plots import GROUP_KEYS, GROUP_LABELS, Rows, plot_accuracy_bars, plot_roc, plot_rounds
 
@@ -113,6 +116,58 @@ def section_accuracy(run: RunData) -> dict | None:
         "table": Table(["condition", *[GROUP_LABELS[k] for k in GROUP_KEYS], "seeds", "rounds"], body),
         "per_class": per_class,
         "num_classes": len(per_class.rows) if per_class else 0,
+    }
+
+
+def _signed(value: float, digits: int = 3) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def paired_cell(diff: object) -> Cell:
+    """One ``paired_difference`` as ``mean diff [CI low, CI high] (wins/losses)``, ties appended when any.
+
+    No interval for one seed (``ci`` is ``None``); a dash when no seed pairs up or the entry is malformed.
+    """
+    if not isinstance(diff, dict) or not isinstance(diff.get("mean"), int | float):
+        return num(DASH)
+    text = _signed(diff["mean"])
+    ci = diff.get("ci")
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
+        text += f" [{_signed(ci[0])}, {_signed(ci[1])}]"
+    text += f" ({diff.get('wins', 0)}/{diff.get('losses', 0)}"
+    ties = diff.get("ties", 0)
+    return num(text + (f", {ties} tied)" if ties else ")"))
+
+
+def section_paired(run: RunData) -> dict | None:
+    """``metrics.json``'s ``paired``: each condition minus the baseline, paired by seed (same base classifier).
+
+    ``{"baseline": condition, "table": {condition: {metric: paired_difference}}}`` as written by
+    ``longtail.evaluation.stats.paired_table``; ``None`` (the section is left out) when absent or empty.
+    """
+    paired = (run.metrics or {}).get("paired")
+    table = paired.get("table") if isinstance(paired, dict) else None
+    if not isinstance(table, dict) or not table:
+        return None
+    table = {c: per_metric for c, per_metric in table.items() if isinstance(per_metric, dict)}
+    metrics = list(dict.fromkeys(m for per_metric in table.values() for m in per_metric))
+    baseline = str(paired.get("baseline", "unguided"))
+    levels = {d.get("level") for pm in table.values() for d in pm.values() if isinstance(d, dict)}
+    level = next(iter(levels)) if len(levels) == 1 else None
+    seeds = [
+        max((d.get("n", 0) for d in pm.values() if isinstance(d, dict)), default=0) for pm in table.values()
+    ]
+    body = [
+        [run.condition_label(c).removeprefix("+ "), *[paired_cell(pm.get(m)) for m in metrics], n]
+        for (c, pm), n in zip(table.items(), seeds, strict=True)
+    ]
+    level_text = (
+        f"{100 * level:g}%" if isinstance(level, int | float) and math.isfinite(level) else "confidence"
+    )
+    return {
+        "baseline": run.condition_label(baseline).removeprefix("+ "),
+        "level": level_text,
+        "table": Table(["condition", *[GROUP_LABELS.get(m, m) for m in metrics], "seeds"], body),
     }
 
 

@@ -17,7 +17,7 @@ from markupsafe import Markup
 
 from .analysis import section_distribution, section_introspection, section_trajectory
 from .load import KINDS, RunData
-from .results import section_accuracy, section_detection, section_overview, section_rounds
+from .results import section_accuracy, section_detection, section_overview, section_paired, section_rounds
 from .samples import section_calibration, section_generated, section_grids, section_sweep, section_synthetic
 
 SectionBuilder = Callable[[RunData], Any]
@@ -56,6 +56,13 @@ SECTIONS: list[Section] = [
             "<code>seed_*/mining/*/round_*/metrics.json</code> are absent (base and mining stages)."
         ),
         MINE,
+    ),
+    Section(
+        "paired",
+        "Paired differences against the baseline",
+        section_paired,
+        "paired.html.j2",
+        kinds=MINE,
     ),
     Section(
         "rounds",
