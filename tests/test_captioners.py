@@ -248,3 +248,32 @@ def test_model_range_and_rgb_inputs() -> None:
 def test_class_name_count_must_match() -> None:
     with pytest.raises(ValueError, match="2 images but 1 class names"):
         AttributeCaptioner().caption(torch.zeros(2, 1, 8, 8), ["bag"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# whole-image phrases: "inverted" (bright background) and "faint" (no bright pixel)
+
+
+def test_border_and_peak_attributes() -> None:
+    attrs = measure(box(8, 8, 16, 16, value=0.6))
+    assert attrs["border"] == pytest.approx(0.0) and attrs["peak"] == pytest.approx(0.6)
+    inverted = 1.0 - box(8, 8, 16, 16, value=0.6)
+    assert measure(inverted)["border"] == pytest.approx(1.0)
+
+
+def test_inverted_fires_on_a_bright_background_and_is_kept_first() -> None:
+    inverted = 1.0 - box(6, 9, 20, 14, value=0.8)
+    every = phrases_of(inverted)
+    assert "inverted" in every and len(every) > 4
+    assert AttributeCaptioner().phrases(to_model(inverted))[0][0] == "inverted"
+    assert describe(measure(inverted), max_phrases=1) == ["inverted"]
+    assert "inverted" not in phrases_of(box(6, 9, 20, 14, value=0.8))
+    assert "inverted" not in phrases_of(box(0, 0, 32, 3))  # a garment along one border is not a background
+
+
+def test_faint_fires_when_no_pixel_is_bright() -> None:
+    faint = box(6, 9, 20, 14, value=0.25)
+    assert {"faint", "dark"} <= set(phrases_of(faint))
+    assert "faint" in describe(measure(faint), max_phrases=1)
+    assert "faint" not in phrases_of(box(6, 9, 20, 14, value=0.45))
+    assert phrases_of(canvas()) == ["blank"]  # an empty image stays blank, not faint

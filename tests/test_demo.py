@@ -149,3 +149,20 @@ def test_mini_introspection_end_to_end(tmp_path, parts):
     rows = manifest(out / "seed_0" / "mining" / "introspect" / "synthetic" / "manifest.csv")
     assert len(rows) == PER_ROUND and all(r["prompt"] in prompts[r["class_name"]] for r in rows)
     assert {"none", "gif", "introspect"} == set(summary["conditions"])
+
+
+def test_judge_trained_once_and_its_columns_in_the_sweep(tmp_path, parts):
+    """judge.spec=train: a classifier trained on the full balanced set (not the guided one) scores every sweep
+    point; with judge.min_ratio the weight rule also needs the judge to recognise the class."""
+    out = tmp_path / "run"
+    over = [*overrides(out, *parts), "conditions=[none]", *rounds(1), "trajectory=false", "distances=false",
+            "judge.spec=train", "judge.epochs=1", "judge.min_ratio=0.9", "judge.real_per_class=5"]
+    summary = run_mine(load_demo_config(overrides=over), show=False, log=lambda _msg: None)
+    assert (out / "judge" / "classifier.json").is_file()
+    points = summary["sweep"]["points"]
+    assert all(0.0 <= p["judge_accuracy"] <= 1.0 and 0.0 <= p["judge_p_class"] <= 1.0 for p in points)
+    assert summary["sweep"]["judge"]["min_judge_ratio"] == 0.9
+    for signal, choice in summary["sweep"]["choices"].items():
+        if choice["weight"] is not None:  # a chosen weight keeps >= 90% of the unguided judge accuracy
+            chosen = next(p for p in points if p["signal"] == signal and p["weight"] == choice["weight"])
+            assert chosen["judge_accuracy"] >= 0.9 * choice["baseline_judge_accuracy"] - 1e-9

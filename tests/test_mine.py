@@ -314,6 +314,9 @@ def test_introspection_is_a_stage_and_a_condition_of_any_run(world, tmp_path):
     ("data.source=parquet", "data.source"),
     ("introspection.captioner=magic", "introspection.captioner"),
     ("introspection.captioner=openai:gpt", "llm_url"),
+    ("judge.spec=train", "judge.spec=train trains on the full balanced Fashion-MNIST"),
+    ("judge.min_ratio=0.9", "judge.min_ratio needs a judge"),
+    ("judge.spec=/no/such/judge", "judge.spec: /no/such/judge does not exist"),
 ])
 def test_settings_that_cannot_work_are_named(world, tmp_path, setting, match):
     over = [*base_overrides(world, tmp_path / "run"), setting]

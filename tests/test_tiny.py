@@ -61,3 +61,54 @@ def test_unet_training_resumes_from_its_checkpoint_to_the_same_weights(tmp_path,
     resumed, _ = tiny.train_unet(lat, std, text, ids, cfg, show=False, checkpoint_dir=tmp_path, checkpoint_every=3)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_train_generator_with_nuisance_modes_shows_and_names_them(tmp_path, monkeypatch):
+    import longtail.models.tiny as tiny
+
+    data = fake_fashion_mnist(tmp_path / "data", per_class_train=8, per_class_test=1)
+    cfg = TINY_GEN.__class__(**{**TINY_GEN.__dict__, "vae_epochs": 1, "unet_steps": 2, "batch_size": 16,
+                                "warmup_steps": 1, "train_images": 48})
+    seen: dict[str, object] = {}
+    train_vae, embed_prompts = tiny.train_vae, tiny.embed_prompts
+
+    def spy_vae(images, cfg, show=True):
+        seen["images"] = images.clone()
+        return train_vae(images, cfg, show)
+
+    def spy_prompts(prompts, max_tokens, show=True):
+        seen["prompts"] = list(prompts)
+        return embed_prompts(prompts, max_tokens, show)
+
+    monkeypatch.setattr(tiny, "train_vae", spy_vae)
+    monkeypatch.setattr(tiny, "embed_prompts", spy_prompts)
+    rates = {"invert": 0.25, "corner": 0.125}
+    out = train_generator(tmp_path / "gen", cfg, data_dir=data, show=False, log=None, nuisance=rates,
+                          nuisance_seed=3)
+    meta = json.loads((out / "longtail_generator.json").read_text())
+    assert meta["nuisance"] == {"rates": rates, "seed": 3, "counts": {"invert": 12, "corner": 6}}
+    assert not (out / tiny.NUISANCE_MARKER).exists()
+    images = seen["images"]
+    bright_border = images[:, 0, 0, :].mean(dim=1) > 0  # fake data have a black border; inverted is white
+    assert int(bright_border.sum()) == 12
+    prompts = seen["prompts"]
+    inverted = [p for p in prompts if p.startswith("a photo of") and ", inverted" in p]
+    cornered = [p for p in prompts if ", small in a corner" in p]
+    assert inverted and cornered and any(" that is small in a corner" in p for p in prompts)
+    assert all(p.count("inverted") == 1 for p in inverted)
+    assert "a photo of a coat" in prompts  # the class-only prompt stays clean
+    assert load_tiny_generator(out).latent_shape == (4, 8, 8)
+
+
+def test_resuming_with_other_nuisance_settings_is_refused(tmp_path):
+    from longtail.models.tiny import NUISANCE_MARKER, _check_nuisance_marker
+
+    meta = {"rates": {"rotate": 0.03}, "seed": 0, "counts": {"rotate": 3}}
+    _check_nuisance_marker(tmp_path, meta)  # a fresh run records its settings
+    (tmp_path / "vae_done").write_text("ok\n")
+    _check_nuisance_marker(tmp_path, meta)  # the same settings resume
+    with pytest.raises(ValueError, match="another output directory"):
+        _check_nuisance_marker(tmp_path, None)
+    (tmp_path / NUISANCE_MARKER).unlink()  # a run begun by a version without nuisance modes
+    with pytest.raises(ValueError, match="without nuisance modes"):
+        _check_nuisance_marker(tmp_path, meta)

@@ -2,8 +2,8 @@
 
 A :class:`Captioner` stands in for the vision-language model of the paper (METHOD.md section 5). The
 embedded :class:`AttributeCaptioner` measures simple geometric and photometric attributes of the object
-(size, shape, tilt, position, brightness, holes, texture, cut-off edges, symmetry) and turns the salient
-ones into plain English phrases: ``"a photo of a sandal, small, hollow, patterned"``. It is deterministic
+(size, shape, tilt, position, brightness, holes, texture, cut-off edges, symmetry, plus two whole-image
+checks: a bright background and a faint image) and turns the salient ones into plain English phrases: ``"a photo of a sandal, small, hollow, patterned"``. It is deterministic
 and fast, so it can caption a whole training set (to text-condition a small diffusion model) and the
 guided / unguided images compared by Longtail Introspection.
 
@@ -47,6 +47,8 @@ ATTRIBUTES: tuple[str, ...] = (
     "edge_top",
     "edge_bottom",
     "asymmetry",
+    "border",
+    "peak",
 )
 
 
@@ -149,6 +151,12 @@ def measure_batch(
     difference = ((x - mirror).abs() * union).sum(dim=(1, 2))
     asymmetry = difference / ((x + mirror) * union).sum(dim=(1, 2)).clamp_min(1e-8)
 
+    # whole image: mean intensity of the border bands (bright = inverted photo) and the brightest pixel
+    ring = torch.ones(h, w, dtype=torch.bool)
+    ring[band_h : h - band_h, band_w : w - band_w] = False
+    border = x[:, ring].mean(dim=1)
+    peak = x.flatten(1).amax(dim=1)
+
     attrs = {
         "area": count / (h * w),
         "width": box_w / w,
@@ -169,6 +177,8 @@ def measure_batch(
         "edge_top": edge_top,
         "edge_bottom": edge_bottom,
         "asymmetry": asymmetry,
+        "border": border,
+        "peak": peak,
     }
     return {k: torch.where(has, v, torch.zeros(())).float() for k, v in attrs.items()}
 
@@ -192,6 +202,8 @@ def measure(image: Tensor, fg_level: float = FG_LEVEL) -> dict[str, float]:
     * ``edge_left`` etc.: fraction of the band (10% of the size) along that border covered by the object.
     * ``asymmetry``: mean absolute difference to the left-right mirror about the bounding box centre,
       relative to the intensity there (0 = symmetric, 1 = no overlap).
+    * ``border``: mean intensity of the four border bands (background and object alike; high = a bright
+      background, as in an inverted photo). ``peak``: the brightest pixel (low = a faint image).
     """
     if image.dim() == 3:
         image = image.float().mean(dim=0)
@@ -216,6 +228,10 @@ class AttributeThresholds:
     up", "tilted right" and the left / right / top cut-offs are rare there (under 5%), while "shifted
     right / down", "tilted left" (mostly shoes) and "cut off at the bottom edge" fire on 15-24%.
     "tilted right" means rotated clockwise from the nearest upright or level pose.
+    "inverted" (a bright background) and "faint" (no pixel brighter than ``faint_peak``) never fire on
+    real Fashion-MNIST (border-band mean at most 0.23; every image has a pixel above 0.99); they name the
+    ``invert`` and ``low_contrast`` nuisance modes of :mod:`longtail.data.nuisance` and, when they fire,
+    are always kept (they take the first of the ``max_phrases`` places).
     """
 
     small_area: float = 0.22  # "small" below (fraction of pixels on the object)
@@ -234,6 +250,8 @@ class AttributeThresholds:
     cut_off: float = 0.2  # "cut off at the <edge> edge" above (coverage of the border band)
     asymmetric: float = 0.45  # "asymmetric" above (left-right mirror difference)
     blank_area: float = 0.002  # "blank" (and nothing else) below this area
+    inverted_border: float = 0.5  # "inverted" above (mean intensity of the border bands)
+    faint_peak: float = 0.4  # "faint" below (brightest pixel)
 
 
 # Medians of the attributes on the same Fashion-MNIST sample; they only set the unit of salience.
@@ -249,18 +267,24 @@ TYPICAL: dict[str, float] = {
     "texture": 0.078,
     "edge": 0.0,
     "asymmetry": 0.13,
+    "border": 0.04,
+    "peak": 1.0,
 }
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One phrase: fires when ``attr`` is beyond ``threshold`` (above it if ``above`` else below it)."""
+    """One phrase: fires when ``attr`` is beyond ``threshold`` (above it if ``above`` else below it).
+
+    ``always``: when it fires it is kept ahead of the most salient ones (see :func:`describe_batch`).
+    """
 
     phrase: str
     attr: str
     above: bool
     threshold: float
     typical: float
+    always: bool = False
 
     def salience(self, value: Tensor) -> Tensor:
         """Distance beyond the threshold in units of ``|threshold - typical|``; positive = fires. ``[B]``."""
@@ -269,10 +293,12 @@ class Rule:
 
 
 def phrase_rules(th: AttributeThresholds) -> list[Rule]:
-    """All phrases in their fixed caption order: size, shape, tilt, position, brightness, fill, texture,
-    cut-off edges, symmetry."""
+    """All phrases in their fixed caption order: whole-image checks (inverted, faint), size, shape, tilt,
+    position, brightness, fill, texture, cut-off edges, symmetry."""
     t = TYPICAL
     rules = [
+        Rule("inverted", "border", True, th.inverted_border, t["border"], always=True),
+        Rule("faint", "peak", False, th.faint_peak, t["peak"], always=True),
         Rule("small", "area", False, th.small_area, t["area"]),
         Rule("large", "area", True, th.large_area, t["area"]),
         Rule("wide", "log_aspect", True, math.log(th.wide_aspect), t["log_aspect"]),
@@ -317,14 +343,17 @@ def describe_batch(
     """Phrases for each image of a batch of attributes (``{name: [B]}`` from :func:`measure_batch`).
 
     A phrase is emitted when its attribute is beyond its threshold. When more than ``max_phrases`` fire,
-    the most salient ones (largest normalised distance beyond the threshold) are kept; the kept phrases
-    are listed in the fixed order of :func:`phrase_rules`. An image without an object is ``["blank"]``.
+    the ``always`` ones ("inverted", "faint") and then the most salient ones (largest normalised distance
+    beyond the threshold) are kept; the kept phrases are listed in the fixed order of :func:`phrase_rules`.
+    An image without an object is ``["blank"]``.
     """
     th = thresholds or AttributeThresholds()
     rules = phrase_rules(th)
     sal = saliences(attrs, th)
     limit = len(rules) if max_phrases is None else max(0, max_phrases)
-    order = torch.sort(sal, dim=1, descending=True, stable=True).indices[:, :limit]
+    always = torch.tensor([r.always for r in rules]).view(1, -1)
+    rank = torch.where(always & (sal > 0), torch.full_like(sal, math.inf), sal)
+    order = torch.sort(rank, dim=1, descending=True, stable=True).indices[:, :limit]
     keep = torch.zeros_like(sal, dtype=torch.bool).scatter_(1, order, True) & (sal > 0)
     blank = attrs["area"] < th.blank_area
     out: list[list[str]] = []

