@@ -162,7 +162,7 @@ def test_judge_trained_once_and_its_columns_in_the_sweep(tmp_path, parts):
     points = summary["sweep"]["points"]
     assert all(0.0 <= p["judge_accuracy"] <= 1.0 and 0.0 <= p["judge_p_class"] <= 1.0 for p in points)
     assert summary["sweep"]["judge"]["min_judge_ratio"] == 0.9
-    for signal, choice in summary["sweep"]["choices"].items():
+    for name, choice in summary["sweep"]["choices"].items():
         if choice["weight"] is not None:  # a chosen weight keeps >= 90% of the unguided judge accuracy
-            chosen = next(p for p in points if p["signal"] == signal and p["weight"] == choice["weight"])
+            chosen = next(p for p in points if p["signal"] == name and p["weight"] == choice["weight"])
             assert chosen["judge_accuracy"] >= 0.9 * choice["baseline_judge_accuracy"] - 1e-9

@@ -5,14 +5,21 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    PNDMScheduler,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 
+from longtail.generate import generate, plan_jobs
 from longtail.guidance import (
     GuidanceWindow,
+    LongtailGuide,
     eps_from_model_output,
     guided_eps,
     longtail_grad,
@@ -20,7 +27,15 @@ from longtail.guidance import (
     model_output_from_eps,
     predicted_z0,
 )
-from longtail.sampling import GuidanceConfig, check_scheduler, initial_latents, sample
+from longtail.sampling import (
+    RECURRENT_SCHEDULERS,
+    SUPPORTED_SCHEDULERS,
+    GuidanceConfig,
+    check_scheduler,
+    initial_latents,
+    renoise,
+    sample,
+)
 
 
 def ddim():
@@ -246,3 +261,189 @@ def test_through_denoiser_reuses_its_eps_and_weight_zero_is_still_unguided(tiny_
     zero = sample(classifier=tiny_cnn, guidance=GuidanceConfig("entropy", weight=0.0, through_denoiser=True), **kw)
     assert len(calls) - n_plain == n_plain  # one denoiser pass per step, not two
     assert torch.allclose(plain.latents, zero.latents, atol=1e-6)
+
+
+# --- on-manifold options in the sampler: every scheduler, w = 0, recurrence, projection -------------------------
+
+_BETAS = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SCHEDULERS = {
+    "DDIMScheduler": ddim,
+    "DDPMScheduler": lambda: DDPMScheduler(**_BETAS, clip_sample=False),
+    "DPMSolverMultistepScheduler": lambda: DPMSolverMultistepScheduler(**_BETAS),
+    "DPMSolverSinglestepScheduler": lambda: DPMSolverSinglestepScheduler(**_BETAS),
+    "UniPCMultistepScheduler": lambda: UniPCMultistepScheduler(**_BETAS),
+    "PNDMScheduler": lambda: PNDMScheduler(**_BETAS, skip_prk_steps=True),
+    "EulerDiscreteScheduler": lambda: EulerDiscreteScheduler(**_BETAS),
+    "EulerAncestralDiscreteScheduler": lambda: EulerAncestralDiscreteScheduler(**_BETAS),
+}
+OPTIONS = {"views": dict(views=3), "project": dict(project=True), "recurrence": dict(recurrence=2),
+           "lowpass": dict(lowpass=1.0)}
+
+
+def test_the_scheduler_table_covers_every_supported_scheduler():
+    assert sorted(SCHEDULERS) == sorted(SUPPORTED_SCHEDULERS)
+    assert set(RECURRENT_SCHEDULERS) <= set(SUPPORTED_SCHEDULERS)
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_option_is_bit_identical_at_weight_zero_and_guides_on_every_scheduler(option, name, tiny_cnn):
+    unet, vae = tiny_sd_parts()
+    calls = []
+
+    def denoiser(z, t, cond):
+        calls.append(1)
+        return unet(z, t, encoder_hidden_states=cond).sample
+
+    def run(weight=None):
+        guidance = None if weight is None else GuidanceConfig("entropy", weight, **OPTIONS[option])
+        return sample(denoiser=denoiser, scheduler=SCHEDULERS[name](), decode=lambda z: vae.decode(z).sample,
+                      encode=lambda x: vae.encode(x).latent_dist.mean, cond=torch.randn(2, 5, 12,
+                      generator=torch.Generator().manual_seed(0)), latents=initial_latents([1, 2], (4, 8, 8)),
+                      num_steps=3, classifier=tiny_cnn.eval(), guidance=guidance,
+                      generator=torch.Generator().manual_seed(0))
+
+    if option == "recurrence" and name not in RECURRENT_SCHEDULERS:
+        with pytest.raises(ValueError, match="recurrence"):
+            run(1.0)
+        assert calls == []  # refused before any denoiser call
+        return
+    plain = run()
+    steps = len(calls)  # one call per scheduler timestep (PNDM has one more than num_steps)
+    zero = run(0.0)
+    assert torch.equal(plain.latents, zero.latents) and torch.equal(plain.images, zero.images)
+    assert zero.denoiser_calls == plain.denoiser_calls == steps and zero.recurrence_calls == 0
+    strong = run(50.0)
+    assert torch.isfinite(strong.latents).all() and not torch.equal(plain.latents, strong.latents)
+    assert strong.recurrence_calls == (2 * steps if option == "recurrence" else 0)
+    assert strong.denoiser_calls == steps + strong.recurrence_calls == len(calls) - 2 * steps
+
+
+def _toy_kwargs(n: int = 16, scheduler=None, steps: int = 20) -> dict:
+    sched = scheduler or ddim()
+    return dict(denoiser=GaussianDenoiser(ddim()), scheduler=sched, decode=lambda z: z, cond=torch.zeros(n, 1),
+                latents=initial_latents(range(n), (4,)), num_steps=steps, classifier=boundary_classifier,
+                labels=torch.zeros(n, dtype=torch.long))
+
+
+def test_recurrence_zero_is_the_plain_guided_loop_written_out():
+    """r = 0 reproduces Algorithm 1 written by hand: eps, Eq. 11, DDIM step."""
+    kw = _toy_kwargs(n=4, steps=6)
+    res = sample(guidance=GuidanceConfig("entropy", 3.0, recurrence=0), **kw)
+    sched = ddim()
+    sched.set_timesteps(6)
+    guide = LongtailGuide(GuidanceConfig("entropy", 3.0), boundary_classifier, lambda z: z, num_steps=6)
+    z = kw["latents"]
+    for i, t in enumerate(sched.timesteps):
+        a = sched.alphas_cumprod[int(t)]
+        z = sched.step(guide(i, z, a, kw["denoiser"](z, t, None)), t, z).prev_sample
+    assert torch.equal(res.latents, z)
+    assert res.denoiser_calls == 6 and res.recurrence_calls == 0
+
+
+def test_recurrence_redoes_guided_steps_only():
+    calls = []
+    kw = _toy_kwargs(n=4, steps=6)
+    den = kw["denoiser"]
+    kw["denoiser"] = lambda z, t, c: calls.append(int(t)) or den(z, t, c)
+    res = sample(guidance=GuidanceConfig("entropy", 3.0, start=0.5, recurrence=2), **kw)
+    assert len(calls) == 3 + 3 * 3 == res.denoiser_calls and res.recurrence_calls == 6
+    assert calls[3:6] == [calls[3]] * 3  # the guided steps are called (1 + r) times at the same timestep
+    assert [(r.step, r.repeat) for r in res.trajectory] == [(s, k) for s in (3, 4, 5) for k in range(3)]
+    again = sample(guidance=GuidanceConfig("entropy", 3.0, start=0.5, recurrence=2), **_toy_kwargs(n=4, steps=6))
+    assert torch.equal(res.latents, again.latents)  # seeded re-noising: runs repeat
+    other = sample(guidance=GuidanceConfig("entropy", 3.0, start=0.5, recurrence=2, seed=1), **_toy_kwargs(4, steps=6))
+    assert not torch.equal(res.latents, other.latents)
+
+
+@pytest.mark.parametrize("name", sorted(RECURRENT_SCHEDULERS))
+def test_recurrence_moves_the_signal_at_least_as_far_on_the_gaussian_toy(name):
+    """One guided step (window [0.25, 0.3) of 20), redone r times: each pass adds its push, so the signal grows
+    with r. (Over a long window at a fixed weight the re-noising also contracts the drift that earlier guided
+    steps left, by sqrt(a_t / a_{t-1}) per pass, so there recurrence can end below r = 0 on this exact toy.)"""
+    def run(r=None):
+        guidance = None if r is None else GuidanceConfig("entropy", 10.0, start=0.25, end=0.3, recurrence=r)
+        return sample(guidance=guidance, generator=torch.Generator().manual_seed(0),
+                      **_toy_kwargs(n=32, scheduler=SCHEDULERS[name]()))
+
+    plain, once, thrice = run(), run(0), run(2)
+    assert len(once.trajectory) == 1 and len(thrice.trajectory) == 3 and thrice.recurrence_calls == 2
+    assert once.signal.mean() > plain.signal.mean() + 0.005
+    assert thrice.signal.mean() >= once.signal.mean() + 0.005
+    assert thrice.p_class.mean() > 0.5  # still the intended class on average
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler"])
+def test_recurrence_with_negligible_guidance_still_samples_the_data(name):
+    """Re-noising keeps each level's marginal (and Euler's step index is rewound): the data mean is reached."""
+    res = sample(guidance=GuidanceConfig("entropy", 1e-6, recurrence=2), generator=torch.Generator().manual_seed(0),
+                 **_toy_kwargs(n=64, scheduler=SCHEDULERS[name]()))
+    assert res.latents.mean().item() == pytest.approx(2.0, abs=0.25)
+    assert res.latents.std().item() == pytest.approx(0.5, abs=0.2)
+
+
+def test_renoise_has_the_forward_marginal_and_sigma_space_agrees():
+    a_t, a_prev = torch.tensor(0.3), torch.tensor(0.6)
+    mu, s = 2.0, 0.5
+    gen = torch.Generator().manual_seed(0)
+    n = 200_000
+    z_prev = a_prev.sqrt() * (mu + s * torch.randn(n, generator=gen)) + (1 - a_prev).sqrt() * torch.randn(n, generator=gen)
+    z_t = renoise(z_prev, a_t, a_prev, torch.randn(n, generator=gen))
+    assert z_t.mean().item() == pytest.approx(a_t.sqrt().item() * mu, abs=0.01)
+    assert z_t.var().item() == pytest.approx((a_t * s**2 + 1 - a_t).item(), abs=0.01)
+    x_prev, noise = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    a_t, a_prev = a_t.double(), a_prev.double()
+    sigma_t2, sigma_prev2 = 1 / a_t - 1, 1 / a_prev - 1
+    expected = x_prev + (sigma_t2 - sigma_prev2).sqrt() * noise  # Euler: x_t = x_{t-1} + sqrt(dsigma^2) noise
+    assert torch.allclose(renoise(x_prev, a_t, a_prev, noise, sigma_space=True), expected, atol=1e-12)
+
+
+def test_projection_in_the_sampler_with_an_identity_autoencoder_changes_nothing():
+    plain = sample(guidance=GuidanceConfig("entropy", 3.0), **_toy_kwargs())
+    projected = sample(guidance=GuidanceConfig("entropy", 3.0, project=True), encode=lambda x: x, **_toy_kwargs())
+    assert torch.allclose(projected.latents, plain.latents, atol=1e-4)
+    shrunk = sample(guidance=GuidanceConfig("entropy", 3.0, project=True), encode=lambda x: 0.5 * x,
+                    **_toy_kwargs())
+    assert shrunk.latents.mean() < plain.latents.mean() - 0.5  # the projection is applied
+
+
+def test_sampler_option_errors_name_the_setting():
+    kw = _toy_kwargs(n=2, steps=2)
+    for option, match in ((dict(views=0), "views"), (dict(recurrence=-1), "recurrence"),
+                          (dict(lowpass=-1.0), "lowpass"), (dict(project=True), "encode")):
+        with pytest.raises(ValueError, match=match):
+            sample(guidance=GuidanceConfig("entropy", 1.0, **option), **kw)
+    with pytest.raises(ValueError, match="unknown guidance option"):
+        GuidanceConfig("entropy", 1.0).with_options(recurrance=2)
+
+
+class _StubLDM:
+    """What ``generate`` needs of a ``LatentDiffusion``, on the Gaussian toy; counts encoder calls."""
+
+    latent_shape, device, dtype = (4,), torch.device("cpu"), torch.float32
+
+    def __init__(self):
+        self.scheduler, self.encoded = ddim(), 0
+        self.denoise = GaussianDenoiser(self.scheduler)
+
+    def encode_prompts(self, prompts):
+        return torch.zeros(len(prompts), 1)
+
+    def decode(self, z):
+        return z
+
+    def encode(self, x):
+        self.encoded += 1
+        return x
+
+
+def test_generate_passes_the_models_encoder_when_guidance_projects():
+    jobs = plan_jobs([2, 2], lambda c, i: "p")
+    ldm = _StubLDM()
+    generate(ldm, jobs, classifier=boundary_classifier, guidance=GuidanceConfig("entropy", 1.0), num_steps=3,
+             cfg_scale=1.0, show=False)
+    assert ldm.encoded == 0
+    out = generate(ldm, jobs, classifier=boundary_classifier, guidance=GuidanceConfig("entropy", 1.0, project=True),
+                   num_steps=3, cfg_scale=1.0, show=False)
+    assert ldm.encoded == 3 and len(out) == 4  # once per guided step, one batch

@@ -109,8 +109,12 @@ def generate(
     show: bool = True,
     desc: str = "generate",
 ) -> Generated:
-    """Generate every job in batches; guided when ``guidance`` is given (needs ``classifier``)."""
+    """Generate every job in batches; guided when ``guidance`` is given (needs ``classifier``).
+
+    ``guidance.project`` (MPGD manifold projection) gets ``ldm.encode`` as its encoder automatically.
+    """
     jobs = list(jobs)
+    encode = ldm.encode if guidance is not None and guidance.project else None
     started = time.perf_counter()
     results: list[SampleResult] = []
     for start in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not show, leave=False):
@@ -122,7 +126,7 @@ def generate(
         results.append(sample(denoiser=ldm.denoise, scheduler=ldm.scheduler, decode=ldm.decode, cond=cond,
                               latents=latents, uncond=uncond, num_steps=num_steps, cfg_scale=cfg_scale,
                               classifier=classifier, labels=labels, guidance=guidance,
-                              record_signal=record_signal, guide_decode=guide_decode))
+                              record_signal=record_signal, guide_decode=guide_decode, encode=encode))
     outputs = [r.output for r in results]
     output = None
     if outputs and all(o is not None for o in outputs):

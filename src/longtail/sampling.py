@@ -10,7 +10,8 @@ Parts, all supplied by the caller so the same loop serves the embedded model and
 * ``classifier(image) -> logits [B, C] | ClassifierOutput`` (optional; needed for guidance and records)
 
 Per step: classifier-free guidance gives eps; a ``LongtailGuide`` (``longtail.guidance``) turns it into the
-guided eps (Eq. 11) before the scheduler step (Eq. 7). Everything about guidance lives in the guide.
+guided eps (Eq. 11) before the scheduler step (Eq. 7). Everything about guidance lives in the guide, except
+recurrence (Universal Guidance's time travel), which redoes a whole step and so belongs to the loop.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .guidance import (
     StepRecord,
     eps_from_model_output,
     model_output_from_eps,
+    option_generator,
     predicted_z0,
 )
 from .outputs import ClassifierOutput, as_output
@@ -54,6 +56,10 @@ SUPPORTED_SCHEDULERS = (
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
 )
+# Schedulers whose `step` keeps no state but the step index, so a step can be redone (guidance recurrence).
+RECURRENT_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+# Schedulers that step the sigma-space variable x = z_vp / sqrt(a) rather than z_vp itself.
+SIGMA_SPACE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
 
 
 @dataclass
@@ -70,6 +76,8 @@ class SampleResult:
     nonfinite: int = 0  # (sample, step) pairs whose gradient was non-finite and fell back to unguided
     trajectory: list[StepRecord] = field(default_factory=list)
     seconds: float = 0.0
+    denoiser_calls: int = 0  # denoiser invocations (a CFG pair is one batched call)
+    recurrence_calls: int = 0  # of which spent redoing guided steps (guidance recurrence)
 
 
 def check_scheduler(scheduler: object) -> None:
@@ -141,13 +149,22 @@ def _cfg_eps(
 
 
 def _check_inputs(scheduler: object, cond: Tensor, latents: Tensor, guidance: GuidanceConfig | None,
-                  classifier: object) -> None:
+                  classifier: object, encode: object) -> None:
     """Refuse what the loop cannot run, before any denoiser call (``ValueError``)."""
     check_scheduler(scheduler)
     if latents.shape[0] != cond.shape[0]:
         raise ValueError(f"latents batch {latents.shape[0]} != cond batch {cond.shape[0]}")
-    if guidance is not None and classifier is None:
+    if guidance is None:
+        return
+    if classifier is None:
         raise ValueError("guidance needs a classifier")
+    guidance.check()
+    if guidance.project and encode is None:
+        raise ValueError("guidance project=True needs sample(encode=...) (latent from image, inverting decode)")
+    name = type(scheduler).__name__
+    if guidance.recurrence > 0 and name not in RECURRENT_SCHEDULERS:
+        raise ValueError(f"guidance recurrence={guidance.recurrence} needs a scheduler whose step is stateless, "
+                         f"one of {list(RECURRENT_SCHEDULERS)}; {name} keeps multistep state")
 
 
 def _step_kwargs(scheduler: object, eta: float, generator: torch.Generator | None) -> dict[str, object]:
@@ -171,6 +188,47 @@ def _record_final(result: SampleResult, out: ClassifierOutput, labels: Tensor | 
         result.p_class = probs.gather(1, labels.view(-1, 1).to(probs.device)).squeeze(1)
 
 
+def _alpha_bar_prev(scheduler: object, alphas: Tensor, i: int, t: Tensor) -> Tensor:
+    """``alpha_bar`` of the level step ``i`` lands on, as the scheduler's own ``step`` computes it
+    (sigma schedulers: ``1 / (1 + sigma_{i+1}^2)``; DDIM: ``final_alpha_cumprod`` past the end; DDPM: 1)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if isinstance(sigmas, Tensor) and len(sigmas) == len(scheduler.timesteps) + 1:
+        return 1.0 / (1.0 + sigmas[i + 1].to(alphas.device, torch.float32) ** 2)
+    if type(scheduler).__name__ == "DDIMScheduler":
+        prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        return alphas[prev] if prev >= 0 else scheduler.final_alpha_cumprod.to(alphas.device)
+    prev = int(scheduler.previous_timestep(t))
+    return alphas[prev] if prev >= 0 else torch.ones((), device=alphas.device)
+
+
+def renoise(z_prev: Tensor, a_t: Tensor, a_prev: Tensor, noise: Tensor, sigma_space: bool = False) -> Tensor:
+    """Take a step back up to level ``t`` (Universal Guidance's time travel, FreeDoM's recurrence).
+
+    Variance-preserving form: ``z_t' = sqrt(a_t / a_prev) z_{t-1} + sqrt(1 - a_t / a_prev) noise``, with
+    ``a = alpha_bar``; shapes ``[B, ...]``. ``sigma_space``: ``z`` is the Euler variable ``z_vp / sqrt(a)``
+    (then ``x_t = x_{t-1} + sqrt(sigma_t^2 - sigma_{t-1}^2) noise``, the same map).
+    """
+    ratio = (a_t / a_prev).to(z_prev.dtype)
+    if sigma_space:
+        z_prev = z_prev * a_prev.sqrt().to(z_prev.dtype)
+    z_t = ratio.sqrt() * z_prev + (1 - ratio).clamp_min(0).sqrt() * noise.to(z_prev)
+    return z_t / a_t.sqrt().to(z_prev.dtype) if sigma_space else z_t
+
+
+def _recurrences(guide: LongtailGuide | None, i: int) -> int:
+    """How many times step ``i`` is redone: ``recurrence`` on guided steps at a nonzero weight, else 0
+    (at ``w = 0`` redoing would change the sample without guiding it)."""
+    if guide is None or guide.config.weight == 0.0 or not guide.active(i):
+        return 0
+    return guide.config.recurrence
+
+
+def _rewind(scheduler: object) -> None:
+    """Undo ``step``'s only state change in a recurrent scheduler: the step index (Euler keeps one)."""
+    if getattr(scheduler, "_step_index", None) is not None:
+        scheduler._step_index -= 1
+
+
 @torch.no_grad()
 def sample(
     *,
@@ -190,46 +248,66 @@ def sample(
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
     guide_decode: Callable[[Tensor], Tensor] | None = None,
+    encode: Callable[[Tensor], Tensor] | None = None,
 ) -> SampleResult:
     """Run the (optionally longtail-guided) sampler from ``latents`` = z_T ``[B, ...]`` (Algorithm 1).
 
     ``cond``/``uncond [B, ...]``: conditioning batches for the denoiser (``uncond`` enables CFG with
     ``cfg_scale``). ``guidance=None`` is the plain sampler; with a ``GuidanceConfig`` a ``LongtailGuide``
     biases eps on its window's steps (Eq. 11) before each scheduler step (Eq. 7); ``guide_decode`` replaces
-    ``decode`` on the guidance path only. ``labels [B]`` (intended classes) give P(class) records;
-    ``record_signal`` names the signal recorded on the final images (default: the guidance signal, else
-    entropy). ``on_step(info)`` is called once per step with a dict: ``step`` (index), ``timestep``, ``z`` (the
-    variance-preserving latent ``[B, ...]``), ``eps`` (unguided), ``a_t`` (alpha_bar), ``z0`` (Eq. 8 from the
-    unguided eps) and ``guided`` (the eps the scheduler steps with).
+    ``decode`` on the guidance path only; ``encode(image) -> latent`` (inverting ``decode``) is needed by
+    ``guidance.project`` (MPGD). With ``guidance.recurrence = r`` (and a nonzero weight) each guided step is
+    redone r times after re-noising its result back to its level with ``renoise`` (Universal Guidance,
+    FreeDoM); ``result.denoiser_calls`` / ``recurrence_calls`` count the cost. ``labels [B]`` (intended
+    classes) give P(class) records; ``record_signal`` names the signal recorded on the final images
+    (default: the guidance signal, else entropy). ``on_step(info)`` is called once per step (after its last
+    recurrence pass) with a dict: ``step`` (index), ``timestep``, ``z`` (the variance-preserving latent
+    ``[B, ...]``), ``eps`` (unguided), ``a_t`` (alpha_bar), ``z0`` (Eq. 8 from the unguided eps) and
+    ``guided`` (the eps the scheduler steps with).
 
     A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored
-    after). Raises ``ValueError`` for an unsupported scheduler, mismatched batches, or guidance without a
-    classifier.
+    after). Raises ``ValueError`` for an unsupported scheduler, mismatched batches, guidance without a
+    classifier, a bad guidance option (naming it), ``project`` without ``encode``, or ``recurrence`` with a
+    multistep scheduler (not in ``RECURRENT_SCHEDULERS``).
     """
-    _check_inputs(scheduler, cond, latents, guidance, classifier)
+    _check_inputs(scheduler, cond, latents, guidance, classifier, encode)
     started = time.perf_counter()
     scheduler.set_timesteps(num_steps, device=latents.device)
     prediction = scheduler.config.get("prediction_type", "epsilon")
     step_kwargs = _step_kwargs(scheduler, eta, generator)
     alphas = scheduler.alphas_cumprod.to(latents.device)
+    sigma_space = type(scheduler).__name__ in SIGMA_SPACE_SCHEDULERS
+
+    def one_pass(i: int, t: Tensor, z: Tensor, a_t: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One denoiser call, guidance and scheduler step from ``z``: (z_vp, unguided eps, guided eps, next z)."""
+        track = guide is not None and guide.needs_denoiser_graph(i)  # one pass serves eps and the gradient
+        z_vp = scheduler.scale_model_input(z, t).detach().requires_grad_(track)  # z itself for DDIM
+        with torch.set_grad_enabled(track):
+            eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction)
+        guided = eps if guide is None else guide(i, z_vp, a_t, eps, timestep=t, repeat=r)
+        z_vp, eps = z_vp.detach(), eps.detach()
+        output = model_output_from_eps(guided, z_vp, a_t, prediction)
+        return z_vp, eps, guided, scheduler.step(output, t, z, **step_kwargs).prev_sample
+
     with frozen(classifier):
         guide = None if guidance is None else LongtailGuide(
-            guidance, classifier, decode, num_steps=len(scheduler.timesteps), guide_decode=guide_decode)
-        z = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+            guidance, classifier, decode, num_steps=len(scheduler.timesteps), guide_decode=guide_decode,
+            encode=encode)
+        z, calls, extra = latents * getattr(scheduler, "init_noise_sigma", 1.0), 0, 0
         for i, t in enumerate(scheduler.timesteps):
             a_t = _alpha_bar(scheduler, alphas, i, t).to(z.dtype)
-            track = guide is not None and guide.needs_denoiser_graph(i)  # one pass serves eps and the gradient
-            z_vp = scheduler.scale_model_input(z, t).detach().requires_grad_(track)  # z itself for DDIM
-            with torch.set_grad_enabled(track):
-                eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction)
-            guided = eps if guide is None else guide(i, z_vp, a_t, eps, timestep=t)
-            z_vp, eps = z_vp.detach(), eps.detach()
+            repeats = _recurrences(guide, i)
+            z_vp, eps, guided, z_next = one_pass(i, t, z, a_t, 0)
+            for r in range(1, repeats + 1):  # time travel: back up to level t, redo the guided step
+                _rewind(scheduler)
+                noise = torch.randn(z.shape, generator=option_generator(guidance.seed, i, r, stream=1))
+                z_back = renoise(z_next, a_t, _alpha_bar_prev(scheduler, alphas, i, t), noise, sigma_space)
+                z_vp, eps, guided, z_next = one_pass(i, t, z_back, a_t, r)
+            calls, extra, z = calls + 1 + repeats, extra + repeats, z_next
             if on_step is not None:
                 on_step({"step": i, "timestep": t, "z": z_vp, "eps": eps, "a_t": a_t,
                          "z0": predicted_z0(z_vp, eps, a_t), "guided": guided})
-            output = model_output_from_eps(guided, z_vp, a_t, prediction)
-            z = scheduler.step(output, t, z, **step_kwargs).prev_sample
-        result = SampleResult(images=decode(z), latents=z)
+        result = SampleResult(images=decode(z), latents=z, denoiser_calls=calls, recurrence_calls=extra)
         if guide is not None:
             result.trajectory, result.nonfinite = guide.records, guide.nonfinite
         if classifier is not None:
