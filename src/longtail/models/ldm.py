@@ -2,7 +2,8 @@
 
 ``LatentDiffusion`` holds a ``UNet2DConditionModel``, an ``AutoencoderKL``, a tokenizer + transformers text
 encoder and a scheduler, and exposes exactly the callables of ``longtail.sampling.sample``:
-``denoise(z_t, t, cond)``, ``decode(z)``, ``encode_prompts(prompts)``. Stable Diffusion (CLIP text encoder)
+``denoise(z_t, t, cond)``, ``decode(z)``, ``encode(images)`` (its inverse, for MPGD manifold projection),
+``encode_prompts(prompts)``. Stable Diffusion (CLIP text encoder)
 and the embedded default (MiniLM text encoder) are both instances; only their loading differs.
 
 Components may sit in different dtypes (a bf16 UNet with an fp32 VAE, say): ``denoise``, ``decode`` and
@@ -101,7 +102,11 @@ class LatentDiffusion:
         return self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample
 
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Images ``[B, C, H, W]`` in [-1, 1] -> scaled latents (posterior mean unless ``sample``)."""
+        """Images ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, c, h, w]`` (posterior mean unless ``sample``).
+
+        The inverse of ``decode``'s scaling (times ``scaling_factor``), so ``encode(decode(z))`` is the
+        autoencoder's projection of ``z``: what ``sample(encode=...)`` needs for ``GuidanceConfig.project``.
+        """
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mean
         return z * self.scaling_factor
