@@ -166,3 +166,44 @@ def test_judge_trained_once_and_its_columns_in_the_sweep(tmp_path, parts):
         if choice["weight"] is not None:  # a chosen weight keeps >= 90% of the unguided judge accuracy
             chosen = next(p for p in points if p["signal"] == name and p["weight"] == choice["weight"])
             assert chosen["judge_accuracy"] >= 0.9 * choice["baseline_judge_accuracy"] - 1e-9
+
+
+def test_validation_split_nuisance_modes_hard_split_and_extra_splits(tmp_path, parts):
+    """Settings chosen on a validation split of unused training images; rare modes inside classes; the hard
+    split (what most base classifiers get wrong) and the nuisance splits reported per condition."""
+    out = tmp_path / "run"
+    over = [*overrides(out, *parts), "data.n_max=20", "seeds=[0, 1]", "conditions=[none, unguided]", *rounds(1),
+            "trajectory=false", "distances=false", "sweep.signals=[total]", "sweep.weights=[1.0]",
+            "data.eval_split=val", "data.val_per_class=5", "data.nuisance={invert: 0.1, corner: 0.1}",
+            "data.nuisance_eval=[invert, all]"]
+    lines: list[str] = []
+    summary = run_mine(load_demo_config(overrides=over), show=False, log=lines.append)
+    assert summary["evaluated_on"].startswith("Fashion-MNIST validation split")
+    assert sum(summary["per_seed"]["0"]["base"]["per_class"]) > 0
+    for cond in ("none", "unguided"):
+        assert summary["conditions"][cond]["hard"]["n"] == 2
+        assert set(summary["splits"]) == {"nuisance:invert", "nuisance:all"}
+        assert summary["splits"]["nuisance:invert"][cond]["n"] == 2
+    assert summary["paired"]["table"]["none"]["hard"]["n"] == 2
+    text = "\n".join(lines)
+    assert "hard split" in text and "extra splits" in text and "paired difference to unguided" in text
+
+
+def test_validation_split_never_overlaps_the_training_subset(tmp_path, parts):
+    import torch
+
+    from longtail.data.datasets import load_fashion_mnist, longtail_counts, longtail_indices
+    from longtail.data.sources import FashionMNISTLT, validation_indices
+
+    data = parts[0]
+    _, labels = load_fashion_mnist("train", data)
+    used = longtail_indices(labels, longtail_counts(20, 10, 10), 0)
+    val = validation_indices(labels, used, 5, 0)
+    assert not torch.isin(val, used).any() and torch.bincount(labels[val]).tolist() == [5] * 10
+    source = FashionMNISTLT(data, n_max=20, imbalance=10, eval_split="val", val_per_class=5,
+                            nuisance={"invert": 0.5}, nuisance_eval=["invert"])
+    assert len(source.eval_y) == 50 and int((source.train_modes >= 0).sum()) == round(0.5 * sum(source.train_counts))
+    (x, y), = source.extra.values()
+    assert torch.equal(x, -source.eval_x) and torch.equal(y, source.eval_y)  # invert = -x on every image
+    with pytest.raises(ValueError, match="val_per_class=25"):
+        FashionMNISTLT(data, n_max=20, imbalance=10, eval_split="val", val_per_class=25)

@@ -105,6 +105,26 @@ def seeded_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int
                       drop_last=drop_last)
 
 
+def validation_indices(labels: Tensor, used: Tensor, per_class: int, seed: int) -> Tensor:
+    """Sorted indices of ``per_class`` examples of each class among ``labels [N]`` that are not in ``used``
+    (the training subset's indices), drawn with ``seed``. Raises ``ValueError`` when a class has too few
+    unused examples; the result never overlaps ``used``."""
+    free = torch.ones(len(labels), dtype=torch.bool)
+    free[used] = False
+    generator = torch.Generator().manual_seed(seed + 1)
+    chosen = []
+    for c in range(int(labels.max()) + 1):
+        members = ((labels == c) & free).nonzero().squeeze(1)
+        if members.numel() < per_class:
+            raise ValueError(f"data.val_per_class={per_class}: class {c} has only {members.numel()} images outside "
+                             "the training subset")
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:per_class]])
+    out = torch.cat(chosen).sort().values
+    if bool(torch.isin(out, used).any()):  # cannot happen by construction; the promise is checked, not assumed
+        raise ValueError("the validation split overlaps the training subset")
+    return out
+
+
 def _add_rows(counts: list[int], class_names: Sequence[str], rows: Sequence[dict[str, str]]) -> list[int]:
     """``counts [C]`` plus one per synthetic row of each class (by ``row["class_name"]``)."""
     lookup = {n: i for i, n in enumerate(class_names)}
@@ -118,22 +138,57 @@ def _add_rows(counts: list[int], class_names: Sequence[str], rows: Sequence[dict
 
 
 class FashionMNISTLT:
-    """Fashion-MNIST with the CIFAR-LT profile, in memory: 32 px grayscale in [-1, 1]; the balanced test set
-    (10k) is the evaluation split. ``n_max``/``imbalance`` set the profile; ``data_seed`` fixes the subset."""
+    """Fashion-MNIST with the CIFAR-LT profile, in memory: 32 px grayscale in [-1, 1]. ``n_max``/``imbalance``
+    set the profile; ``data_seed`` fixes the subset.
+
+    Evaluation split (``eval_split``): ``test``, the balanced test set (10k), or ``val``, a balanced
+    validation split of ``val_per_class`` training images per class that the long-tailed subset does not use
+    (seeded by ``data_seed``), on which settings are chosen so the test set is read once per reported table.
+
+    ``nuisance`` (mode -> rate, ``longtail.data.nuisance``): rare modes inside classes, applied at those rates
+    to the long-tailed training subset (so the rare classes hold almost none of them) and to the validation
+    split; ``nuisance_eval`` lists extra evaluation splits: the evaluation images with one mode on every image
+    (a mode name, or ``all`` for one mode per image), the analog of ImageNet-A / -R.
+    """
 
     kind = "fashion_mnist_lt"
 
     def __init__(self, data_dir: str | None = None, n_max: int = 1000, imbalance: float = 100.0,
-                 data_seed: int = 0, many: int = 100, few: int = 20) -> None:
+                 data_seed: int = 0, many: int = 100, few: int = 20, eval_split: str = "test",
+                 val_per_class: int = 500, nuisance: dict[str, float] | None = None,
+                 nuisance_eval: Sequence[str] = ()) -> None:
+        from .nuisance import MODE_NAMES, assign_modes, nuisance_test_split, with_modes
+
+        if eval_split not in ("test", "val"):
+            raise ValueError(f"data.eval_split must be 'test' or 'val', got {eval_split!r}")
+        unknown = sorted(set(nuisance_eval) - {*MODE_NAMES, "all"})
+        if unknown:
+            raise ValueError(f"data.nuisance_eval: unknown modes {unknown}; known: {[*MODE_NAMES, 'all']}")
         images, labels = load_fashion_mnist("train", data_dir)
-        test_images, test_labels = load_fashion_mnist("test", data_dir)
         self.class_names = list(FASHION_MNIST_CLASSES)
         self.train_counts = longtail_counts(n_max, imbalance, len(self.class_names))
         idx = longtail_indices(labels, self.train_counts, data_seed)
         self.train_x, self.train_y = to_model_range(images[idx]), labels[idx]
-        self.eval_x, self.eval_y = to_model_range(test_images), test_labels
+        if nuisance:
+            self.train_modes = assign_modes(self.train_y, nuisance, seed=data_seed)
+            self.train_x = with_modes(self.train_x, self.train_modes, seed=data_seed)
+        if eval_split == "val":
+            val_idx = validation_indices(labels, idx, val_per_class, data_seed)
+            self.eval_x, self.eval_y = to_model_range(images[val_idx]), labels[val_idx]
+            if nuisance:
+                self.eval_x = with_modes(self.eval_x, assign_modes(self.eval_y, nuisance, data_seed + 1), data_seed + 1)
+            self.eval_name = f"Fashion-MNIST validation split ({val_per_class} unused training images per class)"
+        else:
+            test_images, test_labels = load_fashion_mnist("test", data_dir)
+            self.eval_x, self.eval_y = to_model_range(test_images), test_labels
+            self.eval_name = "Fashion-MNIST test set (balanced)"
+        self.extra = {f"nuisance:{mode}": nuisance_test_split(self.eval_x, self.eval_y, mode, seed=data_seed)
+                      for mode in nuisance_eval}
         self.groups = class_groups(self.train_counts, many, few)
-        self.eval_name = "Fashion-MNIST test set (balanced)"
+
+    def extra_eval_loaders(self, batch_size: int = 512) -> dict[str, DataLoader]:
+        """The extra evaluation splits (``nuisance:<mode>``), each a DataLoader of ``(x, y)``."""
+        return {name: DataLoader(TensorDataset(x, y), batch_size=batch_size) for name, (x, y) in self.extra.items()}
 
     def describe(self) -> str:
         return f"{sum(self.train_counts)} real training images, per class {self.train_counts}"
@@ -222,6 +277,10 @@ class ImageFolderSource:
         ds = ImageListDataset(paths, labels, self._transform(recipe), self.pre.mode)
         return seeded_loader(ds, recipe.batch_size, seed, recipe.num_workers, sampling=recipe.sampling,
                              labels=labels)
+
+    def extra_eval_loaders(self, batch_size: int = 64) -> dict[str, DataLoader]:
+        """No extra evaluation splits for ImageFolders (the validation folder is the evaluation split)."""
+        return {}
 
     def eval_loader(self, batch_size: int = 64) -> DataLoader:
         ds = ImageListDataset(self.val.paths, self.val.labels, eval_transform(self.pre), self.pre.mode)

@@ -68,6 +68,7 @@ from .mine_config import (
 from .stages import (
     Context,
     base_dir_of,
+    hard_split,
     load_base,
     make_source,
     preprocess_for,
@@ -97,7 +98,11 @@ METRICS = ("top1", "many", "medium", "few")
 def summarize(ctx: Context, base: dict[int, dict], mining: dict[int, dict[str, list[dict]]],
               conditions: list[Condition], guidance_of: dict[str, dict], sweep: dict | None) -> dict:
     seeds = ctx.cfg.seeds
-    table = {c.text: {k: mean_std([mining[s][c.text][-1][k] for s in seeds]) for k in METRICS} for c in conditions}
+    table = {c.text: {k: mean_std([mining[s][c.text][-1].get(k) for s in seeds]) for k in (*METRICS, "hard")}
+             for c in conditions}
+    splits = sorted({name for s in seeds for c in conditions for name in mining[s][c.text][-1].get("splits", {})})
+    split_table = {name: {c.text: mean_std([mining[s][c.text][-1].get("splits", {}).get(name, {}).get("top1")
+                                            for s in seeds]) for c in conditions} for name in splits}
     detection = {}
     first = base[seeds[0]].get("detection", {})
     for name in first:
@@ -116,10 +121,12 @@ def summarize(ctx: Context, base: dict[int, dict], mining: dict[int, dict[str, l
         "ltg": ltg,
         "condition_guidance": guidance_of,
         "conditions": table,
+        "splits": split_table,
         "per_seed": {str(s): {"base": base[s], "mining": mining[s]} for s in seeds},
         # every condition of a seed starts from the seed's base classifier: differences to unguided, paired
         "paired": {"baseline": "unguided", "table": paired_table(
-            {s: {c.text: mining[s][c.text][-1] for c in conditions} for s in seeds}, baseline="unguided")},
+            {s: {c.text: mining[s][c.text][-1] for c in conditions} for s in seeds}, baseline="unguided",
+            metrics=("few", "medium", "top1", "hard"))},
     }
 
 
@@ -134,6 +141,16 @@ def format_summary(summary: dict) -> str:
     guidance = summary.get("condition_guidance", {})
     for cond, m in summary["conditions"].items():
         lines.append(f"{condition_label(cond, guidance.get(cond)):<26}" + "".join(mean_std_cell(m[k]) for k in METRICS))
+    if any(m.get("hard", {}).get("n") for m in summary["conditions"].values()):
+        lines += ["", "hard split (evaluation images most base classifiers get wrong), top-1:"]
+        lines += [f"{condition_label(c, guidance.get(c)):<26}{mean_std_cell(m['hard'])}"
+                  for c, m in summary["conditions"].items()]
+    if summary.get("splits"):
+        names = list(summary["splits"])
+        lines += ["", f"{'extra splits, top-1':<26}" + "".join(f"{n.split(':')[-1]:>16}" for n in names)]
+        for cond in summary["conditions"]:
+            lines.append(f"{condition_label(cond, guidance.get(cond)):<26}"
+                         + "".join(mean_std_cell(summary["splits"][n][cond], 16) for n in names))
     lines += format_paired(summary.get("paired"), guidance)
     if summary.get("detection"):
         keys = ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")
@@ -258,6 +275,9 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     base, models = {}, {}
     for seed in cfg.seeds:
         models[seed], base[seed] = stage_base(ctx, seed)
+    ctx.hard = hard_split(ctx)
+    if ctx.hard is not None:
+        log(f"hard split: {int(ctx.hard.sum())} evaluation images that most base classifiers get wrong")
     first = models[cfg.seeds[0]]
     sweep = stage_sweep(ctx, first, stage_judge(ctx) if cfg.sweep.signals else None)
     weight = weight_of(cfg, sweep)

@@ -31,6 +31,10 @@ class DataSpec:
     n_max: int = 1000
     imbalance: float = 100.0
     data_seed: int = 0  # the long-tailed subset is fixed; run seeds vary training and generation
+    eval_split: str = "test"  # fashion_mnist_lt: test | val (unused training images, to choose settings on)
+    val_per_class: int = 500
+    nuisance: dict[str, float] | None = None  # fashion_mnist_lt: rare modes inside classes (longtail.data.nuisance)
+    nuisance_eval: list[str] = field(default_factory=list)  # extra evaluation splits: a mode on every image
     many: int = 100
     few: int = 20
 

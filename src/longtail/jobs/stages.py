@@ -64,7 +64,11 @@ def make_source(cfg: MineConfig, loaded: LoadedClassifier) -> tuple[DataSource, 
 
     d = cfg.data
     if d.source == "fashion_mnist_lt":
-        return FashionMNISTLT(d.data_dir, d.n_max, d.imbalance, d.data_seed, d.many, d.few), []
+        try:
+            return FashionMNISTLT(d.data_dir, d.n_max, d.imbalance, d.data_seed, d.many, d.few, d.eval_split,
+                                  d.val_per_class, d.nuisance, d.nuisance_eval), []
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     train = scan_imagefolder(d.train, class_names_for(cfg, loaded), d.allow_corrupt)
     outputs = loaded.num_classes
     if outputs is not None and outputs != len(train.class_names):
@@ -86,6 +90,7 @@ class Context:
     show: bool
     ldm: object = None
     guide_decode: object = None
+    hard: torch.Tensor | None = None  # [N] bool: evaluation images most base classifiers get wrong
 
     @property
     def is_main(self) -> bool:
@@ -122,12 +127,19 @@ def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_pat
     signals' AUROC for rare and hard examples, and (``scores_path``) every example's signals for ROC curves."""
     from safetensors.torch import save_file
 
+    from ..evaluation.stats import accuracy_on
     from ..train import predict_loader
 
     out, labels = predict_loader(model, ctx.source.eval_loader(), ctx.acc)
     preds = out.logits.argmax(-1)
     groups = ctx.source.groups
     report = accuracy_report(preds, labels, groups)
+    if ctx.hard is not None:
+        report["hard"] = accuracy_on(ctx.hard, preds == labels)
+    for name, loader in ctx.source.extra_eval_loaders().items():
+        extra, extra_labels = predict_loader(model, loader, ctx.acc)
+        split = accuracy_report(extra.logits.argmax(-1), extra_labels, groups)
+        report.setdefault("splits", {})[name] = {k: split[k] for k in ("top1", "many", "medium", "few")}
     if detection or out.head_logits is not None:
         report["detection"] = detection_report(out, labels, groups)
     if scores_path is not None and ctx.is_main:
@@ -139,6 +151,23 @@ def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_pat
 
 
 # --- stage: base classifier (+ Epistemic Head) --------------------------------------------------------------
+
+
+def hard_split(ctx: Context, min_wrong: float = 0.5) -> torch.Tensor | None:
+    """The evaluation images that at least ``min_wrong`` of the seeds' base classifiers get wrong (the analog of
+    ImageNet-A), from each base stage's saved predictions; None with fewer than two seeds."""
+    from safetensors.torch import load_file
+
+    from ..evaluation.stats import hard_examples
+
+    seeds = ctx.cfg.seeds
+    if len(seeds) < 2:
+        return None
+    correct = {}
+    for s in seeds:
+        scores = load_file(str(base_dir_of(ctx.run, s) / "test_scores.safetensors"))
+        correct[s] = scores["preds"] == scores["labels"]
+    return hard_examples(correct, min_wrong)
 
 
 def base_dir_of(run: Path, seed: int) -> Path:
