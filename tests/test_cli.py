@@ -106,3 +106,14 @@ def test_introspect_takes_a_run_directory(calls: list[Any], tmp_path) -> None:
            "--no-progress")
     ((run, overrides),) = calls
     assert run == tmp_path and overrides == ["introspection.captioner=vlm:/models/blip", "introspection.pairs=4"]
+
+
+def test_nuisance_rates_for_the_generator() -> None:
+    from longtail.data.nuisance import DEFAULT_RATES
+
+    assert cli.parse_rates("default") == DEFAULT_RATES and cli.parse_rates(None) is None
+    assert cli.parse_rates("rotate=0.05, invert=0.01") == {"rotate": 0.05, "invert": 0.01}
+    with pytest.raises(ConfigError, match="unknown modes"):
+        cli.parse_rates("spin=0.1")
+    with pytest.raises(ConfigError, match="not mode=rate"):
+        cli.parse_rates("rotate")

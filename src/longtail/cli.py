@@ -267,14 +267,38 @@ def train_generator_cmd(
     config: Path | None = typer.Option(None, help="YAML with TinyGeneratorConfig keys"),
     set_: list[str] = typer.Option([], "--set", help="override a key: --set unet_steps=2000"),
     data_dir: Path | None = typer.Option(None, help="Fashion-MNIST directory (default: the Debian package's)"),
+    nuisance: str | None = typer.Option(None, help="rare modes inside classes: 'default' (3% each) or "
+                                        "'mode=rate,...' (longtail.data.nuisance); captions name them"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
-    """Train the embedded text-conditioned latent diffusion model on full Fashion-MNIST."""
+    """Train the embedded text-conditioned latent diffusion model on full Fashion-MNIST (resumable)."""
     from .config import load_config
     from .models.tiny import TinyGeneratorConfig, train_generator
 
     cfg = load_config(TinyGeneratorConfig, config, set_)
-    train_generator(out, cfg, data_dir=data_dir, show=progress)
+    train_generator(out, cfg, data_dir=data_dir, show=progress, nuisance=parse_rates(nuisance))
+
+
+def parse_rates(text: str | None) -> dict[str, float] | None:
+    """``default`` -> ``DEFAULT_RATES``; ``rotate=0.03,invert=0.02`` -> that mapping; None -> None."""
+    from .config import ConfigError
+    from .data.nuisance import DEFAULT_RATES, MODE_NAMES
+
+    if not text:
+        return None
+    if text == "default":
+        return dict(DEFAULT_RATES)
+    rates = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            rates[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--nuisance: {part!r} is not mode=rate") from None
+    unknown = sorted(set(rates) - set(MODE_NAMES))
+    if unknown:
+        raise ConfigError(f"--nuisance: unknown modes {unknown}; known: {list(MODE_NAMES)}")
+    return rates
 
 
 def main() -> None:
