@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 L=.venv/bin/longtail
+mkdir -p runs/study
 run() {  # run NAME [--set ...]
   local name=$1; shift
   if [ "$name" != ce ] && [ ! -d runs/study/val_$name/seed_0 ]; then
