@@ -1,8 +1,16 @@
-"""Load a run directory (``run_kind``: ``mine``, ``generate`` or ``calibrate``) into one ``RunData``.
+"""Load any run directory into one ``RunData``; every part of it is optional.
 
-A mine run holds ``config.yaml``, ``metrics.json``, ``summary.txt``, ``sweep/``, ``seed_<s>/base/`` and
-``seed_<s>/mining/<Condition.dirname>/{round_<r>/metrics.json, synthetic/}``; folders map back to the
-condition texts the run lists. Every part is optional.
+Three kinds of directory are read (``run_kind``):
+
+* ``mine`` -- a ``longtail mine`` / demo run: ``config.yaml``, ``metrics.json``, ``summary.txt``,
+  ``sweep/{sweep.json, grid_<signal>.png}``, ``seed_<s>/base/{metrics.json, test_scores.safetensors}``,
+  ``seed_<s>/mining/<condition dir>/round_<r>/metrics.json``, ``seed_<s>/mining/<condition dir>/synthetic/``
+  (a manifest and PNGs), optional ``distribution.json``, ``trajectory.json``, ``introspection/*.json``.
+  A condition's folder is ``Condition.parse(text).dirname``; folders are mapped back to the condition texts
+  the run lists (``config.yaml`` or ``metrics.json``). A run may have no ``seed_<s>/base/`` at all.
+* ``generate`` -- a ``longtail generate`` output: ``config.yaml``, ``manifest.csv``, ``<class>/<id>.png``.
+* ``calibrate`` -- a ``longtail calibrate`` output: ``config.yaml``, ``calibration.json``,
+  ``grid_<signal>.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ from typing import Any
 from torch import Tensor
 
 from ..conditions import Condition, ConditionError, condition_label
-from ..data.store import SyntheticStore
 from ..files import read_json
 
 KINDS = ("mine", "generate", "calibrate")
@@ -43,7 +50,9 @@ class RunData:
     config: dict | None = None
     summary_text: str | None = None
     metrics: dict | None = None
-    sweep: dict | None = None  # sweep/sweep.json, metrics.json's sweep, or calibration.json
+    sweep: dict | None = (
+        None  # sweep/sweep.json, metrics.json's sweep, or a calibrate output's calibration.json
+    )
     base: dict[int, dict] = field(default_factory=dict)  # seed -> base metrics
     mining: dict[int, dict[str, list[dict]]] = field(default_factory=dict)  # seed -> condition text -> rounds
     class_names: list[str] = field(default_factory=list)
@@ -67,26 +76,30 @@ class RunData:
         """Where the sweep's ``grid_<signal>.png`` are: ``sweep/`` of a run, a calibrate output itself."""
         return self.root if self.kind == "calibrate" else self.root / "sweep"
 
-    def condition_label(self, cond: str) -> str:
-        """The condition's label, with the signal and weight the run resolved for it (``metrics.json``)."""
-        guided = ((self.metrics or {}).get("condition_guidance") or {}).get(cond)
-        if cond != "ltg" or guided is not None:
-            return condition_label(cond, guided)
-        ltg, mining = (self.metrics or {}).get("ltg") or {}, (self.config or {}).get("mining") or {}
+    def guidance(self, cond: str) -> dict | None:
+        """``{"signal", "weight"}`` the run resolved for a guided condition (``metrics.json``), if known."""
+        return ((self.metrics or {}).get("condition_guidance") or {}).get(cond)
+
+    def ltg_label(self) -> str:
+        ltg = (self.metrics or {}).get("ltg") or {}
+        mining = (self.config or {}).get("mining") or {}
         signal, weight = ltg.get("signal", mining.get("signal")), ltg.get("weight", mining.get("weight"))
         if signal is None:
-            return "+ LTG synthetic"
-        shown = f"{signal}, w={weight:g}" if isinstance(weight, int | float) else signal
-        return f"+ LTG ({shown}) synthetic"
+            return "LTG"
+        return f"LTG ({signal}, w={weight:g})" if isinstance(weight, int | float) else f"LTG ({signal})"
 
-    def histories(self, cond: str) -> list[list[dict]]:
-        """The condition's mining rounds, one list per seed that ran it."""
-        return [self.mining[s][cond] for s in self.seeds if cond in self.mining.get(s, {})]
+    def condition_label(self, cond: str) -> str:
+        guided = self.guidance(cond)
+        if cond == "ltg" and guided is None:
+            return f"+ {self.ltg_label()} synthetic"
+        return condition_label(cond, guided)
+
+    def condition_dir(self, cond: str) -> str:
+        return self.condition_dirs.get(cond, condition_dirname(cond))
 
     def store_dir(self, seed: int, cond: str) -> Path:
         """A condition's synthetic store: ``seed_<s>/mining/<condition dir>/synthetic``."""
-        folder = self.condition_dirs.get(cond, condition_dirname(cond))
-        return self.root / f"seed_{seed}" / "mining" / folder / "synthetic"
+        return self.root / f"seed_{seed}" / "mining" / self.condition_dir(cond) / "synthetic"
 
     def scores(self, seed: int) -> dict[str, Tensor] | None:
         """``seed_<s>/base/test_scores.safetensors``: ``signal/<name>``, ``labels``, ``preds``, ``rare``."""
@@ -100,14 +113,9 @@ class RunData:
     def class_name(self, c: int) -> str:
         return self.class_names[c] if c < len(self.class_names) else f"class {c}"
 
-    def json(self, path: str | Path) -> Any:
+    def json(self, relative: str) -> Any:
         """A JSON file under the run, ``None`` when absent or unreadable (noted in ``problems``)."""
-        path = self.root / path
-        try:
-            return read_json(path)
-        except (OSError, ValueError) as err:
-            self.problems.append(f"{path.name}: {type(err).__name__}: {err}")
-            return None
+        return _json(self.root / relative, self.problems)
 
 
 def configured_conditions(config: dict | None, metrics: dict | None) -> list[str]:
@@ -121,13 +129,33 @@ def configured_conditions(config: dict | None, metrics: dict | None) -> list[str
     return list(dict.fromkeys(str(t) for t in texts))
 
 
-def seed_dirs(root: Path) -> set[int]:
-    """Seeds with a ``seed_<s>/`` folder."""
-    return {int(m[1]) for d in root.glob("seed_*") if d.is_dir() and (m := SEED_DIR.fullmatch(d.name))}
+def _json(path: Path, problems: list[str]) -> Any:
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as err:
+        problems.append(f"{path.name}: {type(err).__name__}: {err}")
+        return None
+
+
+def _text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
+def seed_dirs(root: Path) -> dict[int, Path]:
+    """``seed_<s>/`` folders by seed, sorted."""
+    out = {}
+    for d in root.glob("seed_*"):
+        m = SEED_DIR.fullmatch(d.name)
+        if d.is_dir() and m:
+            out[int(m.group(1))] = d
+    return dict(sorted(out.items()))
 
 
 def run_kind(root: Path, config: dict | None = None) -> str:
-    """``mine``, ``generate`` or ``calibrate`` from the files present (then the config's keys)."""
+    """``mine``, ``generate`` or ``calibrate`` from the files present (then the config's keys).
+
+    Raises ``FileNotFoundError`` when nothing of a run is there.
+    """
     if (root / "calibration.json").is_file():
         return "calibrate"
     if (root / "manifest.csv").is_file() or any(root.glob("manifest.part-*.csv")):
@@ -145,16 +173,24 @@ def run_kind(root: Path, config: dict | None = None) -> str:
     )
 
 
+def manifest_rows(store_dir: Path) -> list[dict[str, str]]:
+    """Rows of a synthetic store's manifest (and unmerged part files) whose image exists."""
+    from ..data.store import SyntheticStore
+
+    return SyntheticStore(store_dir).rows()
+
+
 def _round_histories(run: RunData, seed_dir: Path) -> dict[str, list[dict]]:
     """``mining/<condition dir>/round_<r>/metrics.json`` -> condition text -> rounds in order."""
     texts = {d: t for t, d in run.condition_dirs.items()}
     out: dict[str, list[dict]] = {}
     for cond_dir in sorted((seed_dir / "mining").glob("*")):
         rounds = []
-        for d in cond_dir.glob("round_*"):
-            row = run.json(d / "metrics.json") if (m := ROUND_DIR.fullmatch(d.name)) else None
+        for rd in cond_dir.glob("round_*"):
+            m = ROUND_DIR.fullmatch(rd.name)
+            row = _json(rd / "metrics.json", run.problems) if m else None
             if isinstance(row, dict):
-                rounds.append({**row, "round": int(m[1])})
+                rounds.append({**row, "round": int(m.group(1))})
         if rounds:
             out[texts.get(cond_dir.name, cond_dir.name)] = sorted(rounds, key=lambda r: r["round"])
     return out
@@ -163,7 +199,7 @@ def _round_histories(run: RunData, seed_dir: Path) -> dict[str, list[dict]]:
 def _load_seeds(run: RunData) -> None:
     """Base metrics and mining histories per seed, from the seed folders, else metrics.json's ``per_seed``."""
     per_seed = {int(s): v or {} for s, v in ((run.metrics or {}).get("per_seed") or {}).items()}
-    for seed in sorted(seed_dirs(run.root) | set(per_seed)):
+    for seed in sorted(set(seed_dirs(run.root)) | set(per_seed)):
         base = run.json(f"seed_{seed}/base/metrics.json") or per_seed.get(seed, {}).get("base")
         if base is not None:
             run.base[seed] = base
@@ -185,7 +221,7 @@ def _class_names(run: RunData) -> list[str]:
         return [str(n) for n in listed]
     rows = list(run.manifest)
     for manifest in sorted(run.root.glob("seed_*/mining/*/synthetic/manifest.csv")):
-        rows += SyntheticStore(manifest.parent).rows()
+        rows += manifest_rows(manifest.parent)
     names: dict[int, str] = {}
     for row in rows:
         names.setdefault(int(row["class_id"]), row["class_name"])
@@ -198,9 +234,9 @@ def load_run(run_dir: str | Path) -> RunData:
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"run directory {root} does not exist (or is not a directory)")
-    config, summary = root / "config.yaml", root / "summary.txt"
-    run = RunData(root, config_text=config.read_text() if config.is_file() else None)
-    run.summary_text = summary.read_text() if summary.is_file() else None
+    run = RunData(
+        root=root, config_text=_text(root / "config.yaml"), summary_text=_text(root / "summary.txt")
+    )
     if run.config_text is not None:
         import yaml
 
@@ -220,6 +256,6 @@ def load_run(run_dir: str | Path) -> RunData:
     run.condition_dirs = {t: condition_dirname(t) for t in configured_conditions(run.config, run.metrics)}
     _load_seeds(run)
     if run.kind == "generate":
-        run.manifest = SyntheticStore(root).rows()
+        run.manifest = manifest_rows(root)
     run.class_names = _class_names(run)
     return run

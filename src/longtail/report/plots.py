@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from torch import Tensor
@@ -46,25 +45,25 @@ def _ms(values: Sequence[float | None]) -> tuple[float, float, int]:
     return (nan if s["mean"] is None else s["mean"]), (nan if s["std"] is None else s["std"]), s["n"]
 
 
-def _bars(ax: Axes, series: list[tuple[str, Sequence[float], str, Sequence[float] | None]]) -> np.ndarray:
-    """Grouped bars, one per ``(label, values, colour, error bars)`` series; returns the group centres."""
-    width, x = 0.8 / len(series), np.arange(len(series[0][1]))
-    for i, (label, values, color, errs) in enumerate(series):
-        offset = (i - (len(series) - 1) / 2) * width
-        ax.bar(x + offset, values, width, yerr=errs, capsize=3, label=label, color=color)
-    return x
-
-
 def plot_accuracy_bars(rows: Rows) -> bytes:
     """Grouped bars: top-1 / Many / Medium / Few per condition; error bars = std over seeds."""
     fig = Figure(figsize=(9, 3.6))
     ax = fig.subplots()
-    series = []
+    width = 0.8 / len(rows)
+    x = np.arange(len(GROUP_KEYS))
     for i, (key, label, finals) in enumerate(rows):
         stats = [_ms([f.get(k) for f in finals]) for k in GROUP_KEYS]
         errs = [s if n > 1 else 0.0 for _, s, n in stats]
-        series.append((label, [m for m, _, _ in stats], condition_color(key, i), errs))
-    ax.set_xticks(_bars(ax, series), [GROUP_LABELS[k] for k in GROUP_KEYS])
+        ax.bar(
+            x + (i - (len(rows) - 1) / 2) * width,
+            [m for m, _, _ in stats],
+            width,
+            yerr=errs,
+            capsize=3,
+            label=label,
+            color=condition_color(key, i),
+        )
+    ax.set_xticks(x, [GROUP_LABELS[k] for k in GROUP_KEYS])
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
@@ -73,7 +72,10 @@ def plot_accuracy_bars(rows: Rows) -> bytes:
 
 
 def plot_rounds(histories: dict[str, tuple[str, list[list[dict]]]]) -> bytes:
-    """Accuracy per mining round: a panel per group, a line per condition (mean over seeds, band = ± std)."""
+    """Accuracy per mining round (Figure 3's loop): one panel per group, one line per condition.
+
+    ``histories``: condition -> (label, round histories, one per seed).
+    """
     fig = Figure(figsize=(12, 3.2))
     axes = fig.subplots(1, len(GROUP_KEYS), sharex=True)
     for i, (cond, (label, per_seed)) in enumerate(histories.items()):
@@ -126,14 +128,18 @@ def plot_roc(scores: dict[str, Tensor]) -> tuple[bytes, dict[str, dict[str, floa
     return figure_png(fig), aurocs
 
 
+def sweep_by_signal(points: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for p in points:
+        out.setdefault(p["signal"], []).append(p)
+    return {s: sorted(v, key=lambda p: p["weight"]) for s, v in out.items()}
+
+
 def plot_sweep(sweep: dict) -> bytes:
     """Figure 2: mean signal and mean P(class) of generated images against the guidance weight, per signal."""
-    points, choices = sweep["points"], sweep.get("choices") or {}
-    signals = dict.fromkeys(p["signal"] for p in points)
-    by_signal = {
-        s: sorted((p for p in points if p["signal"] == s), key=lambda p: p["weight"]) for s in signals
-    }
-    positive = [p["weight"] for p in points if p["weight"] > 0]
+    by_signal = sweep_by_signal(sweep["points"])
+    choices = sweep.get("choices") or {}
+    positive = [p["weight"] for p in sweep["points"] if p["weight"] > 0]
     fig = Figure(figsize=(10, 2.8 * len(by_signal)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(by_signal), 2, squeeze=False))
     for row, (sig, pts) in zip(axes, by_signal.items(), strict=True):
@@ -277,8 +283,10 @@ def plot_montages(montages: dict[str, np.ndarray], class_names: Sequence[str]) -
 
 
 def plot_distribution(reports: dict[str, list[dict]], labels: dict[str, str]) -> bytes:
-    """Per class: synthetic-vs-real FID within the class against real-vs-real between classes (mean over
-    seeds); grouped bars up to 30 classes, else a scatter (below the diagonal = the paper's claim holds)."""
+    """Per class: within-class synthetic-vs-real FID (mean over seeds) against real-vs-real between classes.
+
+    Up to 30 classes: grouped bars; more: one point per class, below the diagonal = the paper's claim holds.
+    """
     first = next(iter(reports.values()))[0]
     names = list(first["per_class"])
     between = [first["per_class"][n]["between_real"]["fid_mean"] for n in names]
@@ -298,9 +306,13 @@ def plot_distribution(reports: dict[str, list[dict]], labels: dict[str, str]) ->
     else:
         fig = Figure(figsize=(max(7, 0.9 * len(names)), 3.4), layout="constrained")
         ax = fig.subplots()
-        series = [(f"{labels[k]} vs real (same class)", vals, colors[k], None) for k, vals in within.items()]
-        series.append(("real vs real (other classes, mean)", between, "tab:gray", None))
-        ax.set_xticks(_bars(ax, series), names, rotation=30, ha="right", fontsize=8)
+        series = {f"{labels[k]} vs real (same class)": (vals, colors[k]) for k, vals in within.items()}
+        series["real vs real (other classes, mean)"] = (between, "tab:gray")
+        width = 0.8 / len(series)
+        x = np.arange(len(names))
+        for i, (label, (vals, color)) in enumerate(series.items()):
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label, color=color)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Fréchet distance")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -61,13 +61,22 @@ def section_overview(run: RunData) -> dict:
     }
 
 
-def accuracy_rows(run: RunData) -> Rows:
-    """``(key, label, final metrics per seed)``: the base classifier (trained or given), each condition."""
+def final_rounds(run: RunData, cond: str) -> list[dict]:
+    return [run.mining[s][cond][-1] for s in run.seeds if cond in run.mining.get(s, {})]
+
+
+def base_label(run: RunData) -> str:
+    """The base row: trained here on the long-tailed data, or the classifier the run was given (0 epochs)."""
     base = (run.config or {}).get("base")
-    given = isinstance(base, dict) and base.get("epochs") == 0
-    label = "base (the given classifier)" if given else "base (long-tailed real data only)"
-    rows = [("base", label, [run.base[s] for s in sorted(run.base)])] if run.base else []
-    rows += [(c, run.condition_label(c), [h[-1] for h in run.histories(c)]) for c in run.conditions]
+    if isinstance(base, dict) and base.get("epochs") == 0:
+        return "base (the given classifier)"
+    return "base (long-tailed real data only)"
+
+
+def accuracy_rows(run: RunData) -> Rows:
+    """``(key, label, final metrics per seed)``: the base classifier (if trained here), each condition."""
+    rows = [("base", base_label(run), [run.base[s] for s in sorted(run.base)])] if run.base else []
+    rows += [(c, run.condition_label(c), final_rounds(run, c)) for c in run.conditions]
     return [r for r in rows if any(k in f for f in r[2] for k in GROUP_KEYS)]
 
 
@@ -96,7 +105,7 @@ def section_accuracy(run: RunData) -> dict | None:
     body = []
     for _, label, finals in rows:
         rounds = sorted({f.get("round", 0) for f in finals})
-        shown = DASH if not rounds or rounds == [0] else "/".join(map(str, rounds))
+        shown = "–" if not rounds or rounds == [0] else "/".join(map(str, rounds))
         body.append([label, *[fmt_ms([f.get(k) for f in finals]) for k in GROUP_KEYS], len(finals), shown])
     per_class = _per_class_table(run, rows)
     return {
@@ -110,22 +119,32 @@ def section_accuracy(run: RunData) -> dict | None:
     }
 
 
+def _signed(value: float, digits: int = 3) -> str:
+    return f"{value:+.{digits}f}"
+
+
 def paired_cell(diff: object) -> Cell:
-    """A ``paired_difference`` as ``mean [CI low, CI high] (wins/losses[, n tied])``; a dash if malformed."""
+    """One ``paired_difference`` as ``mean diff [CI low, CI high] (wins/losses)``, ties appended when any.
+
+    No interval for one seed (``ci`` is ``None``); a dash when no seed pairs up or the entry is malformed.
+    """
     if not isinstance(diff, dict) or not isinstance(diff.get("mean"), int | float):
         return num(DASH)
-    text = f"{diff['mean']:+.3f}"
+    text = _signed(diff["mean"])
     ci = diff.get("ci")
     if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
-        text += f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+        text += f" [{_signed(ci[0])}, {_signed(ci[1])}]"
     text += f" ({diff.get('wins', 0)}/{diff.get('losses', 0)}"
     ties = diff.get("ties", 0)
     return num(text + (f", {ties} tied)" if ties else ")"))
 
 
 def section_paired(run: RunData) -> dict | None:
-    """``metrics.json``'s ``paired`` (``{"baseline", "table": {condition: {metric: paired_difference}}}``):
-    each condition minus the baseline, paired by seed."""
+    """``metrics.json``'s ``paired``: each condition minus the baseline, paired by seed (same base classifier).
+
+    ``{"baseline": condition, "table": {condition: {metric: paired_difference}}}`` as written by
+    ``longtail.evaluation.stats.paired_table``; ``None`` (the section is left out) when absent or empty.
+    """
     paired = (run.metrics or {}).get("paired")
     table = paired.get("table") if isinstance(paired, dict) else None
     if not isinstance(table, dict) or not table:
@@ -154,11 +173,16 @@ def section_paired(run: RunData) -> dict | None:
 
 def section_rounds(run: RunData) -> dict | None:
     """Accuracy per mining round, one line per condition (mean over seeds, band = ± std)."""
-    histories = {c: (run.condition_label(c), run.histories(c)) for c in run.conditions}
     histories = {
-        c: h for c, h in histories.items() if any(k in r for x in h[1] for r in x for k in GROUP_KEYS)
+        c: (run.condition_label(c), [run.mining[s][c] for s in run.seeds if c in run.mining.get(s, {})])
+        for c in run.conditions
     }
-    return {"plot": image(plot_rounds(histories), "rounds")} if histories else None
+    histories = {
+        c: h for c, h in histories.items() if any(k in r for hist in h[1] for r in hist for k in GROUP_KEYS)
+    }
+    if not histories:
+        return None
+    return {"plot": image(plot_rounds(histories), "rounds")}
 
 
 def section_detection(run: RunData) -> dict | None:
@@ -171,8 +195,8 @@ def section_detection(run: RunData) -> dict | None:
         [sig, *[fmt_ms([d[sig].get(k) for d in dets.values() if sig in d]) for k in keys]]
         for sig in next(iter(dets.values()))
     ]
-    seed, scores = next(((s, x) for s in run.seeds if (x := run.scores(s)) is not None), (None, None))
-    roc = image(plot_roc(scores)[0], "ROC curves") if scores is not None else None
+    seed = next((s for s in run.seeds if run.scores(s) is not None), None)
+    roc = image(plot_roc(run.scores(seed))[0], "ROC curves") if seed is not None else None
     return {
         "n_seeds": len(dets),
         "table": Table(
