@@ -1,34 +1,23 @@
-"""Optional sections on a run's extra measurements: synthetic vs real distribution, the denoising trajectory,
-and longtail introspection. Each returns ``None`` (the section is left out) when its file is absent."""
+"""Optional sections, left out when their file is absent: synthetic vs real distribution, the denoising
+trajectory, longtail introspection."""
 
 from __future__ import annotations
 
-import math
+from functools import reduce
+from math import nan
+from operator import getitem
 
-from .cells import Table, fmt, fmt_ms, image, json_text, num
+from .cells import Cell, Table, fmt, fmt_ms, image, json_text, num
 from .load import RunData
 from .plots import plot_distribution, plot_trajectory
 
-REFERENCE_PAIRS = (("fid", "FID"), ("precision", "precision"), ("recall", "recall"))
-PER_CLASS_HEADERS = [
-    "class",
-    "synthetic",
-    "FID",
-    "precision",
-    "recall",
-    "between FID mean",
-    "between FID min",
-    "between precision",
-    "between recall",
-]
+METRICS = {"fid": "FID", "precision": "precision", "recall": "recall"}
+BETWEEN = ("fid_mean", "fid_min", "precision_mean", "recall_mean")
 
 
 def distribution_reports(data: dict) -> dict[str, list[dict]]:
-    """``distribution.json`` -> label -> reports (one per seed).
-
-    Accepts the demo's ``{"conditions": {condition: {seed: report}}}``, a single ``distribution_report`` or a
-    mapping ``name -> report``.
-    """
+    """``distribution.json`` -> label -> reports (one per seed): the demo's ``{"conditions": {condition:
+    {seed: report}}}``, a single ``distribution_report`` or a mapping ``name -> report``."""
     if "per_class" in data:
         return {"synthetic": [data]}
     if isinstance(data.get("conditions"), dict):
@@ -40,33 +29,42 @@ def distribution_reports(data: dict) -> dict[str, list[dict]]:
     return {k: [v] for k, v in data.items() if isinstance(v, dict) and "per_class" in v}
 
 
+def _ms(reports: list[dict], *keys: str) -> Cell:
+    """``mean ± std`` over seeds of ``report[keys[0]]...[keys[-1]]`` (only the last key may be absent)."""
+    return fmt_ms([reduce(getitem, keys[:-1], r).get(keys[-1]) for r in reports])
+
+
 def _overall_row(label: str, reps: list[dict]) -> list:
-    overall = [fmt_ms([r["overall"].get(m) for r in reps]) for m in ("fid", "precision", "recall")]
     refs = [
-        num(
-            f"{fmt_ms([r['reference'].get(f'within_{m}_mean') for r in reps]).text} / "
-            f"{fmt_ms([r['reference'].get(f'between_{m}_mean') for r in reps]).text}"
-        )
-        for m, _ in REFERENCE_PAIRS
+        [_ms(reps, "reference", f"{side}_{m}_mean").text for side in ("within", "between")] for m in METRICS
     ]
     below = sum(bool(r["reference"].get("fid_below_between")) for r in reps)
-    return [label, len(reps), reps[0]["overall"].get("n_real"), *overall, *refs, f"{below} of {len(reps)}"]
+    overall = [_ms(reps, "overall", m) for m in METRICS]
+    n_real = reps[0]["overall"].get("n_real")
+    return [
+        label,
+        len(reps),
+        n_real,
+        *overall,
+        *[num(" / ".join(r)) for r in refs],
+        f"{below} of {len(reps)}",
+    ]
 
 
-def _per_class_table(reps: list[dict]) -> Table:
+def _per_class(label: str, reps: list[dict]) -> dict:
     rows = [
-        [
-            c,
-            fmt_ms([r["per_class"][c].get("n_fake") for r in reps]),
-            *[fmt_ms([r["per_class"][c].get(m) for r in reps]) for m in ("fid", "precision", "recall")],
-            *[
-                fmt_ms([r["per_class"][c]["between_real"].get(m) for r in reps])
-                for m in ("fid_mean", "fid_min", "precision_mean", "recall_mean")
-            ],
-        ]
+        [c, _ms(reps, "per_class", c, "n_fake"), *[_ms(reps, "per_class", c, m) for m in METRICS]]
+        + [_ms(reps, "per_class", c, "between_real", m) for m in BETWEEN]
         for c in reps[0]["per_class"]
     ]
-    return Table(PER_CLASS_HEADERS, rows)
+    headers = ["class", "synthetic", *METRICS.values(), "between FID mean", "between FID min"]
+    table = Table([*headers, "between precision", "between recall"], rows)
+    return {
+        "label": label,
+        "dim": fmt(reps[0].get("feature_dim")),
+        "k": fmt(reps[0].get("k")),
+        "table": table,
+    }
 
 
 def section_distribution(run: RunData) -> dict | None:
@@ -78,30 +76,15 @@ def section_distribution(run: RunData) -> dict | None:
     if not reports:
         return {"unrecognised": json_text(data)}
     labels = {k: run.condition_label(k).removeprefix("+ ") if k in run.conditions else k for k in reports}
-    headers = [
-        "synthetic set",
-        "seeds",
-        "real images",
-        "FID",
-        "precision",
-        "recall",
-        *[f"{h}: synthetic within class / real between classes" for _, h in REFERENCE_PAIRS],
-        "FID within < between (seeds)",
-    ]
+    headers = ["synthetic set", "seeds", "real images", *METRICS.values()]
+    headers += [f"{h}: synthetic within class / real between classes" for h in METRICS.values()]
+    rows = [_overall_row(labels[k], r) for k, r in reports.items()]
     features = data.get("features")
     return {
         "features": features if isinstance(features, str) else None,
-        "table": Table(headers, [_overall_row(labels[k], reps) for k, reps in reports.items()]),
+        "table": Table([*headers, "FID within < between (seeds)"], rows),
         "plot": image(plot_distribution(reports, labels), "distribution"),
-        "per_class": [
-            {
-                "label": labels[k],
-                "dim": fmt(reps[0].get("feature_dim")),
-                "k": fmt(reps[0].get("k")),
-                "table": _per_class_table(reps),
-            }
-            for k, reps in reports.items()
-        ],
+        "per_class": [_per_class(labels[k], r) for k, r in reports.items()],
     }
 
 
@@ -110,7 +93,7 @@ def trajectory_columns(data: object) -> dict[str, list[float]]:
     rows = data.get("rows") if isinstance(data, dict) else data
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
         keys = [k for k, v in rows[0].items() if isinstance(v, int | float)]
-        return {k: [_float(r.get(k)) for r in rows] for k in keys}
+        return {k: [float(x) if isinstance(x := r.get(k), int | float) else nan for r in rows] for k in keys}
     if isinstance(data, dict):
         return {
             k: [float(x) for x in v]
@@ -118,10 +101,6 @@ def trajectory_columns(data: object) -> dict[str, list[float]]:
             if isinstance(v, list) and v and all(isinstance(x, int | float) for x in v)
         }
     return {}
-
-
-def _float(value: object) -> float:
-    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def section_trajectory(run: RunData) -> dict | None:
@@ -134,12 +113,8 @@ def section_trajectory(run: RunData) -> dict | None:
     if xkey is None or len(cols) < 2:
         return {"unrecognised": json_text(data)}
     meta = data if isinstance(data, dict) else {}
-    weight = meta.get("weight")
-    guided = (
-        f"guided ({meta.get('signal', 'signal')}, w = {weight:g})"
-        if isinstance(weight, int | float)
-        else "guided"
-    )
+    signal, weight = meta.get("signal", "signal"), meta.get("weight")
+    guided = f"guided ({signal}, w = {weight:g})" if isinstance(weight, int | float) else "guided"
     steps = len(cols[xkey])
     return {
         "images": fmt(meta["images"]) if "images" in meta else None,
@@ -162,14 +137,13 @@ def keyword_node(value: object, limit: int = 8) -> dict:
 
 def section_introspection(run: RunData) -> dict | None:
     """``introspection/*.json`` (section 5): longtail keywords and refined prompts per class."""
-    files = sorted(
-        (run.root / "introspection").glob("*.json"), key=lambda p: (p.name != "keywords.json", p.name)
-    )
+    folder = run.root / "introspection"
+    files = sorted(folder.glob("*.json"), key=lambda p: (p.name != "keywords.json", p.name))
     if not files:
         return None
     out = []
     for path in files:
-        data = run.json(f"introspection/{path.name}")
+        data = run.json(path)
         if isinstance(data, dict) and data:
             out.append({"name": path.name, "rows": [(str(k), keyword_node(v)) for k, v in data.items()]})
         else:

@@ -1,4 +1,4 @@
-"""What templates render: table cells, tables, notes and inlined images (formatting happens here, once)."""
+"""What templates render: table cells, tables and inlined images (formatting happens here, once)."""
 
 from __future__ import annotations
 
@@ -9,46 +9,29 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from markupsafe import Markup
-
 from ..evaluation.stats import mean_std
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DASH = "–"
 
 
 def fmt(value: object, digits: int = 3) -> str:
     """A table cell: floats to ``digits`` decimals (1 from 100 up), NaN / None as a dash, bools yes / no."""
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return DASH
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
     if isinstance(value, float):
-        if math.isnan(value):
-            return DASH
         return f"{value:.1f}" if abs(value) >= 100 else f"{value:.{digits}f}"
     return str(value)
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One table cell: ``text`` (escaped by the template unless ``Markup``), right-aligned when ``num``;
-    ``span`` wraps the text in ``<span class=...>``."""
+    """One table cell, right-aligned when ``num``; ``span`` wraps the text in ``<span class=...>``."""
 
     text: str
     num: bool = False
     span: str = ""
-
-
-def cell(value: object) -> Cell:
-    """Strings stay text (left-aligned); numbers, bools and ``None`` become right-aligned ``fmt`` cells."""
-    if isinstance(value, Cell):
-        return value
-    if isinstance(value, str):
-        return Cell(value)
-    return Cell(fmt(value), num=True)
 
 
 def num(text: str) -> Cell:
@@ -65,9 +48,7 @@ def numf(value: object, spec: str = ".1f") -> Cell:
 def fmt_ms(values: Sequence[float | None]) -> Cell:
     """``mean ± std`` over seeds (just the mean for one seed), as a right-aligned cell."""
     stat = mean_std(values)
-    if stat["n"] > 1:
-        return num(f"{fmt(stat['mean'])} ± {fmt(stat['std'])}")
-    return num(fmt(stat["mean"]))
+    return num(f"{fmt(stat['mean'])} ± {fmt(stat['std'])}" if stat["n"] > 1 else fmt(stat["mean"]))
 
 
 def mean_of(values: Sequence[float | None]) -> float | None:
@@ -77,7 +58,7 @@ def mean_of(values: Sequence[float | None]) -> float | None:
 
 @dataclass
 class Table:
-    """Headers and rows; any row value goes through ``cell``."""
+    """Headers and rows; strings stay left-aligned text, other values become right-aligned ``fmt`` cells."""
 
     headers: Sequence[str]
     rows: list[list[Cell]] = field(default_factory=list)
@@ -87,12 +68,9 @@ class Table:
         self.rows = [[cell(v) for v in row] for row in self.rows]
 
 
-@dataclass(frozen=True)
-class Note:
-    """A highlighted paragraph; ``kind`` is ``info``, ``missing`` or ``error``."""
-
-    text: str
-    kind: str = "info"
+def cell(value: object) -> Cell:
+    """Cells stay, strings become text cells, anything else a right-aligned ``fmt`` cell."""
+    return value if isinstance(value, Cell) else Cell(value) if isinstance(value, str) else num(fmt(value))
 
 
 @dataclass(frozen=True)
@@ -104,14 +82,11 @@ class Image:
     cls: str = ""
 
 
-def png_data_uri(png: bytes) -> str:
-    if not png.startswith(PNG_MAGIC):
-        raise ValueError("not a PNG image")
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 def image(png: bytes, alt: str, cls: str = "") -> Image:
-    return Image(png_data_uri(png), alt, cls)
+    """``png`` inlined as a ``data:`` URI; raises ``ValueError`` if it is no PNG."""
+    if not png.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError("not a PNG image")
+    return Image("data:image/png;base64," + base64.b64encode(png).decode("ascii"), alt, cls)
 
 
 def shrink_png(png: bytes, max_side: int = 1600) -> bytes:
@@ -131,8 +106,3 @@ def json_text(data: object, limit: int = 20_000) -> str:
     """Indented JSON for a ``<pre>``, cut at ``limit`` characters."""
     text = json.dumps(data, indent=2, default=str)
     return text[:limit] + "\n… (truncated)" if len(text) > limit else text
-
-
-def code(name: str) -> Markup:
-    """``<code>name</code>`` with ``name`` escaped, for notes."""
-    return Markup("<code>{}</code>").format(name)

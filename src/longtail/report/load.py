@@ -1,17 +1,5 @@
-"""Load any run directory into one ``RunData``; every part of it is optional.
-
-Three kinds of directory are read (``run_kind``):
-
-* ``mine`` -- a ``longtail mine`` / demo run: ``config.yaml``, ``metrics.json``, ``summary.txt``,
-  ``sweep/{sweep.json, grid_<signal>.png}``, ``seed_<s>/base/{metrics.json, test_scores.safetensors}``,
-  ``seed_<s>/mining/<condition dir>/round_<r>/metrics.json``, ``seed_<s>/mining/<condition dir>/synthetic/``
-  (a manifest and PNGs), optional ``distribution.json``, ``trajectory.json``, ``introspection/*.json``.
-  A condition's folder is ``Condition.parse(text).dirname``; folders are mapped back to the condition texts
-  the run lists (``config.yaml`` or ``metrics.json``). A run may have no ``seed_<s>/base/`` at all.
-* ``generate`` -- a ``longtail generate`` output: ``config.yaml``, ``manifest.csv``, ``<class>/<id>.png``.
-* ``calibrate`` -- a ``longtail calibrate`` output: ``config.yaml``, ``calibration.json``,
-  ``grid_<signal>.png``.
-"""
+"""Load a run directory (``run_kind``: ``mine``, ``generate`` or ``calibrate``) into one ``RunData``; every
+part is optional. Mining folders (``seed_<s>/mining/<Condition.dirname>/``) map back to condition texts."""
 
 from __future__ import annotations
 
@@ -20,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import Tensor
 
 from ..conditions import Condition, ConditionError, condition_label
+from ..data.store import SyntheticStore
 from ..files import read_json
 
 KINDS = ("mine", "generate", "calibrate")
@@ -50,13 +40,10 @@ class RunData:
     config: dict | None = None
     summary_text: str | None = None
     metrics: dict | None = None
-    sweep: dict | None = (
-        None  # sweep/sweep.json, metrics.json's sweep, or a calibrate output's calibration.json
-    )
+    sweep: dict | None = None  # sweep/sweep.json, metrics.json's sweep, or calibration.json
     base: dict[int, dict] = field(default_factory=dict)  # seed -> base metrics
     mining: dict[int, dict[str, list[dict]]] = field(default_factory=dict)  # seed -> condition text -> rounds
     class_names: list[str] = field(default_factory=list)
-    condition_dirs: dict[str, str] = field(default_factory=dict)  # condition text -> folder name
     manifest: list[dict[str, str]] = field(default_factory=list)  # generate: rows of <root>/manifest.csv
     problems: list[str] = field(default_factory=list)  # files that exist but could not be read
 
@@ -76,30 +63,25 @@ class RunData:
         """Where the sweep's ``grid_<signal>.png`` are: ``sweep/`` of a run, a calibrate output itself."""
         return self.root if self.kind == "calibrate" else self.root / "sweep"
 
-    def guidance(self, cond: str) -> dict | None:
-        """``{"signal", "weight"}`` the run resolved for a guided condition (``metrics.json``), if known."""
-        return ((self.metrics or {}).get("condition_guidance") or {}).get(cond)
-
-    def ltg_label(self) -> str:
-        ltg = (self.metrics or {}).get("ltg") or {}
-        mining = (self.config or {}).get("mining") or {}
+    def condition_label(self, cond: str) -> str:
+        """The condition's label, with the signal and weight the run resolved for it (``metrics.json``)."""
+        guided = ((self.metrics or {}).get("condition_guidance") or {}).get(cond)
+        if cond != "ltg" or guided is not None:
+            return condition_label(cond, guided)
+        ltg, mining = (self.metrics or {}).get("ltg") or {}, (self.config or {}).get("mining") or {}
         signal, weight = ltg.get("signal", mining.get("signal")), ltg.get("weight", mining.get("weight"))
         if signal is None:
-            return "LTG"
-        return f"LTG ({signal}, w={weight:g})" if isinstance(weight, int | float) else f"LTG ({signal})"
+            return "+ LTG synthetic"
+        shown = f"{signal}, w={weight:g}" if isinstance(weight, int | float) else signal
+        return f"+ LTG ({shown}) synthetic"
 
-    def condition_label(self, cond: str) -> str:
-        guided = self.guidance(cond)
-        if cond == "ltg" and guided is None:
-            return f"+ {self.ltg_label()} synthetic"
-        return condition_label(cond, guided)
-
-    def condition_dir(self, cond: str) -> str:
-        return self.condition_dirs.get(cond, condition_dirname(cond))
+    def histories(self, cond: str) -> list[list[dict]]:
+        """The condition's mining rounds, one list per seed that ran it."""
+        return [self.mining[s][cond] for s in self.seeds if cond in self.mining.get(s, {})]
 
     def store_dir(self, seed: int, cond: str) -> Path:
         """A condition's synthetic store: ``seed_<s>/mining/<condition dir>/synthetic``."""
-        return self.root / f"seed_{seed}" / "mining" / self.condition_dir(cond) / "synthetic"
+        return self.root / f"seed_{seed}" / "mining" / condition_dirname(cond) / "synthetic"
 
     def scores(self, seed: int) -> dict[str, Tensor] | None:
         """``seed_<s>/base/test_scores.safetensors``: ``signal/<name>``, ``labels``, ``preds``, ``rare``."""
@@ -113,9 +95,14 @@ class RunData:
     def class_name(self, c: int) -> str:
         return self.class_names[c] if c < len(self.class_names) else f"class {c}"
 
-    def json(self, relative: str) -> Any:
+    def json(self, path: str | Path) -> Any:
         """A JSON file under the run, ``None`` when absent or unreadable (noted in ``problems``)."""
-        return _json(self.root / relative, self.problems)
+        path = self.root / path
+        try:
+            return read_json(path)
+        except (OSError, ValueError) as err:
+            self.problems.append(f"{path.name}: {type(err).__name__}: {err}")
+            return None
 
 
 def configured_conditions(config: dict | None, metrics: dict | None) -> list[str]:
@@ -129,33 +116,13 @@ def configured_conditions(config: dict | None, metrics: dict | None) -> list[str
     return list(dict.fromkeys(str(t) for t in texts))
 
 
-def _json(path: Path, problems: list[str]) -> Any:
-    try:
-        return read_json(path)
-    except (OSError, ValueError) as err:
-        problems.append(f"{path.name}: {type(err).__name__}: {err}")
-        return None
-
-
-def _text(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
-
-
-def seed_dirs(root: Path) -> dict[int, Path]:
-    """``seed_<s>/`` folders by seed, sorted."""
-    out = {}
-    for d in root.glob("seed_*"):
-        m = SEED_DIR.fullmatch(d.name)
-        if d.is_dir() and m:
-            out[int(m.group(1))] = d
-    return dict(sorted(out.items()))
+def seed_dirs(root: Path) -> set[int]:
+    """Seeds with a ``seed_<s>/`` folder."""
+    return {int(m[1]) for d in root.glob("seed_*") if d.is_dir() and (m := SEED_DIR.fullmatch(d.name))}
 
 
 def run_kind(root: Path, config: dict | None = None) -> str:
-    """``mine``, ``generate`` or ``calibrate`` from the files present (then the config's keys).
-
-    Raises ``FileNotFoundError`` when nothing of a run is there.
-    """
+    """``mine``, ``generate`` or ``calibrate`` from the files present (then the config's keys)."""
     if (root / "calibration.json").is_file():
         return "calibrate"
     if (root / "manifest.csv").is_file() or any(root.glob("manifest.part-*.csv")):
@@ -173,24 +140,16 @@ def run_kind(root: Path, config: dict | None = None) -> str:
     )
 
 
-def manifest_rows(store_dir: Path) -> list[dict[str, str]]:
-    """Rows of a synthetic store's manifest (and unmerged part files) whose image exists."""
-    from ..data.store import SyntheticStore
-
-    return SyntheticStore(store_dir).rows()
-
-
-def _round_histories(run: RunData, seed_dir: Path) -> dict[str, list[dict]]:
-    """``mining/<condition dir>/round_<r>/metrics.json`` -> condition text -> rounds in order."""
-    texts = {d: t for t, d in run.condition_dirs.items()}
+def _round_histories(run: RunData, seed: int) -> dict[str, list[dict]]:
+    """``seed_<s>/mining/<condition dir>/round_<r>/metrics.json`` -> condition text -> rounds in order."""
+    texts = {condition_dirname(t): t for t in configured_conditions(run.config, run.metrics)}
     out: dict[str, list[dict]] = {}
-    for cond_dir in sorted((seed_dir / "mining").glob("*")):
+    for cond_dir in sorted((run.root / f"seed_{seed}" / "mining").glob("*")):
         rounds = []
-        for rd in cond_dir.glob("round_*"):
-            m = ROUND_DIR.fullmatch(rd.name)
-            row = _json(rd / "metrics.json", run.problems) if m else None
+        for d in cond_dir.glob("round_*"):
+            row = run.json(d / "metrics.json") if (m := ROUND_DIR.fullmatch(d.name)) else None
             if isinstance(row, dict):
-                rounds.append({**row, "round": int(m.group(1))})
+                rounds.append({**row, "round": int(m[1])})
         if rounds:
             out[texts.get(cond_dir.name, cond_dir.name)] = sorted(rounds, key=lambda r: r["round"])
     return out
@@ -199,14 +158,11 @@ def _round_histories(run: RunData, seed_dir: Path) -> dict[str, list[dict]]:
 def _load_seeds(run: RunData) -> None:
     """Base metrics and mining histories per seed, from the seed folders, else metrics.json's ``per_seed``."""
     per_seed = {int(s): v or {} for s, v in ((run.metrics or {}).get("per_seed") or {}).items()}
-    for seed in sorted(set(seed_dirs(run.root)) | set(per_seed)):
+    for seed in sorted(seed_dirs(run.root) | set(per_seed)):
         base = run.json(f"seed_{seed}/base/metrics.json") or per_seed.get(seed, {}).get("base")
         if base is not None:
             run.base[seed] = base
-        mining = {
-            **(per_seed.get(seed, {}).get("mining") or {}),
-            **_round_histories(run, run.root / f"seed_{seed}"),
-        }
+        mining = {**(per_seed.get(seed, {}).get("mining") or {}), **_round_histories(run, seed)}
         if mining:
             run.mining[seed] = mining
 
@@ -221,7 +177,7 @@ def _class_names(run: RunData) -> list[str]:
         return [str(n) for n in listed]
     rows = list(run.manifest)
     for manifest in sorted(run.root.glob("seed_*/mining/*/synthetic/manifest.csv")):
-        rows += manifest_rows(manifest.parent)
+        rows += SyntheticStore(manifest.parent).rows()
     names: dict[int, str] = {}
     for row in rows:
         names.setdefault(int(row["class_id"]), row["class_name"])
@@ -234,12 +190,10 @@ def load_run(run_dir: str | Path) -> RunData:
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"run directory {root} does not exist (or is not a directory)")
-    run = RunData(
-        root=root, config_text=_text(root / "config.yaml"), summary_text=_text(root / "summary.txt")
-    )
+    config, summary = root / "config.yaml", root / "summary.txt"
+    run = RunData(root, config_text=config.read_text() if config.is_file() else None)
+    run.summary_text = summary.read_text() if summary.is_file() else None
     if run.config_text is not None:
-        import yaml
-
         try:
             loaded = yaml.safe_load(run.config_text)
         except yaml.YAMLError as err:
@@ -253,9 +207,8 @@ def load_run(run_dir: str | Path) -> RunData:
         run.sweep = run.json("calibration.json")
     else:
         run.sweep = run.json("sweep/sweep.json") or (run.metrics or {}).get("sweep")
-    run.condition_dirs = {t: condition_dirname(t) for t in configured_conditions(run.config, run.metrics)}
     _load_seeds(run)
     if run.kind == "generate":
-        run.manifest = manifest_rows(root)
+        run.manifest = SyntheticStore(root).rows()
     run.class_names = _class_names(run)
     return run

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 from torch import Tensor
@@ -32,38 +33,41 @@ def condition_color(cond: str, index: int = 0) -> str:
     return CONDITION_COLORS.get(cond, OTHER_COLORS[index % len(OTHER_COLORS)])
 
 
-def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+def figure_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", facecolor="white")
     return buf.getvalue()
 
 
 def _ms(values: Sequence[float | None]) -> tuple[float, float, int]:
     """Mean, std and count for plotting: NaN where there is no finite value."""
     s = mean_std(values)
-    nan = math.nan
-    return (nan if s["mean"] is None else s["mean"]), (nan if s["std"] is None else s["std"]), s["n"]
+    return (
+        (math.nan if s["mean"] is None else s["mean"]),
+        (math.nan if s["std"] is None else s["std"]),
+        s["n"],
+    )
+
+
+def _bars(ax: Axes, series: list[tuple[str, Sequence[float], str, Sequence[float] | None]]) -> np.ndarray:
+    """Grouped bars, one per ``(label, values, colour, error bars)`` series; returns the group centres."""
+    width, x = 0.8 / len(series), np.arange(len(series[0][1]))
+    for i, (label, values, color, errs) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar(x + offset, values, width, yerr=errs, capsize=3, label=label, color=color)
+    return x
 
 
 def plot_accuracy_bars(rows: Rows) -> bytes:
     """Grouped bars: top-1 / Many / Medium / Few per condition; error bars = std over seeds."""
     fig = Figure(figsize=(9, 3.6))
     ax = fig.subplots()
-    width = 0.8 / len(rows)
-    x = np.arange(len(GROUP_KEYS))
+    series = []
     for i, (key, label, finals) in enumerate(rows):
         stats = [_ms([f.get(k) for f in finals]) for k in GROUP_KEYS]
         errs = [s if n > 1 else 0.0 for _, s, n in stats]
-        ax.bar(
-            x + (i - (len(rows) - 1) / 2) * width,
-            [m for m, _, _ in stats],
-            width,
-            yerr=errs,
-            capsize=3,
-            label=label,
-            color=condition_color(key, i),
-        )
-    ax.set_xticks(x, [GROUP_LABELS[k] for k in GROUP_KEYS])
+        series.append((label, [m for m, _, _ in stats], condition_color(key, i), errs))
+    ax.set_xticks(_bars(ax, series), [GROUP_LABELS[k] for k in GROUP_KEYS])
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
     ax.grid(axis="y", alpha=0.3)
@@ -72,10 +76,7 @@ def plot_accuracy_bars(rows: Rows) -> bytes:
 
 
 def plot_rounds(histories: dict[str, tuple[str, list[list[dict]]]]) -> bytes:
-    """Accuracy per mining round (Figure 3's loop): one panel per group, one line per condition.
-
-    ``histories``: condition -> (label, round histories, one per seed).
-    """
+    """Accuracy per mining round: a panel per group, a line per condition (mean over seeds, band = ± std)."""
     fig = Figure(figsize=(12, 3.2))
     axes = fig.subplots(1, len(GROUP_KEYS), sharex=True)
     for i, (cond, (label, per_seed)) in enumerate(histories.items()):
@@ -128,21 +129,15 @@ def plot_roc(scores: dict[str, Tensor]) -> tuple[bytes, dict[str, dict[str, floa
     return figure_png(fig), aurocs
 
 
-def sweep_by_signal(points: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for p in points:
-        out.setdefault(p["signal"], []).append(p)
-    return {s: sorted(v, key=lambda p: p["weight"]) for s, v in out.items()}
-
-
 def plot_sweep(sweep: dict) -> bytes:
     """Figure 2: mean signal and mean P(class) of generated images against the guidance weight, per signal."""
-    by_signal = sweep_by_signal(sweep["points"])
-    choices = sweep.get("choices") or {}
-    positive = [p["weight"] for p in sweep["points"] if p["weight"] > 0]
-    fig = Figure(figsize=(10, 2.8 * len(by_signal)), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(by_signal), 2, squeeze=False))
-    for row, (sig, pts) in zip(axes, by_signal.items(), strict=True):
+    points, choices = sweep["points"], sweep.get("choices") or {}
+    signals = list(dict.fromkeys(p["signal"] for p in points))
+    positive = [p["weight"] for p in points if p["weight"] > 0]
+    fig = Figure(figsize=(10, 2.8 * len(signals)), layout="constrained")
+    axes = fig.subplots(len(signals), 2, squeeze=False)
+    for row, sig in zip(axes, signals, strict=True):
+        pts = sorted((p for p in points if p["signal"] == sig), key=lambda p: p["weight"])
         w = [p["weight"] for p in pts]
         row[0].plot(w, [p["mean_signal"] for p in pts], marker="o", color="tab:red")
         row[0].set_ylabel(f"mean {sig}")
@@ -210,14 +205,10 @@ def plot_grid(png: bytes, class_names: Sequence[str], weights: Sequence[float], 
     fig = Figure(figsize=(w * scale / 100, h * scale / 100))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(pixels, interpolation="nearest" if scale >= 1 else "antialiased")
-    ax.set_yticks(
-        [2 + r * (cell + 2) + cell / 2 for r in range(len(class_names))], list(class_names), fontsize=9
-    )
-    xs = [
-        2 + t * (len(weights) * cell + 2) + j * cell + cell / 2
-        for t in range(tiles)
-        for j in range(len(weights))
-    ]
+    n = len(weights)
+    ys = [2 + r * (cell + 2) + cell / 2 for r in range(len(class_names))]
+    xs = [2 + t * (n * cell + 2) + j * cell + cell / 2 for t in range(tiles) for j in range(n)]
+    ax.set_yticks(ys, list(class_names), fontsize=9)
     ax.set_xticks(xs, [("0" if wt == 0 else f"{wt:g}") for _ in range(tiles) for wt in weights], fontsize=8)
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
@@ -226,9 +217,7 @@ def plot_grid(png: bytes, class_names: Sequence[str], weights: Sequence[float], 
     return figure_png(fig)
 
 
-def montage(
-    store_dir: Path, rows: list[dict[str, str]], num_classes: int, per_class: int = 6
-) -> np.ndarray | None:
+def montage(store_dir: Path, rows: list[dict], num_classes: int, per_class: int = 6) -> np.ndarray | None:
     """RGB montage ``[H, W, 3]``: a row per class (up to ``MONTAGE_CLASSES``), up to ``per_class`` thumbnails
     of the last round's images each, padding 2."""
     from PIL import Image
@@ -264,18 +253,14 @@ def plot_montages(montages: dict[str, np.ndarray], class_names: Sequence[str]) -
     rows = min(len(class_names), MONTAGE_CLASSES)
     zoom = 48 / max((first.shape[0] - 2) / rows - 2, 1)  # thumbnails shown about 48 px tall
     width = max(first.shape[1] * zoom / 100, 2.8)  # room for the panel titles
-    fig = Figure(
-        figsize=(width * len(montages) + 1.2, first.shape[0] * zoom / 100 + 0.6), layout="constrained"
-    )
+    size = (width * len(montages) + 1.2, first.shape[0] * zoom / 100 + 0.6)
+    fig = Figure(figsize=size, layout="constrained")
     axes = fig.subplots(1, len(montages), squeeze=False)[0]
     for i, (ax, (label, canvas)) in enumerate(zip(axes, montages.items(), strict=True)):
         ax.imshow(canvas, interpolation="nearest")
         h = (canvas.shape[0] - 2) / rows
-        ax.set_yticks(
-            [2 + r * h + h / 2 - 1 for r in range(rows)],
-            list(class_names[:rows]) if i == 0 else [""] * rows,
-            fontsize=8,
-        )
+        names = list(class_names[:rows]) if i == 0 else [""] * rows
+        ax.set_yticks([2 + r * h + h / 2 - 1 for r in range(rows)], names, fontsize=8)
         ax.set_xticks([])
         ax.tick_params(length=0)
         ax.set_title(label, fontsize=9)
@@ -283,10 +268,8 @@ def plot_montages(montages: dict[str, np.ndarray], class_names: Sequence[str]) -
 
 
 def plot_distribution(reports: dict[str, list[dict]], labels: dict[str, str]) -> bytes:
-    """Per class: within-class synthetic-vs-real FID (mean over seeds) against real-vs-real between classes.
-
-    Up to 30 classes: grouped bars; more: one point per class, below the diagonal = the paper's claim holds.
-    """
+    """Per class: synthetic-vs-real FID within the class against real-vs-real between classes (mean over
+    seeds); grouped bars up to 30 classes, else a scatter (below the diagonal = the paper's claim holds)."""
     first = next(iter(reports.values()))[0]
     names = list(first["per_class"])
     between = [first["per_class"][n]["between_real"]["fid_mean"] for n in names]
@@ -306,13 +289,9 @@ def plot_distribution(reports: dict[str, list[dict]], labels: dict[str, str]) ->
     else:
         fig = Figure(figsize=(max(7, 0.9 * len(names)), 3.4), layout="constrained")
         ax = fig.subplots()
-        series = {f"{labels[k]} vs real (same class)": (vals, colors[k]) for k, vals in within.items()}
-        series["real vs real (other classes, mean)"] = (between, "tab:gray")
-        width = 0.8 / len(series)
-        x = np.arange(len(names))
-        for i, (label, (vals, color)) in enumerate(series.items()):
-            ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=label, color=color)
-        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        series = [(f"{labels[k]} vs real (same class)", vals, colors[k], None) for k, vals in within.items()]
+        series.append(("real vs real (other classes, mean)", between, "tab:gray", None))
+        ax.set_xticks(_bars(ax, series), names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("Fréchet distance")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -16,9 +16,22 @@ def _status(name: str, value: str, bad: bool = False) -> list[Cell]:
     return [Cell(name), Cell(value, span="bad" if bad else "ok")]
 
 
-def _mine_stages(run: RunData) -> list[list[Cell]]:
-    rows = [_status("base classifiers", f"seeds {sorted(run.base)}" if run.base else "missing", not run.base)]
+def _stages(run: RunData) -> list[list[Cell]]:
+    """What the run has produced so far, per stage of its kind."""
     points = len((run.sweep or {}).get("points", []))
+    if run.kind == "calibrate":
+        grids = len(list(run.grid_dir.glob("grid_*.png")))
+        return [
+            _status("calibration.json", f"{points} points" if run.sweep else "missing", not run.sweep),
+            _status("grids", f"{grids} signal(s)" if grids else "missing", not grids),
+        ]
+    if run.kind == "generate":
+        classes = len({r["class_id"] for r in run.manifest})
+        rows = [_status("manifest.csv", f"{len(run.manifest)} images, {classes} classes", not run.manifest)]
+        if parts := len(list(run.root.glob("manifest.part-*.csv"))):
+            rows.append(_status("unmerged part files", f"{parts} (the run has not finished)", True))
+        return rows
+    rows = [_status("base classifiers", f"seeds {sorted(run.base)}" if run.base else "missing", not run.base)]
     rows.append(_status("guidance sweep", f"{points} points" if run.sweep else "missing", not run.sweep))
     for cond in run.conditions:
         done = {s: len(run.mining[s][cond]) - 1 for s in run.seeds if cond in run.mining.get(s, {})}
@@ -31,52 +44,24 @@ def _mine_stages(run: RunData) -> list[list[Cell]]:
     return rows
 
 
-def _generate_stages(run: RunData) -> list[list[Cell]]:
-    parts = len(list(run.root.glob("manifest.part-*.csv")))
-    classes = len({r["class_id"] for r in run.manifest})
-    rows = [_status("manifest.csv", f"{len(run.manifest)} images, {classes} classes", not run.manifest)]
-    if parts:
-        rows.append(_status("unmerged part files", f"{parts} (the run has not finished)", True))
-    return rows
-
-
-def _calibrate_stages(run: RunData) -> list[list[Cell]]:
-    points = len((run.sweep or {}).get("points", []))
-    grids = len(list(run.grid_dir.glob("grid_*.png")))
-    return [
-        _status("calibration.json", f"{points} points" if run.sweep else "missing", not run.sweep),
-        _status("grids", f"{grids} signal(s)" if grids else "missing", not grids),
-    ]
-
-
 def section_overview(run: RunData) -> dict:
     """The printed summary (mine runs) next to the stages found and the resolved config."""
-    stages = {"generate": _generate_stages, "calibrate": _calibrate_stages}.get(run.kind, _mine_stages)(run)
     return {
         "show_summary": run.kind == "mine",
         "summary": run.summary_text.rstrip() if run.summary_text else None,
         "config": run.config_text.rstrip() if run.config_text else None,
-        "stages": Table(["stage", "status"], stages, "narrow"),
+        "stages": Table(["stage", "status"], _stages(run), "narrow"),
         "problems": list(run.problems),
     }
 
 
-def final_rounds(run: RunData, cond: str) -> list[dict]:
-    return [run.mining[s][cond][-1] for s in run.seeds if cond in run.mining.get(s, {})]
-
-
-def base_label(run: RunData) -> str:
-    """The base row: trained here on the long-tailed data, or the classifier the run was given (0 epochs)."""
-    base = (run.config or {}).get("base")
-    if isinstance(base, dict) and base.get("epochs") == 0:
-        return "base (the given classifier)"
-    return "base (long-tailed real data only)"
-
-
 def accuracy_rows(run: RunData) -> Rows:
-    """``(key, label, final metrics per seed)``: the base classifier (if trained here), each condition."""
-    rows = [("base", base_label(run), [run.base[s] for s in sorted(run.base)])] if run.base else []
-    rows += [(c, run.condition_label(c), final_rounds(run, c)) for c in run.conditions]
+    """``(key, label, final metrics per seed)``: the base classifier (trained or given), each condition."""
+    base = (run.config or {}).get("base")
+    given = isinstance(base, dict) and base.get("epochs") == 0
+    label = "base (the given classifier)" if given else "base (long-tailed real data only)"
+    rows = [("base", label, [run.base[s] for s in sorted(run.base)])] if run.base else []
+    rows += [(c, run.condition_label(c), [h[-1] for h in run.histories(c)]) for c in run.conditions]
     return [r for r in rows if any(k in f for f in r[2] for k in GROUP_KEYS)]
 
 
@@ -105,7 +90,7 @@ def section_accuracy(run: RunData) -> dict | None:
     body = []
     for _, label, finals in rows:
         rounds = sorted({f.get("round", 0) for f in finals})
-        shown = "–" if not rounds or rounds == [0] else "/".join(map(str, rounds))
+        shown = DASH if not rounds or rounds == [0] else "/".join(map(str, rounds))
         body.append([label, *[fmt_ms([f.get(k) for f in finals]) for k in GROUP_KEYS], len(finals), shown])
     per_class = _per_class_table(run, rows)
     return {
@@ -119,70 +104,51 @@ def section_accuracy(run: RunData) -> dict | None:
     }
 
 
-def _signed(value: float, digits: int = 3) -> str:
-    return f"{value:+.{digits}f}"
-
-
 def paired_cell(diff: object) -> Cell:
-    """One ``paired_difference`` as ``mean diff [CI low, CI high] (wins/losses)``, ties appended when any.
-
-    No interval for one seed (``ci`` is ``None``); a dash when no seed pairs up or the entry is malformed.
-    """
+    """A ``paired_difference`` as ``mean [CI low, CI high] (wins/losses[, n tied])``; a dash if malformed."""
     if not isinstance(diff, dict) or not isinstance(diff.get("mean"), int | float):
         return num(DASH)
-    text = _signed(diff["mean"])
+    text = f"{diff['mean']:+.3f}"
     ci = diff.get("ci")
     if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
-        text += f" [{_signed(ci[0])}, {_signed(ci[1])}]"
+        text += f" [{ci[0]:+.3f}, {ci[1]:+.3f}]"
     text += f" ({diff.get('wins', 0)}/{diff.get('losses', 0)}"
     ties = diff.get("ties", 0)
     return num(text + (f", {ties} tied)" if ties else ")"))
 
 
 def section_paired(run: RunData) -> dict | None:
-    """``metrics.json``'s ``paired``: each condition minus the baseline, paired by seed (same base classifier).
-
-    ``{"baseline": condition, "table": {condition: {metric: paired_difference}}}`` as written by
-    ``longtail.evaluation.stats.paired_table``; ``None`` (the section is left out) when absent or empty.
-    """
+    """``metrics.json``'s ``paired`` (``{"baseline", "table": {condition: {metric: paired_difference}}}``):
+    each condition minus the baseline, paired by seed."""
     paired = (run.metrics or {}).get("paired")
     table = paired.get("table") if isinstance(paired, dict) else None
     if not isinstance(table, dict) or not table:
         return None
-    table = {c: per_metric for c, per_metric in table.items() if isinstance(per_metric, dict)}
-    metrics = list(dict.fromkeys(m for per_metric in table.values() for m in per_metric))
-    baseline = str(paired.get("baseline", "unguided"))
-    levels = {d.get("level") for pm in table.values() for d in pm.values() if isinstance(d, dict)}
+    table = {c: pm for c, pm in table.items() if isinstance(pm, dict)}
+    diffs = {c: [d for d in pm.values() if isinstance(d, dict)] for c, pm in table.items()}
+    metrics = list(dict.fromkeys(m for pm in table.values() for m in pm))
+    levels = {d.get("level") for ds in diffs.values() for d in ds}
     level = next(iter(levels)) if len(levels) == 1 else None
-    seeds = [
-        max((d.get("n", 0) for d in pm.values() if isinstance(d, dict)), default=0) for pm in table.values()
-    ]
+    seeds = {c: max((d.get("n", 0) for d in ds), default=0) for c, ds in diffs.items()}
     body = [
-        [run.condition_label(c).removeprefix("+ "), *[paired_cell(pm.get(m)) for m in metrics], n]
-        for (c, pm), n in zip(table.items(), seeds, strict=True)
+        [run.condition_label(c).removeprefix("+ "), *[paired_cell(pm.get(m)) for m in metrics], seeds[c]]
+        for c, pm in table.items()
     ]
-    level_text = (
-        f"{100 * level:g}%" if isinstance(level, int | float) and math.isfinite(level) else "confidence"
-    )
+    finite = isinstance(level, int | float) and math.isfinite(level)
     return {
-        "baseline": run.condition_label(baseline).removeprefix("+ "),
-        "level": level_text,
+        "baseline": run.condition_label(str(paired.get("baseline", "unguided"))).removeprefix("+ "),
+        "level": f"{100 * level:g}%" if finite else "confidence",
         "table": Table(["condition", *[GROUP_LABELS.get(m, m) for m in metrics], "seeds"], body),
     }
 
 
 def section_rounds(run: RunData) -> dict | None:
     """Accuracy per mining round, one line per condition (mean over seeds, band = ± std)."""
+    histories = {c: (run.condition_label(c), run.histories(c)) for c in run.conditions}
     histories = {
-        c: (run.condition_label(c), [run.mining[s][c] for s in run.seeds if c in run.mining.get(s, {})])
-        for c in run.conditions
+        c: h for c, h in histories.items() if any(k in r for x in h[1] for r in x for k in GROUP_KEYS)
     }
-    histories = {
-        c: h for c, h in histories.items() if any(k in r for hist in h[1] for r in hist for k in GROUP_KEYS)
-    }
-    if not histories:
-        return None
-    return {"plot": image(plot_rounds(histories), "rounds")}
+    return {"plot": image(plot_rounds(histories), "rounds")} if histories else None
 
 
 def section_detection(run: RunData) -> dict | None:
@@ -195,13 +161,11 @@ def section_detection(run: RunData) -> dict | None:
         [sig, *[fmt_ms([d[sig].get(k) for d in dets.values() if sig in d]) for k in keys]]
         for sig in next(iter(dets.values()))
     ]
-    seed = next((s for s in run.seeds if run.scores(s) is not None), None)
-    roc = image(plot_roc(run.scores(seed))[0], "ROC curves") if seed is not None else None
+    seed, scores = next(((s, x) for s in run.seeds if (x := run.scores(s)) is not None), (None, None))
+    headers = ["signal", "AUROC rare", "AUROC hard", "accuracy above q90", "accuracy below q90"]
     return {
         "n_seeds": len(dets),
-        "table": Table(
-            ["signal", "AUROC rare", "AUROC hard", "accuracy above q90", "accuracy below q90"], body
-        ),
-        "roc": roc,
+        "table": Table(headers, body),
+        "roc": image(plot_roc(scores)[0], "ROC curves") if scores is not None else None,
         "roc_seed": seed,
     }

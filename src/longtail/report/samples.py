@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .cells import Cell, Image, Table, fmt, fmt_ms, image, mean_of, num, numf, shrink_png
-from .load import RunData, manifest_rows
+from ..data.store import SyntheticStore
+from .cells import DASH, Cell, Image, Table, fmt, fmt_ms, image, mean_of, num, numf, shrink_png
+from .load import RunData
 from .plots import MONTAGE_CLASSES, montage, plot_by_weight, plot_grid, plot_montages, plot_sweep
+
+SCORED = ["mean signal", "mean P(class)", "classified as intended"]
 
 
 def _choice_weight(choice: dict) -> Cell | str:
@@ -19,47 +22,32 @@ def _classifier(run: RunData, mine: str) -> str:
     return "the classifier being calibrated" if run.kind == "calibrate" else mine
 
 
-def _choices(sweep: dict) -> Table | None:
-    rows = [
-        [s, _choice_weight(c), c.get("baseline_signal"), c.get("baseline_p_class"), c.get("reason", "")]
-        for s, c in (sweep.get("choices") or {}).items()
-    ]
-    headers = ["signal", "chosen weight", "unguided signal", "unguided P(class)", "reason"]
-    return Table(headers, rows) if rows else None
-
-
-def _timing(sweep: dict) -> Table | None:
-    timing = sweep.get("timing") or {}
-    keys = ("unguided_img_per_s", "guided_img_per_s", "slowdown")
-    rows = [[numf(timing.get(k)) for k in keys]]
-    return Table(["unguided img/s", "guided img/s", "slowdown (x)"], rows) if timing else None
-
-
 def section_sweep(run: RunData) -> dict | None:
     """Signal and P(class) against the guidance weight (Figure 2), weight choices, generation speed."""
     sw = run.sweep or {}
     if not sw.get("points"):
         return None
-    points = [
-        [
-            p["signal"],
-            num(f"{p['weight']:g}"),
-            p.get("mean_signal"),
-            p.get("mean_p_class"),
-            p.get("accuracy"),
-            p.get("n"),
-            numf(p["n"] / p["seconds"] if p.get("seconds") and p.get("n") else None),
-            p.get("nonfinite"),
-        ]
-        for p in sw["points"]
+    keys = ("mean_signal", "mean_p_class", "accuracy", "n")
+    points = []
+    for p in sw["points"]:
+        rate = numf(p["n"] / p["seconds"] if p.get("seconds") and p.get("n") else None)
+        points.append(
+            [p["signal"], num(f"{p['weight']:g}"), *[p.get(k) for k in keys], rate, p.get("nonfinite")]
+        )
+    choices = [
+        [s, _choice_weight(c), c.get("baseline_signal"), c.get("baseline_p_class"), c.get("reason", "")]
+        for s, c in (sw.get("choices") or {}).items()
     ]
+    timing = sw.get("timing") or {}
+    speed = [[numf(timing.get(k)) for k in ("unguided_img_per_s", "guided_img_per_s", "slowdown")]]
     headers = ["signal", "weight", "mean signal", "P(class)", "accuracy", "images", "img/s", "non-finite"]
+    choice_headers = ["signal", "chosen weight", "unguided signal", "unguided P(class)", "reason"]
     return {
         "scored_by": _classifier(run, "the base classifier (first seed)"),
         "plot": image(plot_sweep(sw), "sweep"),
         "points": Table(headers, points),
-        "choices": _choices(sw),
-        "timing": _timing(sw),
+        "choices": Table(choice_headers, choices) if choices else None,
+        "timing": Table(["unguided img/s", "guided img/s", "slowdown (x)"], speed) if timing else None,
     }
 
 
@@ -87,13 +75,26 @@ def _floats(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key) not in (None, "")]
 
 
-def _agreement(rows: list[dict[str, str]]) -> float | None:
+def _scores(rows: list[dict[str, str]], stat: Callable = mean_of) -> list:
+    """``stat`` of the signal and of P(class), and the share classified as the intended class (``SCORED``)."""
     agree = [r["pred"] == r["class_id"] for r in rows if r.get("pred") not in (None, "")]
-    return sum(agree) / len(agree) if agree else None
+    share = sum(agree) / len(agree) if agree else None
+    return [stat(_floats(rows, "signal")), stat(_floats(rows, "p_class")), share]
 
 
-def _round(row: dict[str, str]) -> int:
-    return int(row.get("round") or 0)
+def _weight(row: dict[str, str]) -> float:
+    try:
+        return float(row.get("weight") or 0.0)
+    except ValueError:
+        return 0.0
+
+
+def _by(rows: list[dict[str, str]], key: Callable[[dict[str, str]], object]) -> dict:
+    """``rows`` grouped by ``key``, sorted."""
+    out: dict = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return dict(sorted(out.items()))
 
 
 def _montage_image(montages: dict[str, object], class_names: list[str], alt: str) -> dict | None:
@@ -111,118 +112,33 @@ def _montage_image(montages: dict[str, object], class_names: list[str], alt: str
 def section_synthetic(run: RunData) -> dict | None:
     """What the mining loop generated: scores recorded at generation time, and the last round's images."""
     stores = {(s, c): run.store_dir(s, c) for s in run.seeds for c in run.conditions}
-    found = {k: manifest_rows(d) for k, d in stores.items() if (d / "manifest.csv").is_file()}
+    found = {k: SyntheticStore(d).rows() for k, d in stores.items() if (d / "manifest.csv").is_file()}
     found = {k: v for k, v in found.items() if v}
     if not found:
         return None
-    body = []
-    for (seed, cond), rows in found.items():
-        for rnd in sorted({_round(r) for r in rows}):
-            sel = [r for r in rows if _round(r) == rnd]
-            body.append(
-                [
-                    seed,
-                    cond,
-                    rnd,
-                    len(sel),
-                    sel[0].get("signal_name") or "–",
-                    sel[0].get("weight") or "–",
-                    mean_of(_floats(sel, "signal")),
-                    mean_of(_floats(sel, "p_class")),
-                    _agreement(sel),
-                ]
-            )
+    body = [
+        [
+            seed,
+            cond,
+            rnd,
+            len(sel),
+            *[sel[0].get(k) or DASH for k in ("signal_name", "weight")],
+            *_scores(sel),
+        ]
+        for (seed, cond), rows in found.items()
+        for rnd, sel in _by(rows, lambda r: int(r.get("round") or 0)).items()
+    ]
     seed = min(s for s, _ in found)
     montages = {
         run.condition_label(c): montage(stores[(s, c)], rows, len(run.class_names))
         for (s, c), rows in found.items()
         if s == seed
     }
-    headers = [
-        "seed",
-        "condition",
-        "round",
-        "images",
-        "signal",
-        "weight",
-        "mean signal",
-        "mean P(class)",
-        "classified as intended",
-    ]
     return {
-        "table": Table(headers, body),
+        "table": Table(["seed", "condition", "round", "images", "signal", "weight", *SCORED], body),
         "seed": seed,
         "montage": _montage_image(montages, run.class_names, "synthetic samples"),
     }
-
-
-def _weight(row: dict[str, str]) -> float:
-    try:
-        return float(row.get("weight") or 0.0)
-    except ValueError:
-        return 0.0
-
-
-def _by(rows: list[dict[str, str]], key: Callable[[dict[str, str]], object]) -> dict:
-    out: dict = {}
-    for r in rows:
-        out.setdefault(key(r), []).append(r)
-    return dict(sorted(out.items()))
-
-
-def _weight_rows(rows: list[dict[str, str]]) -> list[list]:
-    out = []
-    for w, sel in _by(rows, _weight).items():
-        seconds = mean_of(_floats(sel, "seconds"))
-        out.append(
-            [
-                num(f"{w:g}"),
-                sel[0].get("signal_name") or "–",
-                len(sel),
-                fmt_ms(_floats(sel, "signal")),
-                fmt_ms(_floats(sel, "p_class")),
-                _agreement(sel),
-                numf(1 / seconds if seconds else None),
-            ]
-        )
-    return out
-
-
-def _class_rows(run: RunData, rows: list[dict[str, str]]) -> list[list]:
-    return [
-        [
-            run.class_name(c),
-            len(sel),
-            mean_of(_floats(sel, "signal")),
-            mean_of(_floats(sel, "p_class")),
-            _agreement(sel),
-        ]
-        for c, sel in _by(rows, lambda r: int(r["class_id"])).items()
-    ]
-
-
-def _weight_plot(rows: list[dict[str, str]]) -> Image | None:
-    """Mean signal and P(class) per weight, when the images were scored at two weights or more."""
-    scored = _by([r for r in rows if r.get("signal") not in (None, "")], _weight)
-    if len(scored) < 2:
-        return None
-    stats = {
-        w: {"signal": mean_of(_floats(s, "signal")), "p_class": mean_of(_floats(s, "p_class"))}
-        for w, s in scored.items()
-    }
-    signal = next((r["signal_name"] for r in rows if r.get("signal_name")), "signal")
-    return image(plot_by_weight(stats, signal), "signal and P(class) per weight")
-
-
-def _generated_montage(run: RunData, rows: list[dict[str, str]]) -> dict | None:
-    """A few images per class (the classes present, however few of the label set) and weight."""
-    present = sorted({int(r["class_id"]) for r in rows})
-    dense = [{**r, "class_id": str(present.index(int(r["class_id"])))} for r in rows]
-    montages = {
-        f"w = {w:g}" if w else "unguided": montage(run.root, sel, len(present), per_class=4)
-        for w, sel in _by(dense, _weight).items()
-    }
-    return _montage_image(montages, [run.class_name(c) for c in present], "generated samples")
 
 
 def section_generated(run: RunData) -> dict | None:
@@ -230,29 +146,48 @@ def section_generated(run: RunData) -> dict | None:
     rows = run.manifest
     if not rows:
         return None
-    per_weight = [
-        "weight",
-        "signal",
-        "images",
-        "mean signal",
-        "mean P(class)",
-        "classified as intended",
-        "img/s",
-    ]
-    per_class = ["class", "images", "mean signal", "mean P(class)", "classified as intended"]
+    weights = []
+    for w, sel in _by(rows, _weight).items():
+        seconds = mean_of(_floats(sel, "seconds"))
+        rate = numf(1 / seconds if seconds else None)
+        weights.append(
+            [num(f"{w:g}"), sel[0].get("signal_name") or DASH, len(sel), *_scores(sel, fmt_ms), rate]
+        )
+    classes = [[run.class_name(c), len(sel), *_scores(sel)] for c, sel in _by(rows, _class_id).items()]
     return {
         "n": len(rows),
         "scored": any(r.get("signal") not in (None, "") for r in rows),
         "models": ", ".join(sorted({r.get("model") or "" for r in rows} - {""})),
-        "classes": Table(per_class, _class_rows(run, rows)),
-        "weights": Table(per_weight, _weight_rows(rows)),
+        "classes": Table(["class", "images", *SCORED], classes),
+        "weights": Table(["weight", "signal", "images", *SCORED, "img/s"], weights),
         "plot": _weight_plot(rows),
         "montage": _generated_montage(run, rows),
     }
 
 
-def _at(points: list[dict], signal: str, weight: float | None) -> dict:
-    return next((p for p in points if p["signal"] == signal and p["weight"] == weight), {})
+def _class_id(row: dict[str, str]) -> int:
+    return int(row["class_id"])
+
+
+def _weight_plot(rows: list[dict[str, str]]) -> Image | None:
+    """Mean signal and P(class) per weight, when the images were scored at two weights or more."""
+    scored = _by([r for r in rows if r.get("signal") not in (None, "")], _weight)
+    if len(scored) < 2:
+        return None
+    stats = {w: dict(zip(("signal", "p_class"), _scores(sel)[:2], strict=True)) for w, sel in scored.items()}
+    signal = next((r["signal_name"] for r in rows if r.get("signal_name")), "signal")
+    return image(plot_by_weight(stats, signal), "signal and P(class) per weight")
+
+
+def _generated_montage(run: RunData, rows: list[dict[str, str]]) -> dict | None:
+    """A few images per class (the classes present, however few of the label set) and weight."""
+    present = sorted({_class_id(r) for r in rows})
+    dense = [{**r, "class_id": str(present.index(_class_id(r)))} for r in rows]
+    montages = {
+        f"w = {w:g}" if w else "unguided": montage(run.root, sel, len(present), per_class=4)
+        for w, sel in _by(dense, _weight).items()
+    }
+    return _montage_image(montages, [run.class_name(c) for c in present], "generated samples")
 
 
 def _arrow(before: object, after: object) -> Cell:
@@ -267,31 +202,21 @@ def section_calibration(run: RunData) -> dict | None:
     points = run.sweep.get("points") or []
     rows = []
     for sig, c in choices.items():
-        chosen = _at(points, sig, c.get("weight"))
-        rows.append(
-            [
-                sig,
-                _choice_weight(c),
-                _arrow(c.get("baseline_signal"), chosen.get("mean_signal")),
-                _arrow(c.get("baseline_p_class"), chosen.get("mean_p_class")),
-                c.get("reason", ""),
-            ]
-        )
+        chosen = next((p for p in points if p["signal"] == sig and p["weight"] == c.get("weight")), {})
+        shifts = [_arrow(c.get(f"baseline_{k}"), chosen.get(f"mean_{k}")) for k in ("signal", "p_class")]
+        rows.append([sig, _choice_weight(c), *shifts, c.get("reason", "")])
     config = run.config or {}
-    settings = [
-        [k, str(config[k])] for k in ("signals", "weights", "per_class", "min_p_ratio", "seed") if k in config
+    keys = ("signals", "weights", "per_class", "min_p_ratio", "seed")
+    settings = [[k, str(config[k])] for k in keys if k in config]
+    headers = [
+        "signal",
+        "chosen weight",
+        "signal: unguided → chosen",
+        "P(class): unguided → chosen",
+        "reason",
     ]
     return {
-        "choices": Table(
-            [
-                "signal",
-                "chosen weight",
-                "signal: unguided → chosen",
-                "P(class): unguided → chosen",
-                "reason",
-            ],
-            rows,
-        ),
+        "choices": Table(headers, rows),
         "images": max((p.get("n") or 0 for p in points), default=0),
         "classes": ", ".join(run.class_names),
         "settings": Table(["setting", "value"], settings, "narrow") if settings else None,
