@@ -293,6 +293,14 @@ def test_base_training_stage_for_users_without_a_trained_classifier(world, tmp_p
     stamp = (base / "classifier.safetensors").stat().st_mtime_ns
     run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
     assert (base / "classifier.safetensors").stat().st_mtime_ns == stamp
+    # a run's classifier.json is a classifier spec for the next run (its heads come along)
+    again = [*base_overrides(world, tmp_path / "again"), f"classifier.spec={base / 'classifier.json'}",
+             "classifier.checkpoint=null", "classifier.model_kwargs={}", "schedule.epochs=1",
+             "schedule.per_round=3", "guidance.signal=epistemic"]
+    result = run_mine(load_config(MineConfig, overrides=again), show=False, log=lambda m: None)
+    assert "epistemic" in result["per_seed"]["0"]["base"]["detection"]
+    assert result["per_seed"]["0"]["base"]["top1"] == pytest.approx(
+        json.loads((base / "metrics.json").read_text())["top1"])
 
 
 def test_introspection_is_a_stage_and_a_condition_of_any_run(world, tmp_path):

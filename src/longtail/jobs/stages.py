@@ -24,7 +24,13 @@ from ..mining import MiningConfig, mine, save_state
 from ..models.classifiers import LoadedClassifier, bridged_classifier, input_channels
 from ..outputs import ClassifierOutput
 from ..sampling import GuidanceConfig
-from .common import ClassifierSpec, check_guidance, load_classifier_spec, write_classifier_json
+from .common import (
+    ClassifierSpec,
+    check_guidance,
+    load_classifier_spec,
+    resolve_classifier_spec,
+    write_classifier_json,
+)
 from .mine_config import FinetuneSpec, IntrospectionSpec, MineConfig, Plan, check_captioner
 
 Log = Callable[[str], None]
@@ -186,7 +192,7 @@ def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
     if metrics_path.is_file() and (base_dir / "classifier.json").is_file():
         return load_base(ctx, seed), read_json(metrics_path)
     started = time.perf_counter()
-    cs = cfg.classifier
+    cs = resolve_classifier_spec(cfg.classifier)  # a run's classifier.json becomes its spec (absolute paths)
     torch.manual_seed(seed)
     spec = replace(cs, heads=None) if cfg.base.epochs > 0 else cs
     loaded = load_classifier_spec(spec, ctx.acc.device)
