@@ -48,6 +48,12 @@ def test_condition_grammar():
     for bad in ("bestof@1", "bestof@2.5"):
         with pytest.raises(ConditionError, match="N"):
             Condition.parse(bad)
+    judged = Condition.parse("ltg:total@1+judge")
+    assert judged.judge_filter and judged.kind == "ltg" and judged.weight == 1.0 and judged.dirname == "ltg_total_w1_judge"
+    assert judged.label({"signal": "total", "weight": 1.0}) == "+ LTG (total, w=1) + judge filter"
+    for bad in ("none+judge", "aug:cutout+judge", "bestof@2+judge"):
+        with pytest.raises(ConditionError, match=r"\+judge"):
+            Condition.parse(bad)
     with pytest.raises(ConditionError, match="twice"):
         parse_conditions(["ltg", "ltg"])
 

@@ -349,3 +349,57 @@ def test_best_of_n_keeps_the_highest_signal_per_class_with_an_exact_count(world,
         rest = [float(r["signal"]) for r in pool if r["id"] not in kept_ids]
         assert len(chosen) == 1 and len(pool) == 3 and min(chosen) >= max(rest)
     assert {float(r["weight"]) for r in kept} == {0.0}
+
+
+def _judge_dir(world, root: Path) -> Path:
+    from longtail.jobs.common import write_classifier_json
+
+    return write_classifier_json(root / "judge", "longtail.train:make_classifier",
+                                 str(world["root"] / "clf.safetensors"), model_kwargs={"width": 8, "num_heads": 3},
+                                 num_classes=3, class_names=sorted(CLASSES), preprocess={"size": 32, "in_channels": 1}
+                                 ).parent
+
+
+def test_judge_filter_keeps_only_accepted_images_and_the_exact_count(world, tmp_path, monkeypatch):
+    """'+judge': what the judge rejects is replaced by new images until each class has its count."""
+    import longtail.jobs.stages as stages
+
+    def every_other(judge, root, rows, class_names, verdicts):  # a judge that accepts even indices only
+        verdicts.update({row["id"]: int(row["index"]) % 2 == 0 for row in rows})
+
+    monkeypatch.setattr(stages, "judge_rows", every_other)
+    out = tmp_path / "run"
+    over = [*base_overrides(world, out), "conditions=['unguided+judge']", "schedule.epochs=2",
+            "schedule.per_round=6", f"judge.spec={_judge_dir(world, tmp_path)}"]
+    result = run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+    kept = manifest(out, "unguided_judge")
+    assert history(result, "unguided+judge")[-1]["synthetic"] == 6 == len(kept)
+    assert all(int(r["index"]) % 2 == 0 for r in kept)
+    assert sorted(r["class_name"] for r in kept) == sorted(CLASSES * 2)
+
+    monkeypatch.setattr(stages, "judge_rows", lambda j, root, rows, names, verdicts: verdicts.update(
+        {row["id"]: row["class_name"] == "bag" for row in rows}))  # never accepts the other classes
+    with pytest.raises(RuntimeError, match="rejected too many"):
+        run_mine(load_config(MineConfig, overrides=[*over, f"out={tmp_path / 'run2'}"]), show=False,
+                 log=lambda m: None)
+
+
+def test_judge_rows_asks_the_judge_for_each_image(tmp_path):
+    import numpy as np
+    import torch
+
+    from longtail.data.store import SyntheticStore
+    from longtail.jobs.stages import judge_rows
+
+    store = SyntheticStore(tmp_path / "s")
+    store.add(np.stack([np.full((8, 8), v, np.uint8) for v in (0, 255, 255)]),
+              [{"id": f"i{k}", "class_name": name} for k, name in enumerate(["dark", "dark", "bright"])])
+
+    class Brightness:  # class 1 ("bright") when the mean pixel is above 0
+        def probs(self, images):
+            bright = (images.mean(dim=(1, 2, 3)) > 0).long()
+            return torch.nn.functional.one_hot(bright, 2).float()
+
+    verdicts: dict[str, bool] = {}
+    judge_rows(Brightness(), store.root, store.rows(), ["dark", "bright"], verdicts)
+    assert verdicts == {"i0": True, "i1": False, "i2": True}

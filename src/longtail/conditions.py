@@ -13,6 +13,10 @@ Grammar (``Condition.parse``):
 * ``gif`` -- + unguided images from GIF's 40 prompt templates per class;
 * ``introspect`` -- + unguided images from the Longtail Introspection prompts of the run;
 * ``aug:<name>`` -- real data only, fine-tuned with that baseline augmentation (``longtail.augment``).
+
+A generating condition may end in ``+judge`` (``ltg+judge``, ``unguided+judge``): images the run's judge does
+not recognise as their class are dropped and replaced, so the count stays exact. Apply it to ``unguided`` too as
+the control, so the comparison stays fair.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Condition:
     weight: float | None = None  # guided kinds: an explicit weight, else the run's
     augment: str | None = None  # aug: the augmentation's name
     factor: int | None = None  # bestof: N, candidates generated per kept image
+    judge_filter: bool = False  # "+judge": keep only images the judge recognises, replace the rest
 
     @classmethod
     def parse(cls, text: str) -> Condition:
@@ -61,6 +66,14 @@ class Condition:
         from .signals import SIGNALS
 
         text = str(text).strip()
+        if text.endswith("+judge"):
+            inner = cls.parse(text[: -len("+judge")])
+            if inner.kind == "bestof":
+                raise ConditionError(f"condition {text!r}: best-of-N already selects; +judge goes with ltg, naive, "
+                                     "unguided, gif or introspect")
+            if not inner.synthetic:
+                raise ConditionError(f"condition {text!r}: +judge filters generated images; {inner.text!r} makes none")
+            return replace(inner, text=text, judge_filter=True)
         head, sep, rest = text.partition(":")
         if head in ("none", "unguided", "gif", "introspect") and not sep:
             return cls(text, head)
@@ -99,7 +112,7 @@ class Condition:
     @property
     def dirname(self) -> str:
         """The condition's folder name in a run (``ltg:total@3`` -> ``ltg_total_w3``)."""
-        return self.text.replace(":", "_").replace("@", "_w")
+        return self.text.replace(":", "_").replace("@", "_w").replace("+", "_")
 
     def guidance(self, base: GuidanceConfig, weight_of: Callable[[str], float]) -> GuidanceConfig | None:
         """The sampler's guidance for this condition, or None for unguided generation.
@@ -119,6 +132,8 @@ class Condition:
 
     def label(self, guidance: dict | None = None) -> str:
         """A table label; ``guidance`` (``{"signal", "weight"}``) as resolved for the run, when known."""
+        if self.judge_filter:
+            return replace(self, judge_filter=False).label(guidance) + " + judge filter"
         if self.kind == "aug":
             return f"+ aug {self.augment}"
         if self.kind == "ltg":

@@ -279,7 +279,8 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     if ctx.hard is not None:
         log(f"hard split: {int(ctx.hard.sum())} evaluation images that most base classifiers get wrong")
     first = models[cfg.seeds[0]]
-    sweep = stage_sweep(ctx, first, stage_judge(ctx) if cfg.sweep.signals else None)
+    ctx.judge = stage_judge(ctx) if cfg.sweep.signals or any(c.judge_filter for c in conditions) else None
+    sweep = stage_sweep(ctx, first, ctx.judge)
     weight = weight_of(cfg, sweep)
     guidance_of = {c.text: {"signal": g.signal, "weight": g.weight} for c in conditions
                    if (g := c.guidance(cfg.guidance, weight)) is not None}

@@ -309,6 +309,8 @@ def check_judge(cfg: MineConfig) -> None:
         raise ConfigError(f"judge.spec: {j.spec} does not exist (train | <dir with classifier.json> | clip:<dir>)")
     if j.min_ratio is not None and not 0 < j.min_ratio <= 1:
         raise ConfigError(f"judge.min_ratio must lie in (0, 1], got {j.min_ratio}")
+    if j.spec is None and any(str(c).strip().endswith("+judge") for c in cfg.conditions):
+        raise ConfigError("a '+judge' condition needs a judge: set judge.spec")
     if j.min_ratio is not None and j.spec is None:
         raise ConfigError("judge.min_ratio needs a judge: set judge.spec")
     if j.epochs < 1 or j.real_per_class < 1:

@@ -97,6 +97,7 @@ class Context:
     ldm: object = None
     guide_decode: object = None
     hard: torch.Tensor | None = None  # [N] bool: evaluation images most base classifiers get wrong
+    judge: object = None  # longtail.evaluation.judge.Judge, when the run has one
 
     @property
     def is_main(self) -> bool:
@@ -477,6 +478,8 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
     signal = cond.selection_signal(cfg.guidance) if cond.kind == "bestof" else (guidance or cfg.guidance).signal
 
     def synthesize(r: int, m: nn.Module, counts: list[int], store: SyntheticStore) -> None:
+        if cond.judge_filter:
+            return judge_filtered(r, counts, store)
         made = [n * factor for n in counts]
         target = SyntheticStore(run_dir / "candidates") if factor > 1 else store
         jobs = plan_jobs(made, prompt, base_seed=seed, start=[(r - 1) * n for n in made])
@@ -492,6 +495,45 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
             if factor > 1:
                 keep_best(SyntheticStore(target.root), store, counts, ctx.source.class_names, r)
                 store.merge()
+        acc.wait_for_everyone()
+
+    def generate_into(target: SyntheticStore, r: int, counts: list[int], start: list[int]) -> None:
+        jobs = plan_jobs(counts, prompt, base_seed=seed, start=start)
+        generate_dataset(ctx.ldm, jobs, target.root, ctx.source.class_names, meta={**meta, "round": r},
+                         prefix=f"r{r}_", process_index=acc.process_index, num_processes=acc.num_processes,
+                         chunk=gs.batch_size * 4, show=ctx.show and ctx.is_main, classifier=classifier,
+                         guidance=guidance, num_steps=gs.num_steps, cfg_scale=gs.cfg_scale,
+                         negative_prompt=gs.negative_prompt, batch_size=gs.batch_size, guide_decode=ctx.guide_decode,
+                         record_signal=signal, desc=f"{cond.text} r{r} (seed {seed})")
+        acc.wait_for_everyone()
+        if ctx.is_main:
+            target.merge()
+        acc.wait_for_everyone()
+
+    def judge_filtered(r: int, counts: list[int], store: SyntheticStore) -> None:
+        """Generate, drop what the judge does not recognise as its class, generate replacements (new indices,
+        so a re-run resumes), until every class has its count; then copy the accepted images into ``store``."""
+        candidates = SyntheticStore(run_dir / "candidates")
+        verdicts: dict[str, bool] = {}
+        for _ in range(JUDGE_FILTER_PASSES):
+            rows = [row for row in SyntheticStore(candidates.root).rows() if row.get("round") == str(r)]
+            judge_rows(ctx.judge, candidates.root, [row for row in rows if row["id"] not in verdicts],
+                       ctx.source.class_names, verdicts)
+            made = [sum(row["class_name"] == n for row in rows) for n in ctx.source.class_names]
+            ok = [sum(row["class_name"] == n and verdicts[row["id"]] for row in rows) for n in ctx.source.class_names]
+            short = [max(0, need - have) for need, have in zip(counts, ok, strict=True)]
+            if not any(short):
+                break
+            generate_into(candidates, r, short, start=[JUDGE_FILTER_STRIDE * (r - 1) + n for n in made])
+        else:
+            raise RuntimeError(f"{cond.text} round {r}: the judge rejected too many images; after "
+                               f"{JUDGE_FILTER_PASSES} passes some classes still lack accepted images")
+        if ctx.is_main:
+            accepted = sorted((row for row in rows if verdicts[row["id"]]), key=lambda row: row["id"])
+            keep = [row for c, n in enumerate(ctx.source.class_names)
+                    for row in [x for x in accepted if x["class_name"] == n][: counts[c]]]
+            copy_rows(candidates, store, keep)
+            store.merge()
         acc.wait_for_everyone()
 
     bounds = [r["epoch"] for r in plan.rounds] + [cfg.schedule.epochs]
@@ -515,6 +557,37 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
     return history
 
 
+JUDGE_FILTER_PASSES = 10  # generation passes before a judge-filtered round gives up
+JUDGE_FILTER_STRIDE = 100_000  # image indices per round in the candidate store (rounds never collide)
+
+
+def judge_rows(judge, root: Path, rows: list[dict[str, str]], class_names: list[str],
+               verdicts: dict[str, bool]) -> None:
+    """Fill ``verdicts[id]``: whether the judge's top class is the image's intended class."""
+    import numpy as np
+    from PIL import Image
+
+    if not rows:
+        return
+    lookup = {n: i for i, n in enumerate(class_names)}
+    pixels = np.stack([np.asarray(Image.open(root / row["path"])) for row in rows])
+    images = torch.from_numpy(pixels).float() / 127.5 - 1.0
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    preds = judge.probs(images).argmax(-1)
+    for row, pred in zip(rows, preds.tolist(), strict=True):
+        verdicts[row["id"]] = pred == lookup[row["class_name"]]
+
+
+def copy_rows(source: SyntheticStore, store: SyntheticStore, rows: list[dict[str, str]]) -> int:
+    """Copy ``rows`` (their images and manifest records) from one store into another; returns how many were new."""
+    import numpy as np
+    from PIL import Image
+
+    if not rows:
+        return 0
+    return store.add(np.stack([np.asarray(Image.open(source.root / row["path"])) for row in rows]), rows)
+
+
 def keep_best(candidates: SyntheticStore, store: SyntheticStore, counts: list[int], class_names: list[str],
               r: int) -> int:
     """Best-of-N selection: copy, per class c, the ``counts[c]`` candidates of round ``r`` with the highest
@@ -522,8 +595,6 @@ def keep_best(candidates: SyntheticStore, store: SyntheticStore, counts: list[in
 
     Raises ``ValueError`` when a class has fewer candidates than it needs (an incomplete generation).
     """
-    import numpy as np
-    from PIL import Image
 
     rows = [row for row in candidates.rows() if row.get("round") == str(r)]
     keep: list[dict[str, str]] = []
@@ -534,10 +605,7 @@ def keep_best(candidates: SyntheticStore, store: SyntheticStore, counts: list[in
             raise ValueError(f"{candidates.root}: class {name!r} has {len(pool)} candidates in round {r}, "
                              f"needs {counts[c]}")
         keep += pool[: counts[c]]
-    if not keep:
-        return 0
-    images = np.stack([np.asarray(Image.open(candidates.root / row["path"])) for row in keep])
-    return store.add(images, keep)
+    return copy_rows(candidates, store, keep)
 
 
 # --- stages: trajectory, distances --------------------------------------------------------------------------
