@@ -185,8 +185,11 @@ def test_validation_split_nuisance_modes_hard_split_and_extra_splits(tmp_path, p
         assert set(summary["splits"]) == {"nuisance:invert", "nuisance:all"}
         assert summary["splits"]["nuisance:invert"][cond]["n"] == 2
     assert summary["paired"]["table"]["none"]["hard"]["n"] == 2
+    shares = summary["mode_shares"]["unguided"]  # the modes seen in the synthetic data, pooled over seeds
+    assert set(shares) >= {"all"} and all(0.0 <= v <= 1.0 for v in shares["all"].values())
     text = "\n".join(lines)
     assert "hard split" in text and "extra splits" in text and "paired difference to unguided" in text
+    assert "nuisance modes seen in" in text
 
 
 def test_validation_split_never_overlaps_the_training_subset(tmp_path, parts):

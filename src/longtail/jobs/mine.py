@@ -77,6 +77,7 @@ from .stages import (
     stage_introspection,
     stage_judge,
     stage_mining,
+    stage_modes,
     stage_sweep,
     stage_trajectory,
     weight_of,
@@ -151,6 +152,13 @@ def format_summary(summary: dict) -> str:
         for cond in summary["conditions"]:
             lines.append(f"{condition_label(cond, guidance.get(cond)):<26}"
                          + "".join(mean_std_cell(summary["splits"][n][cond], 16) for n in names))
+    if summary.get("mode_shares"):
+        from ..evaluation.modes import MEASURED
+
+        lines += ["", f"{'nuisance modes seen in':<26}" + "".join(f"{m:>13}" for m in MEASURED)]
+        for cond, shares in summary["mode_shares"].items():
+            lines.append(f"{condition_label(cond, guidance.get(cond)):<26}"
+                         + "".join(f"{shares['all'][m]:>13.3f}" for m in MEASURED))
     lines += format_paired(summary.get("paired"), guidance)
     if summary.get("detection"):
         keys = ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")
@@ -298,6 +306,8 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     summary = summarize(ctx, base, mining, conditions, guidance_of, sweep)
     if cfg.trajectory:
         summary["trajectory"] = stage_trajectory(ctx, first, main_guidance)
+    if cfg.data.nuisance and any(c.synthetic for c in conditions):
+        summary["mode_shares"] = stage_modes(ctx, conditions)
     if cfg.distances and any(c.synthetic for c in conditions):
         summary["distribution"] = stage_distances(ctx, conditions)["summary"] or None
     summary["seconds"] = time.perf_counter() - started

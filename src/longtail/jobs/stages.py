@@ -608,6 +608,26 @@ def keep_best(candidates: SyntheticStore, store: SyntheticStore, counts: list[in
     return copy_rows(candidates, store, keep)
 
 
+def stage_modes(ctx: Context, conditions: list[Condition]) -> dict:
+    """Share of each nuisance mode among every synthetic condition's images (all seeds pooled), overall and per
+    class, as the attribute captioner sees them (``longtail.evaluation.modes``) -> ``modes.json``."""
+    from ..evaluation.modes import mode_shares
+
+    path = ctx.run / "modes.json"
+    if path.is_file():
+        return read_json(path)
+    result: dict[str, dict] = {}
+    for cond in conditions:
+        parts = [ctx.source.synthetic_inputs(store) for s in ctx.cfg.seeds
+                 if ((store := ctx.run / f"seed_{s}" / "mining" / cond.dirname / "synthetic") / "manifest.csv").is_file()]
+        if parts:
+            images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            result[cond.text] = mode_shares(images, labels.tolist(), ctx.source.class_names)
+    if ctx.is_main:
+        write_json(path, result)
+    return result
+
+
 # --- stages: trajectory, distances --------------------------------------------------------------------------
 
 
