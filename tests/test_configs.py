@@ -10,8 +10,8 @@ from longtail.jobs.generate import GenerateConfig
 from longtail.jobs.mine import MineConfig, load_demo_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-MINE_CONFIGS = ["demo.yaml", "compare.yaml", "fmnist_mine.yaml", *(f"paper/{p.name}" for p in
-                                                                  sorted((CONFIGS / "paper").glob("*.yaml")))]
+MINE_CONFIGS = ["demo.yaml", "compare.yaml", "fmnist_mine.yaml", "nuisance.yaml", "study/val_recipe.yaml",
+                "study/confirm.yaml", *(f"paper/{p.name}" for p in sorted((CONFIGS / "paper").glob("*.yaml")))]
 
 
 @pytest.mark.parametrize("name", MINE_CONFIGS)
