@@ -113,6 +113,10 @@ def test_mini_mining_run_end_to_end(world, tmp_path):
                  "seed_0/base/classifier.json", "seed_0/mining/ltg/round_2/classifier.safetensors"):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    # the same directory with another weight would relabel old images: refused, naming what differs
+    with pytest.raises(ConfigError, match=r"other settings \(guidance differ"):
+        run_mine(load_config(MineConfig, overrides=[*base_overrides(world, out), "guidance.weight=5"]), show=False,
+                 log=lambda m: None)
     dom = chromium_dom(out / "report.html", tmp_path / "profile")
     if dom is not None:  # the run's own report, rendered: its mining sections are there
         assert '<section id="rounds">' in dom and '<section id="synthetic">' in dom
@@ -330,6 +334,16 @@ def test_settings_that_cannot_work_are_named(world, tmp_path, setting, match):
     over = [*base_overrides(world, tmp_path / "run"), setting]
     with pytest.raises(ConfigError, match=match):
         run_mine(load_config(MineConfig, overrides=over), show=False, log=lambda m: None)
+
+
+def test_an_embedded_generator_refuses_classes_it_never_saw(world, tmp_path):
+    train = write_folder(tmp_path / "train", 3)
+    (train / "bag").rename(train / "circle")
+    val = write_folder(tmp_path / "val", 2)
+    (val / "bag").rename(val / "circle")
+    over = [*base_overrides(world, tmp_path / "run"), f"data.train={train}", f"data.val={val}"]
+    with pytest.raises(ConfigError, match=r"knows only .* cannot draw \['circle'\]"):
+        run_mine(load_config(MineConfig, overrides=over), dry_run=True, show=False, log=lambda m: None)
 
 
 def test_best_of_n_keeps_the_highest_signal_per_class_with_an_exact_count(world, tmp_path):

@@ -220,8 +220,41 @@ def _load_generator(cfg: MineConfig, device: torch.device, log: Log):
         if not (root / "longtail_generator.json").is_file():
             log(f"no generator at {root}: training one on full Fashion-MNIST (about an hour on 2 cores)")
             train_generator(root, TinyGeneratorConfig(), data_dir=cfg.data.data_dir, log=log)
-    ldm, guide, _ = load_generator(cfg.generator, device)
-    return ldm, guide
+    ldm, guide, known = load_generator(cfg.generator, device)
+    return ldm, guide, known
+
+
+# Sections whose change invalidates what a run directory already holds; seeds, conditions and the switchable
+# stages (trajectory, distances, report) may change between calls (a run grows).
+RUN_DEFINING = ("data", "classifier", "base", "heads", "generator", "guidance", "sweep", "schedule", "finetune",
+                "judge", "introspection")
+
+
+def check_same_run(cfg: MineConfig) -> None:
+    """Refuse to resume a run directory that was made with other settings (finished stages would be reused
+    under the new label); names the sections that differ."""
+    import yaml
+
+    from ..config import to_dict
+
+    previous = Path(cfg.out) / "config.yaml"
+    if not previous.is_file():
+        return
+    old, new = yaml.safe_load(previous.read_text()) or {}, to_dict(cfg)
+    changed = [key for key in RUN_DEFINING if key in old and old[key] != new[key]]
+    if changed:
+        raise ConfigError(f"{cfg.out} holds a run made with other settings ({', '.join(changed)} differ from "
+                          f"{previous}); use another out, or the same settings to resume (seeds and conditions "
+                          "may be added)")
+
+
+def check_generator_classes(cfg: MineConfig, known: list[str], class_names: list[str]) -> None:
+    """The embedded generator draws only the classes it was trained on: refuse others by name (a Stable
+    Diffusion generator is prompted with any name)."""
+    unknown = [n for n in class_names if n not in known]
+    if cfg.generator.kind == "embedded" and known and unknown and not cfg.generator.prompt_file:
+        raise ConfigError(f"the embedded generator knows only {known}; it cannot draw {unknown}. Train one on "
+                          "your images (`longtail train-generator`) or use Stable Diffusion (--sd DIR)")
 
 
 def _set_up(cfg: MineConfig, show: bool, log: Log):
@@ -238,7 +271,11 @@ def _set_up(cfg: MineConfig, show: bool, log: Log):
     plan = make_plan(cfg, source, skipped)
     log(plan.format())
     ctx = Context(cfg, Path(cfg.out), source, acc, log, show)
-    ctx.ldm, ctx.guide_decode = _load_generator(cfg, acc.device, log)
+    ctx.ldm, ctx.guide_decode, known = _load_generator(cfg, acc.device, log)
+    check_generator_classes(cfg, known, source.class_names)
+    if cfg.base.epochs == 0 and not spec_loaded.checkpoint and not cfg.classifier.spec.endswith(".json"):
+        log("warning: classifier.checkpoint is not set and base.epochs is 0, so the classifier keeps the weights "
+            f"{cfg.classifier.spec} builds (random unless it loads its own); set base.epochs to train one")
     return cfg, conditions, ctx, spec_loaded, plan
 
 
@@ -267,6 +304,7 @@ def run_introspect(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
 def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log = print) -> dict:
     """Validate, plan and (unless ``dry_run``) run or resume every stage. Returns the summary (also written to
     ``<out>/metrics.json``), or with ``dry_run`` the plan and a generation-time estimate."""
+    check_same_run(replace(cfg, generator=with_sampling_defaults(cfg.generator)))
     cfg, conditions, ctx, spec_loaded, plan = _set_up(cfg, show, log)
     run, source, skipped = ctx.run, ctx.source, plan.skipped
     if dry_run:
