@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--recurrence", type=int, default=1)
     ap.add_argument("--lowpass", type=float, default=1.0, help="blur sigma in latent pixels")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--judge", default=None, help="a judge directory (a run's judge/): its accuracy and P(class) too")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -65,6 +66,11 @@ def main() -> None:
     for warm in (None, base):  # warm-up: the first unguided and the first guided call pay one-off costs
         generate(ldm, jobs[: args.batch_size], classifier=model, guidance=warm, num_steps=2,
                  batch_size=args.batch_size, show=False)
+    judge = None
+    if args.judge:
+        from longtail.evaluation.judge import load_judge
+
+        judge = load_judge(args.judge)
     rows = []
     for name, guidance in variants(base, args.views, args.recurrence, args.lowpass):
         started = time.perf_counter()
@@ -73,13 +79,16 @@ def main() -> None:
         seconds = time.perf_counter() - started
         signal = float(signal_scores(gen.output, [args.signal])[args.signal].mean())
         calls = args.steps * (1 + (guidance.recurrence if guidance is not None else 0))
-        rows.append((name, len(jobs) / seconds, calls, signal, float(gen.p_class.mean())))
+        scored = judge.score(gen.images, torch.tensor([j.class_id for j in jobs])) if judge else None
+        rows.append((name, len(jobs) / seconds, calls, signal, float(gen.p_class.mean()),
+                     scored["accuracy"] if scored else float("nan"), scored["p_class"] if scored else float("nan")))
     base_rate = rows[0][1]
     print(f"{len(jobs)} images, {args.steps} DDIM steps, signal {args.signal}, w={args.weight:g}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'variant':<18}{'img/s':>8}{'slowdown':>10}{'calls':>7}{'signal':>9}{'P(class)':>10}")
-    for name, rate, calls, signal, p in rows:
-        print(f"{name:<18}{rate:>8.1f}{base_rate / rate:>9.2f}x{calls:>7}{signal:>9.3f}{p:>10.3f}")
+    print(f"{'variant':<18}{'img/s':>8}{'slowdown':>10}{'calls':>7}{'signal':>9}{'P(class)':>10}{'judge acc':>11}"
+          f"{'judge P':>9}")
+    for name, rate, calls, signal, p, jacc, jp in rows:
+        print(f"{name:<18}{rate:>8.1f}{base_rate / rate:>9.2f}x{calls:>7}{signal:>9.3f}{p:>10.3f}{jacc:>11.3f}{jp:>9.3f}")
 
 
 if __name__ == "__main__":
