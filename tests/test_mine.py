@@ -250,6 +250,7 @@ def test_paper_configs_dry_run(world, tmp_path):
         result = run_mine(load_config(MineConfig, path, over), dry_run=True, show=False, log=lines.append)
         text = "\n".join(lines)
         assert "round" in text and "estimated generation time" in text, path
+        assert "run directory: " in text and "stages: base classifier" in text, path
         assert result["estimate"]["seconds_per_image"] > 0
 
 

@@ -301,6 +301,21 @@ def run_introspect(run_dir: str | Path, overrides: list[str] | tuple[str, ...] =
     return stage_introspection(ctx, load_base(ctx, seed), guidance)
 
 
+def describe_run(cfg: MineConfig, conditions: list[Condition]) -> str:
+    """What a run will do, for ``--dry-run``: where it writes, its seeds, conditions, generator and stages."""
+    gs = cfg.generator
+    stages = [name for name, on in (
+        ("base classifier (trained)" if cfg.base.epochs else "base classifier (as given)", True),
+        (f"Epistemic Head ({cfg.heads.epochs} epochs)", cfg.heads.epochs > 0),
+        (f"sweep {list(cfg.sweep.signals)}", bool(cfg.sweep.signals)), (f"judge ({cfg.judge.spec})", bool(cfg.judge.spec)),
+        ("introspection", cfg.introspection.enabled or any(c.kind == "introspect" for c in conditions)),
+        ("mining", True), ("trajectory", cfg.trajectory), ("distances", cfg.distances), ("report", cfg.report))
+        if on]
+    return (f"run directory: {Path(cfg.out).resolve()}\nseeds: {list(cfg.seeds)}; conditions: "
+            f"{[c.text for c in conditions]}\ngenerator: {gs.kind} {gs.model or '(shipped)'}, {gs.num_steps} steps, "
+            f"CFG {gs.cfg_scale}, batch {gs.batch_size}\nstages: {', '.join(stages)}")
+
+
 def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log = print) -> dict:
     """Validate, plan and (unless ``dry_run``) run or resume every stage. Returns the summary (also written to
     ``<out>/metrics.json``), or with ``dry_run`` the plan and a generation-time estimate."""
@@ -308,6 +323,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     cfg, conditions, ctx, spec_loaded, plan = _set_up(cfg, show, log)
     run, source, skipped = ctx.run, ctx.source, plan.skipped
     if dry_run:
+        log(describe_run(cfg, conditions))
         return {"plan": plan.__dict__, "estimate": estimate(ctx, spec_loaded, plan)}
     started = time.perf_counter()
     if ctx.is_main:
