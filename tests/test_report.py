@@ -629,3 +629,14 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     sources = _img_sources(dom)
     assert len(sources) == 9
     _decode_pngs(sources)
+
+
+def test_a_switched_off_sweep_is_not_reported_missing(tmp_path):
+    import yaml
+
+    root = make_run(tmp_path / "mine", seeds=(0,), optional=False, base_stage=False)
+    (root / "sweep" / "sweep.json").unlink(missing_ok=True)
+    config = yaml.safe_load((root / "config.yaml").read_text()) if (root / "config.yaml").is_file() else {}
+    (root / "config.yaml").write_text(yaml.safe_dump({**(config or {}), "sweep": {"signals": []}}))
+    html = write_report(root).read_text()
+    assert "off (set sweep.signals to run it)" in html

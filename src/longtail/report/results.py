@@ -32,7 +32,9 @@ def _stages(run: RunData) -> list[list[Cell]]:
             rows.append(_status("unmerged part files", f"{parts} (the run has not finished)", True))
         return rows
     rows = [_status("base classifiers", f"seeds {sorted(run.base)}" if run.base else "missing", not run.base)]
-    rows.append(_status("guidance sweep", f"{points} points" if run.sweep else "missing", not run.sweep))
+    sweep_off = (run.config or {}).get("sweep", {}).get("signals") == []  # switched off, not missing
+    rows.append(_status("guidance sweep", f"{points} points" if run.sweep else
+                        "off (set sweep.signals to run it)" if sweep_off else "missing", not (run.sweep or sweep_off)))
     for cond in run.conditions:
         done = {s: len(run.mining[s][cond]) - 1 for s in run.seeds if cond in run.mining.get(s, {})}
         rows.append(_status(f"mining: {cond}", ", ".join(f"seed {s}: {r} rounds" for s, r in done.items())))
