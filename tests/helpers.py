@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -48,3 +51,19 @@ def chromium_dom(page: Path, profile: Path) -> str | None:
              f"--user-data-dir={profile}"]
     done = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
     return done.stdout
+
+
+class Brightness(nn.Module):
+    """A judge that calls an image bright (class 1) or dark (class 0) by its mean brightness m: logits
+    (-ln3 m, +ln3 m), so at m = +-0.5 the bright class has probability sigmoid(ln 3) = 3/4. Its head ``fc``
+    reads the feature [m]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[-math.log(3.0)], [math.log(3.0)]]))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(1, 2, 3))[:, None])

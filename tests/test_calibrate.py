@@ -1,9 +1,8 @@
-import math
 
 import pytest
 import torch
-from torch import nn
 
+from helpers import Brightness
 from longtail.calibrate import SweepPoint, calibrate, choose_weight, sweep
 from longtail.evaluation.judge import Judge
 from longtail.generate import Generated, Job
@@ -61,21 +60,6 @@ def test_the_judge_ratio_needs_judge_columns():
 
 # --- sweep / calibrate with a judge, on hand-made generations -----------------------------------------------
 
-LN3 = math.log(3.0)
-
-
-class Brightness(nn.Module):
-    """A judge that calls an image bright (class 1) or dark (class 0) by its mean: logits (-ln3 m, ln3 m)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(1, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor([[-LN3], [LN3]]))
-            self.fc.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(1, 2, 3))[:, None])
 
 
 LABELS = torch.tensor([0, 0, 1, 1])

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
+from helpers import Brightness
 from longtail.evaluation.judge import (
     Judge,
     check_classes,
@@ -18,23 +18,6 @@ from longtail.evaluation.judge import (
 from longtail.generate import Generated
 from longtail.models.bridge import BridgeConfig, ClassifierBridge
 from longtail.train import SmallCNN
-
-LN3 = math.log(3.0)
-
-
-class Brightness(nn.Module):
-    """Logits are fixed functions of mean brightness m: (-ln3 m, +ln3 m), so at m = +-0.5 the bright class
-    has probability sigmoid(ln 3) = 3/4. Its head ``fc`` reads the feature [m]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(1, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor([[-LN3], [LN3]]))
-            self.fc.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean(dim=(1, 2, 3))[:, None])
 
 
 def const_images(values, size: int = 4) -> torch.Tensor:

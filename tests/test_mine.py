@@ -418,3 +418,14 @@ def test_judge_rows_asks_the_judge_for_each_image(tmp_path):
     verdicts: dict[str, bool] = {}
     judge_rows(Brightness(), store.root, store.rows(), ["dark", "bright"], verdicts)
     assert verdicts == {"i0": True, "i1": False, "i2": True}
+
+
+def test_generator_class_check_is_shared_by_every_job():
+    from longtail.jobs.common import GeneratorSpec, check_generator_classes
+
+    known = ["coat", "bag"]
+    check_generator_classes(GeneratorSpec(), known, ["bag"])
+    check_generator_classes(GeneratorSpec(kind="sd", model="x"), known, ["circle"])  # prompted with any name
+    check_generator_classes(GeneratorSpec(prompt_file="p.json"), known, ["circle"])  # the user's own prompts
+    with pytest.raises(ConfigError, match=r"cannot draw \['circle'\]"):
+        check_generator_classes(GeneratorSpec(), known, ["bag", "circle"])

@@ -282,6 +282,7 @@ def fit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + first_epoch)  # rounds of one run draw anew
     acc = accelerator or Accelerator()
+    offsets = offsets.to(acc.device) if offsets is not None else None  # once, not per batch
     home = next((p.device for p in model.parameters()), None)
     adam = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     net, opt, loader = acc.prepare(model, adam, data)

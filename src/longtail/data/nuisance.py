@@ -40,7 +40,6 @@ captioner's ``FG_LEVEL``); its mass is the sum of ``x - BACKGROUND``. Mode ids a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -288,18 +287,12 @@ def render_low_contrast(images: Tensor, params: Params) -> Tensor:
     return BACKGROUND + LOW_CONTRAST * (images - BACKGROUND)
 
 
-def gaussian_kernel(sigma: float) -> Tensor:
-    """Normalised 1-d Gaussian ``[2 ceil(3 sigma) + 1]`` float32."""
-    radius = math.ceil(3 * sigma)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).float()
-
-
 def render_blur(images: Tensor, params: Params) -> Tensor:
     """Separable Gaussian blur with ``BLUR_SIGMA``; outside the frame counts as background."""
+    from ..guidance import gaussian_kernel1d  # the one Gaussian kernel of the package
+
     c = images.shape[1]
-    k = gaussian_kernel(BLUR_SIGMA).to(images)
+    k = gaussian_kernel1d(BLUR_SIGMA).to(images)
     r = (len(k) - 1) // 2
     x = images - BACKGROUND  # zero padding = background
     x = F.conv2d(F.pad(x, (r, r, 0, 0)), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)

@@ -238,12 +238,13 @@ class ImageFolderSource:
     kind = "imagefolder"
     batch_augment = False  # the loader's transforms augment each image
 
-    def __init__(self, train: ImageIndex, val: ImageIndex, pre: Preprocess, many: int = 100, few: int = 20) -> None:
+    def __init__(self, train: ImageIndex, val: ImageIndex, pre: Preprocess, many: int = 100, few: int = 20,
+                 eval_name: str = "validation ImageFolder") -> None:
         self.train, self.val, self.pre = train, val, pre
         self.class_names = list(train.class_names)
         self.train_counts = train.counts()
         self.groups = class_groups(self.train_counts, many, few)
-        self.eval_name = f"{val.root if hasattr(val, 'root') else 'validation'} ImageFolder"
+        self.eval_name = eval_name
 
     def describe(self) -> str:
         c = self.train_counts

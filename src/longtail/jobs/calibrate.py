@@ -15,6 +15,7 @@ from ..sampling import GuidanceConfig
 from .common import (
     ClassifierSpec,
     GeneratorSpec,
+    check_generator_classes,
     check_guidance,
     class_list,
     load_classifier_spec,
@@ -53,6 +54,7 @@ def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], 
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device)
     names = class_list(loaded, known, cfg.classifier.class_names)
+    check_generator_classes(cfg.generator, known, names)
     for s in cfg.signals:
         check_guidance(GuidanceConfig(s, 1.0), loaded)
     gen_cfg = GenerateConfig(generator=cfg.generator, classes=cfg.classes, per_class=cfg.per_class, seed=cfg.seed)

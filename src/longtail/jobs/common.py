@@ -198,6 +198,15 @@ def read_counts(path: str | Path, class_names: list[str]) -> list[int]:
     return [data.get(name, 0) for name in class_names]
 
 
+def check_generator_classes(gs: GeneratorSpec, known: list[str], class_names: list[str]) -> None:
+    """The embedded generator draws only the classes it was trained on (``known``): refuse others by name. A
+    Stable Diffusion generator, or a prompt file, is prompted with any name."""
+    unknown = [n for n in class_names if n not in known]
+    if gs.kind == "embedded" and known and unknown and not gs.prompt_file:
+        raise ConfigError(f"the embedded generator knows only {known}; it cannot draw {unknown}. Train one on "
+                          "your images (`longtail train-generator`) or use Stable Diffusion (--sd DIR)")
+
+
 def check_guidance(guidance: GuidanceConfig | None, loaded: LoadedClassifier | None) -> None:
     """Fail before any sampling when the guidance cannot run with this classifier."""
     from ..heads import EpistemicClassifier

@@ -16,6 +16,7 @@ from .common import (
     ClassifierSpec,
     GeneratorSpec,
     active,
+    check_generator_classes,
     check_guidance,
     class_list,
     load_classifier_spec,
@@ -87,6 +88,7 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device) if cfg.classifier.spec else None
     names = class_list(loaded, known, cfg.classifier.class_names)
+    check_generator_classes(cfg.generator, known, names)
     guidance = active(cfg.guidance)
     check_guidance(guidance, loaded)
     jobs = job_list(cfg, names)

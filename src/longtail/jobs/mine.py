@@ -40,6 +40,7 @@ from ..heads import EpistemicClassifier
 from ..models.classifiers import LoadedClassifier, bridged_classifier
 from .common import (
     active,
+    check_generator_classes,
     check_guidance,
     load_classifier_spec,
     load_generator,
@@ -109,7 +110,7 @@ def summarize(ctx: Context, base: dict[int, dict], mining: dict[int, dict[str, l
     for name in first:
         detection[name] = {k: mean_std([base[s]["detection"][name][k] for s in seeds])
                            for k in ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")}
-    ltg = next((g for c, g in guidance_of.items() if c == "ltg"), None) or next(iter(guidance_of.values()), None)
+    ltg = guidance_of.get("ltg") or next(iter(guidance_of.values()), None)
     return {
         "seeds": seeds,
         "evaluated_on": ctx.source.eval_name,
@@ -248,15 +249,6 @@ def check_same_run(cfg: MineConfig) -> None:
                           "may be added)")
 
 
-def check_generator_classes(cfg: MineConfig, known: list[str], class_names: list[str]) -> None:
-    """The embedded generator draws only the classes it was trained on: refuse others by name (a Stable
-    Diffusion generator is prompted with any name)."""
-    unknown = [n for n in class_names if n not in known]
-    if cfg.generator.kind == "embedded" and known and unknown and not cfg.generator.prompt_file:
-        raise ConfigError(f"the embedded generator knows only {known}; it cannot draw {unknown}. Train one on "
-                          "your images (`longtail train-generator`) or use Stable Diffusion (--sd DIR)")
-
-
 def _set_up(cfg: MineConfig, show: bool, log: Log):
     """Checks, the data source, the plan and the generator: what every entry point needs first."""
     if cfg.threads > 0:
@@ -272,7 +264,7 @@ def _set_up(cfg: MineConfig, show: bool, log: Log):
     log(plan.format())
     ctx = Context(cfg, Path(cfg.out), source, acc, log, show)
     ctx.ldm, ctx.guide_decode, known = _load_generator(cfg, acc.device, log)
-    check_generator_classes(cfg, known, source.class_names)
+    check_generator_classes(cfg.generator, known, source.class_names)
     if cfg.base.epochs == 0 and not spec_loaded.checkpoint and not cfg.classifier.spec.endswith(".json"):
         log("warning: classifier.checkpoint is not set and base.epochs is 0, so the classifier keeps the weights "
             f"{cfg.classifier.spec} builds (random unless it loads its own); set base.epochs to train one")

@@ -272,11 +272,12 @@ def check_config(cfg: MineConfig) -> list[Condition]:
         raise ConfigError("base.epochs > 0 trains the classifier from scratch: drop classifier.checkpoint, or set "
                           "base.epochs: 0 to use the checkpoint as it is")
     check_captioner(cfg.introspection)
-    check_judge(cfg)
     try:
-        return parse_conditions(list(cfg.conditions))
+        conditions = parse_conditions(list(cfg.conditions))
     except ValueError as err:
         raise ConfigError(f"conditions: {err}") from None
+    check_judge(cfg, conditions)
+    return conditions
 
 
 def check_paths(cfg: MineConfig) -> None:
@@ -299,7 +300,7 @@ def check_paths(cfg: MineConfig) -> None:
 
 
 
-def check_judge(cfg: MineConfig) -> None:
+def check_judge(cfg: MineConfig, conditions: list[Condition]) -> None:
     """The judge settings that cannot work, named before anything runs."""
     j = cfg.judge
     if j.spec == "train" and cfg.data.source != "fashion_mnist_lt":
@@ -309,7 +310,7 @@ def check_judge(cfg: MineConfig) -> None:
         raise ConfigError(f"judge.spec: {j.spec} does not exist (train | <dir with classifier.json> | clip:<dir>)")
     if j.min_ratio is not None and not 0 < j.min_ratio <= 1:
         raise ConfigError(f"judge.min_ratio must lie in (0, 1], got {j.min_ratio}")
-    if j.spec is None and any(str(c).strip().endswith("+judge") for c in cfg.conditions):
+    if j.spec is None and any(c.judge_filter for c in conditions):
         raise ConfigError("a '+judge' condition needs a judge: set judge.spec")
     if j.min_ratio is not None and j.spec is None:
         raise ConfigError("judge.min_ratio needs a judge: set judge.spec")

@@ -81,7 +81,8 @@ def make_source(cfg: MineConfig, loaded: LoadedClassifier) -> tuple[DataSource, 
         raise ConfigError(f"the classifier has {outputs} outputs but {d.train} has "
                           f"{len(train.class_names)} classes {train.class_names}")
     val = scan_imagefolder(d.val, train.class_names, d.allow_corrupt)
-    return ImageFolderSource(train, val, preprocess_for(loaded), d.many, d.few), train.skipped + val.skipped
+    source = ImageFolderSource(train, val, preprocess_for(loaded), d.many, d.few, f"validation ImageFolder {d.val}")
+    return source, train.skipped + val.skipped
 
 
 @dataclass
@@ -477,26 +478,6 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
     factor = cond.factor or 1  # best-of-N: N candidates per kept image
     signal = cond.selection_signal(cfg.guidance) if cond.kind == "bestof" else (guidance or cfg.guidance).signal
 
-    def synthesize(r: int, m: nn.Module, counts: list[int], store: SyntheticStore) -> None:
-        if cond.judge_filter:
-            return judge_filtered(r, counts, store)
-        made = [n * factor for n in counts]
-        target = SyntheticStore(run_dir / "candidates") if factor > 1 else store
-        jobs = plan_jobs(made, prompt, base_seed=seed, start=[(r - 1) * n for n in made])
-        generate_dataset(ctx.ldm, jobs, target.root, ctx.source.class_names, meta={**meta, "round": r},
-                         prefix=f"r{r}_", process_index=acc.process_index, num_processes=acc.num_processes,
-                         chunk=gs.batch_size * 4, show=ctx.show and ctx.is_main, classifier=classifier,
-                         guidance=guidance, num_steps=gs.num_steps, cfg_scale=gs.cfg_scale,
-                         negative_prompt=gs.negative_prompt, batch_size=gs.batch_size, guide_decode=ctx.guide_decode,
-                         record_signal=signal, desc=f"{cond.text} r{r} (seed {seed})")
-        acc.wait_for_everyone()
-        if ctx.is_main:
-            target.merge()
-            if factor > 1:
-                keep_best(SyntheticStore(target.root), store, counts, ctx.source.class_names, r)
-                store.merge()
-        acc.wait_for_everyone()
-
     def generate_into(target: SyntheticStore, r: int, counts: list[int], start: list[int]) -> None:
         jobs = plan_jobs(counts, prompt, base_seed=seed, start=start)
         generate_dataset(ctx.ldm, jobs, target.root, ctx.source.class_names, meta={**meta, "round": r},
@@ -508,6 +489,17 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
         acc.wait_for_everyone()
         if ctx.is_main:
             target.merge()
+        acc.wait_for_everyone()
+
+    def synthesize(r: int, m: nn.Module, counts: list[int], store: SyntheticStore) -> None:
+        if cond.judge_filter:
+            return judge_filtered(r, counts, store)
+        made = [n * factor for n in counts]
+        target = SyntheticStore(run_dir / "candidates") if factor > 1 else store
+        generate_into(target, r, made, start=[(r - 1) * n for n in made])
+        if factor > 1 and ctx.is_main:  # best-of-N: keep the top 1/N of the round per class
+            keep_best(SyntheticStore(target.root), store, counts, ctx.source.class_names, r)
+            store.merge()
         acc.wait_for_everyone()
 
     def judge_filtered(r: int, counts: list[int], store: SyntheticStore) -> None:
