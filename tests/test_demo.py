@@ -2,6 +2,7 @@
 a few steps per stage."""
 
 import csv
+from collections import Counter
 import json
 import os
 import signal
@@ -210,3 +211,41 @@ def test_validation_split_never_overlaps_the_training_subset(tmp_path, parts):
     assert torch.equal(x, -source.eval_x) and torch.equal(y, source.eval_y)  # invert = -x on every image
     with pytest.raises(ValueError, match="val_per_class=25"):
         FashionMNISTLT(data, n_max=20, imbalance=10, eval_split="val", val_per_class=25)
+
+
+def test_efficiency_curve_nested_sets_counts_and_paired_differences(tmp_path, parts):
+    """efficiency.sizes: one round of n images per class per condition and seed; smaller sets are the first n
+    jobs of the largest (copied, identical files), best-of-N keeps exactly n per class from n x N candidates."""
+    out = tmp_path / "run"
+    over = [*overrides(out, *parts), "seeds=[0, 1]", "conditions=[unguided, ltg, 'bestof@2']", *rounds(1),
+            "trajectory=false", "distances=false", "report=false", "sweep.signals=[total]", "sweep.weights=[1.0]",
+            "efficiency.sizes=[1, 3]", "efficiency.epochs=1"]
+    lines: list[str] = []
+    summary = run_mine(load_demo_config(overrides=over), show=False, log=lines.append)
+    eff = summary["efficiency"]
+    assert eff["sizes"] == [1, 3] and eff["conditions"] == ["unguided", "ltg", "bestof@2"]
+    for cond, folder in (("unguided", "unguided"), ("ltg", "ltg"), ("bestof@2", "bestof_w2")):
+        for n in (1, 3):
+            assert eff["table"][cond][str(n)]["few"]["n"] == 2
+            for s in (0, 1):
+                rows = manifest(out / f"seed_{s}" / "efficiency" / f"n{n}" / folder / "synthetic" / "manifest.csv")
+                assert sorted(Counter(r["class_name"] for r in rows).values()) == [n] * 10
+    small, large = (out / "seed_0" / "efficiency" / f"n{n}" / "ltg" / "synthetic" for n in (1, 3))
+    for row in manifest(small / "manifest.csv"):  # nested: the same job, the same image
+        assert int(row["index"]) == 0 and (small / row["path"]).read_bytes() == (large / row["path"]).read_bytes()
+    candidates = manifest(out / "seed_0" / "efficiency" / "n1" / "bestof_w2" / "candidates" / "manifest.csv")
+    assert sorted(int(r["index"]) for r in candidates) == [0] * 10 + [1] * 10
+    assert set(eff["paired"]["3"]) == {"ltg", "bestof@2"} and eff["paired"]["3"]["ltg"]["few"]["n"] == 2
+    assert "data efficiency" in "\n".join(lines)
+
+
+def test_efficiency_settings_that_cannot_work_are_named(tmp_path, parts):
+    from longtail.config import ConfigError
+
+    base = [*overrides(tmp_path / "run", *parts), "conditions=[none, unguided]"]
+    for bad, message in (("efficiency.sizes=[0, 5]", "efficiency.sizes"),
+                         ("efficiency.conditions=[ltg]", "efficiency.conditions"),
+                         ("efficiency.epochs=-1", "efficiency.epochs")):
+        extra = [bad] if bad.startswith("efficiency.sizes") else ["efficiency.sizes=[2]", bad]
+        with pytest.raises(ConfigError, match=message):
+            run_mine(load_demo_config(overrides=[*base, *extra]), dry_run=True, show=False, log=lambda _m: None)

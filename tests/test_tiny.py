@@ -112,3 +112,28 @@ def test_resuming_with_other_nuisance_settings_is_refused(tmp_path):
     (tmp_path / NUISANCE_MARKER).unlink()  # a run begun by a version without nuisance modes
     with pytest.raises(ValueError, match="without nuisance modes"):
         _check_nuisance_marker(tmp_path, meta)
+
+
+def test_warm_start_begins_from_the_given_generator_and_checks_its_architecture(tmp_path):
+    import longtail.models.tiny as tiny
+
+    data = fake_fashion_mnist(tmp_path / "data", per_class_train=8, per_class_test=1)
+    cfg = TINY_GEN.__class__(**{**TINY_GEN.__dict__, "vae_epochs": 1, "unet_steps": 2, "batch_size": 16,
+                                "warmup_steps": 1, "train_images": 48})
+    first = train_generator(tmp_path / "first", cfg, data_dir=data, show=False, log=None)
+    # zero training steps from the first generator: the weights are the first generator's, bit for bit (fp16)
+    warm = cfg.__class__(**{**cfg.__dict__, "init_from": str(first), "vae_lr": 0.0, "unet_lr": 0.0})
+    second = train_generator(tmp_path / "second", warm, data_dir=data, show=False, log=None)
+    a, b = load_tiny_generator(first), load_tiny_generator(second)
+    for name, module in (("vae", "vae"), ("unet", "unet")):
+        for (key, x), y in zip(getattr(a, module).state_dict().items(),
+                               getattr(b, module).state_dict().values(), strict=True):
+            assert torch.equal(x, y), f"{name}.{key}"
+    assert json.loads((second / tiny.META_FILE).read_text())["config"]["init_from"] == str(first)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train_generator(tmp_path / "x", cfg.__class__(**{**cfg.__dict__, "init_from": str(tmp_path / "none")}),
+                        data_dir=data, show=False, log=None)
+    other = cfg.__class__(**{**cfg.__dict__, "init_from": str(first), "unet_channels": (16, 32)})
+    with pytest.raises(ValueError, match="unet_channels"):
+        train_generator(tmp_path / "y", other, data_dir=data, show=False, log=None)
+    assert not (tmp_path / "y").exists()

@@ -75,6 +75,7 @@ from .stages import (
     preprocess_for,
     stage_base,
     stage_distances,
+    stage_efficiency,
     stage_introspection,
     stage_judge,
     stage_mining,
@@ -161,6 +162,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{condition_label(cond, guidance.get(cond)):<26}"
                          + "".join(f"{shares['all'][m]:>13.3f}" for m in MEASURED))
     lines += format_paired(summary.get("paired"), guidance)
+    lines += format_efficiency(summary.get("efficiency"), guidance)
     if summary.get("detection"):
         keys = ("auroc_rare", "auroc_hard", "acc_above_q90", "acc_below_q90")
         lines += ["", f"{'signal':<20}" + "".join(f"{k:>14}" for k in ("AUROC rare", "AUROC hard", "acc > q90",
@@ -177,6 +179,28 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"generation: unguided {timing['unguided_img_per_s']:.1f} img/s, guided "
                   f"{timing['guided_img_per_s']:.1f} img/s ({timing['slowdown']:.1f}x slower)"]
     return "\n".join(lines)
+
+
+def format_efficiency(efficiency: dict | None, guidance: dict) -> list[str]:
+    """The data-efficiency curve: Few accuracy (mean ± std over seeds) per condition and images per class, and
+    the paired Few difference to unguided per size."""
+    from ..conditions import condition_label
+
+    if not efficiency or not efficiency.get("table"):
+        return []
+    sizes = [str(n) for n in efficiency["sizes"]]
+    lines = ["", f"data efficiency: few after one round of n synthetic images per class, {efficiency['epochs']} "
+             "fine-tuning epochs", f"{'condition':<26}" + "".join(f"{'n = ' + n:>16}" for n in sizes)]
+    for cond, row in efficiency["table"].items():
+        lines.append(f"{condition_label(cond, guidance.get(cond)):<26}"
+                     + "".join(mean_std_cell(row[n]["few"], 16) for n in sizes))
+    for cond in efficiency["table"]:
+        diffs = [efficiency.get("paired", {}).get(n, {}).get(cond, {}).get("few", {}) for n in sizes]
+        if any(d.get("mean") is not None for d in diffs):
+            label = f"{condition_label(cond, guidance.get(cond))[:14]} - unguided"
+            lines.append(f"{label:<26}" + "".join(f"{d['mean']:>+16.3f}" if d.get("mean") is not None else f"{'-':>16}"
+                                   for d in diffs))
+    return lines
 
 
 def format_paired(paired: dict | None, guidance: dict) -> list[str]:
@@ -301,7 +325,8 @@ def describe_run(cfg: MineConfig, conditions: list[Condition]) -> str:
         (f"Epistemic Head ({cfg.heads.epochs} epochs)", cfg.heads.epochs > 0),
         (f"sweep {list(cfg.sweep.signals)}", bool(cfg.sweep.signals)), (f"judge ({cfg.judge.spec})", bool(cfg.judge.spec)),
         ("introspection", cfg.introspection.enabled or any(c.kind == "introspect" for c in conditions)),
-        ("mining", True), ("trajectory", cfg.trajectory), ("distances", cfg.distances), ("report", cfg.report))
+        ("mining", True), (f"efficiency curve {sorted(cfg.efficiency.sizes)}", bool(cfg.efficiency.sizes)),
+        ("trajectory", cfg.trajectory), ("distances", cfg.distances), ("report", cfg.report))
         if on]
     return (f"run directory: {Path(cfg.out).resolve()}\nseeds: {list(cfg.seeds)}; conditions: "
             f"{[c.text for c in conditions]}\ngenerator: {gs.kind} {gs.model or '(shipped)'}, {gs.num_steps} steps, "
@@ -343,13 +368,18 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     if cfg.introspection.enabled or any(c.kind == "introspect" for c in conditions):
         log("longtail introspection (keywords of guided vs unguided captions):")
         prompts = stage_introspection(ctx, first, main_guidance)
+    def guidance_for(cond: Condition):
+        return active(g) if (g := cond.guidance(cfg.guidance, weight)) is not None else None
+
     mining: dict[int, dict[str, list[dict]]] = {}
     for seed in cfg.seeds:
         mining[seed] = {}
         for cond in conditions:
-            guidance = active(g) if (g := cond.guidance(cfg.guidance, weight)) is not None else None
-            mining[seed][cond.text] = stage_mining(ctx, seed, cond, guidance, plan, prompts)
+            mining[seed][cond.text] = stage_mining(ctx, seed, cond, guidance_for(cond), plan, prompts)
     summary = summarize(ctx, base, mining, conditions, guidance_of, sweep)
+    if cfg.efficiency.sizes:
+        log(f"data-efficiency curve: {sorted(cfg.efficiency.sizes)} images per class")
+        summary["efficiency"] = stage_efficiency(ctx, conditions, guidance_for, plan, prompts)
     if cfg.trajectory:
         summary["trajectory"] = stage_trajectory(ctx, first, main_guidance)
     if cfg.data.nuisance and any(c.synthetic for c in conditions):

@@ -122,6 +122,20 @@ class JudgeSpec:
 
 
 @dataclass
+class EfficiencySpec:
+    """The data-efficiency curve (issue "Hard, real and worth it"): per seed, condition and size n in ``sizes``,
+    one round of n synthetic images per class generated with the seed's base classifier at epoch 0, then
+    ``epochs`` fine-tuning epochs (0: ``schedule.epochs``) with the run's recipe. ``conditions``: synthetic
+    conditions of the run (empty: all of them). Sets are nested: the n images of a condition are its first n
+    jobs per class (the same seeds), so a smaller set is copied out of the largest and only the count differs
+    along the curve. ``sizes`` empty: no curve."""
+
+    sizes: list[int] = field(default_factory=list)
+    conditions: list[str] = field(default_factory=list)
+    epochs: int = 0
+
+
+@dataclass
 class IntrospectionSpec:
     """Longtail Introspection (paper 4.3, A.2) on the first seed's classifier. Runs when ``enabled`` or when
     the ``introspect`` condition asks for its prompts.
@@ -160,6 +174,7 @@ class MineConfig:
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     introspection: IntrospectionSpec = field(default_factory=IntrospectionSpec)
     judge: JudgeSpec = field(default_factory=JudgeSpec)
+    efficiency: EfficiencySpec = field(default_factory=EfficiencySpec)
     conditions: list[str] = field(default_factory=lambda: ["ltg"])
     seeds: list[int] = field(default_factory=lambda: [0])
     trajectory: bool = False  # the A.7 trajectory analysis
@@ -277,7 +292,30 @@ def check_config(cfg: MineConfig) -> list[Condition]:
     except ValueError as err:
         raise ConfigError(f"conditions: {err}") from None
     check_judge(cfg, conditions)
+    efficiency_conditions(cfg, conditions)
     return conditions
+
+
+def efficiency_conditions(cfg: MineConfig, conditions: list[Condition]) -> list[Condition]:
+    """The conditions of the data-efficiency curve (``efficiency``), checked: sizes >= 1, epochs >= 0, each
+    condition one of the run's synthetic conditions. Empty when the curve is off."""
+    ef = cfg.efficiency
+    if not ef.sizes:
+        return []
+    if any(int(n) < 1 for n in ef.sizes):
+        raise ConfigError(f"efficiency.sizes: every n (images per class) must be >= 1, got {list(ef.sizes)}")
+    if ef.epochs < 0:
+        raise ConfigError(f"efficiency.epochs must be >= 0 (0: schedule.epochs), got {ef.epochs}")
+    synthetic = {c.text: c for c in conditions if c.synthetic}
+    if not ef.conditions:
+        if not synthetic:
+            raise ConfigError("efficiency.sizes needs a condition with synthetic data among the run's conditions")
+        return list(synthetic.values())
+    unknown = [t for t in ef.conditions if t not in synthetic]
+    if unknown:
+        raise ConfigError(f"efficiency.conditions: {unknown} are not synthetic conditions of this run "
+                          f"({sorted(synthetic)})")
+    return [synthetic[t] for t in ef.conditions]
 
 
 def check_paths(cfg: MineConfig) -> None:

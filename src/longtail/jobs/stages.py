@@ -461,12 +461,15 @@ def _prompt_fn(ctx: Context, cond: Condition, intro_prompts: dict[str, list[str]
 
 
 def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceConfig | None, plan: Plan,
-                 intro_prompts: dict[str, list[str]] | None) -> list[dict]:
-    """One condition for one seed, from the seed's base classifier (resumable): generate, fine-tune, evaluate."""
+                 intro_prompts: dict[str, list[str]] | None, run_dir: Path | None = None) -> list[dict]:
+    """One condition for one seed, from the seed's base classifier (resumable): generate, fine-tune, evaluate.
+
+    ``plan``'s rounds give the generation epochs and counts; the last round's ``finetune_epochs`` ends the
+    schedule. ``run_dir`` defaults to ``seed_<s>/mining/<condition>``."""
     from ..generate import generate_dataset, plan_jobs
 
     cfg, acc = ctx.cfg, ctx.acc
-    run_dir = ctx.run / f"seed_{seed}" / "mining" / cond.dirname
+    run_dir = run_dir or ctx.run / f"seed_{seed}" / "mining" / cond.dirname
     loaded = load_base(ctx, seed)
     model, classifier = loaded.model, bridged_classifier(loaded)
     if guidance is not None:
@@ -528,7 +531,8 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
             store.merge()
         acc.wait_for_everyone()
 
-    bounds = [r["epoch"] for r in plan.rounds] + [cfg.schedule.epochs]
+    last_round = plan.rounds[-1]
+    bounds = [r["epoch"] for r in plan.rounds] + [last_round["epoch"] + last_round["finetune_epochs"]]
     recipe = replace(cfg.finetune, augment=cond.augment) if cond.kind == "aug" else cfg.finetune
 
     def finetune(m: nn.Module, rows: list[dict[str, str]], r: int) -> list[float]:
@@ -536,7 +540,7 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
         if cfg.schedule.restart:
             first, last, total = 0, last - first, last - first
         else:
-            total = cfg.schedule.epochs
+            total = bounds[-1]
         return train_epochs(ctx, m, recipe, seed=seed * 1000 + r, first=first, last=last, total=total, rows=rows,
                             store_root=run_dir / "synthetic", desc=f"fine-tune {cond.text} r{r} (seed {seed})")
 
@@ -598,6 +602,68 @@ def keep_best(candidates: SyntheticStore, store: SyntheticStore, counts: list[in
                              f"needs {counts[c]}")
         keep += pool[: counts[c]]
     return copy_rows(candidates, store, keep)
+
+
+def nested_subset(larger: Path, target: Path, cond: Condition, n: int) -> int:
+    """Seed ``target`` (a mining directory of ``n`` images per class in one round) from ``larger`` (the same
+    condition, seed and classifier with more images per class): its first ``n`` jobs per class, or for best-of-N
+    its first ``n x N`` candidates, are exactly what ``target`` would generate. Judge-filtered conditions draw
+    replacements in another order, so they are not copied. Does nothing when ``target`` already has images;
+    returns how many were copied."""
+    if cond.judge_filter:
+        return 0
+    folder, limit = ("candidates", n * cond.factor) if cond.factor else ("synthetic", n)
+    source, store = SyntheticStore(larger / folder), SyntheticStore(target / folder)
+    if len(store) or not len(source):
+        return 0
+    copied = copy_rows(source, store, [row for row in source.rows() if row.get("round") == "1"
+                                       and int(row["index"]) < limit])
+    store.merge()
+    return copied
+
+
+def stage_efficiency(ctx: Context, conditions: list[Condition], guidance_of: Callable[[Condition], object],
+                     plan: Plan, intro_prompts: dict[str, list[str]] | None) -> dict:
+    """The data-efficiency curve: accuracy after one round of n synthetic images per class, per size n in
+    ``efficiency.sizes``, condition and seed (resumable; ``seed_<s>/efficiency/n<n>/<condition>/``), with the
+    paired difference to ``unguided`` per size when it is among the conditions -> ``efficiency.json``."""
+    from ..evaluation.stats import paired_table
+    from .mine_config import efficiency_conditions
+
+    ef, seeds = ctx.cfg.efficiency, ctx.cfg.seeds
+    chosen = efficiency_conditions(ctx.cfg, conditions)
+    sizes = sorted({int(n) for n in ef.sizes}, reverse=True)  # the largest first, the others are copied from it
+    epochs = ef.epochs or ctx.cfg.schedule.epochs
+    classes = len(ctx.source.class_names)
+    final: dict[int, dict[str, dict[int, dict]]] = {}
+    for seed in seeds:
+        final[seed] = {}
+        for cond in chosen:
+            final[seed][cond.text] = {}
+            largest = None
+            for n in sizes:
+                run_dir = ctx.run / f"seed_{seed}" / "efficiency" / f"n{n}" / cond.dirname
+                if largest is not None and ctx.is_main:
+                    nested_subset(largest, run_dir, cond, n)
+                ctx.acc.wait_for_everyone()
+                one_round = replace(plan, rounds=[{"round": 1, "epoch": 0, "finetune_epochs": epochs,
+                                                   "counts": [n] * classes}])
+                history = stage_mining(ctx, seed, cond, guidance_of(cond), one_round, intro_prompts, run_dir)
+                final[seed][cond.text][n] = history[-1]
+                largest = largest or run_dir
+    keys = ("few", "medium", "many", "top1")
+    table = {c.text: {str(n): {k: mean_std([final[s][c.text][n].get(k) for s in seeds]) for k in keys}
+                      for n in sorted(sizes)} for c in chosen}
+    paired = {}
+    if "unguided" in table:
+        for n in sorted(sizes):
+            paired[str(n)] = paired_table({s: {c.text: final[s][c.text][n] for c in chosen} for s in seeds},
+                                          baseline="unguided", metrics=("few", "top1"))
+    result = {"sizes": sorted(sizes), "epochs": epochs, "seeds": list(seeds), "conditions": [c.text for c in chosen],
+              "table": table, "paired": paired}
+    if ctx.is_main:
+        write_json(ctx.run / "efficiency.json", result)
+    return result
 
 
 def stage_modes(ctx: Context, conditions: list[Condition]) -> dict:

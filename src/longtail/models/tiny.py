@@ -63,6 +63,9 @@ class TinyGeneratorConfig:
     p_class_only: float = 0.2  # "a photo of a <class>" without attribute phrases
     train_images: int | None = None  # None = all 60k; small numbers for tests
     seed: int = 0
+    # warm start: a trained generator directory whose VAE and UNet weights training starts from (same
+    # architecture); vae_epochs / unet_steps then count the fine-tuning, e.g. 1 epoch and 1500 steps
+    init_from: str | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -103,6 +106,35 @@ def build_unet(cfg: TinyGeneratorConfig, cross_attention_dim: int = 384) -> UNet
         down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
         cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_head_dim, norm_num_groups=16,
     )
+
+
+ARCHITECTURE_KEYS = ("vae_channels", "latent_channels", "unet_channels", "attention_head_dim", "max_tokens")
+
+
+def check_init_from(cfg: TinyGeneratorConfig) -> Path | None:
+    """The warm-start directory of ``cfg.init_from`` after checking it, or None when it is unset.
+
+    Raises FileNotFoundError when it holds no generator and ValueError when its architecture (any of
+    :data:`ARCHITECTURE_KEYS`) differs from ``cfg``'s, naming the key.
+    """
+    if cfg.init_from is None:
+        return None
+    root = Path(cfg.init_from)
+    if not (root / META_FILE).is_file():
+        raise FileNotFoundError(f"init_from: no generator at {root} ({META_FILE} missing)")
+    theirs = json.loads((root / META_FILE).read_text()).get("config", {})
+    for key in ARCHITECTURE_KEYS:
+        mine, other = getattr(cfg, key), theirs.get(key)
+        if other is not None and list(mine if isinstance(mine, tuple) else [mine]) != list(
+                other if isinstance(other, list) else [other]):
+            raise ValueError(f"init_from: {root} has {key}={other}, this configuration {mine}")
+    return root
+
+
+def _load_weights(module: torch.nn.Module, directory: Path) -> None:
+    """Copy the (fp16 or fp32) diffusers safetensors weights in ``directory`` into ``module`` as float32."""
+    state = load_file(str(directory / "diffusion_pytorch_model.safetensors"))
+    module.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 def class_prompt(class_name: str) -> str:
@@ -196,6 +228,9 @@ def train_vae(images: Tensor, cfg: TinyGeneratorConfig, show: bool = True) -> tu
     """Fit the VAE on images ``[N, 1, 32, 32]`` in [-1, 1]: MSE reconstruction + a small KL term."""
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).train()
+    init = check_init_from(cfg)
+    if init is not None:
+        _load_weights(vae, init / "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     steps = cfg.vae_epochs * math.ceil(len(images) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=steps, pct_start=0.05)
@@ -216,7 +251,7 @@ def train_vae(images: Tensor, cfg: TinyGeneratorConfig, show: bool = True) -> tu
             bar.set_postfix(mse=f"{mse.item():.4f}")
     bar.close()
     vae.eval().requires_grad_(False)
-    return vae, {"vae_final_mse": float(mse)}
+    return vae, {"vae_final_mse": float(mse.detach())}
 
 
 @torch.no_grad()
@@ -267,6 +302,9 @@ def train_unet(
     """
     torch.manual_seed(cfg.seed)
     unet = build_unet(cfg, cross_attention_dim=text.shape[-1]).train()
+    init = check_init_from(cfg)
+    if init is not None:
+        _load_weights(unet, init / "unet")
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
 
@@ -397,13 +435,16 @@ def train_generator(
     and their captions name the mode (:func:`training_captions`). The rates, seed and counts are written to
     the metadata under ``"nuisance"``.
     Resumable: a finished VAE (``out_dir/vae``) is reused and UNet training continues from its last checkpoint;
-    resuming with other nuisance settings than the run began with raises ValueError.
+    resuming with other nuisance settings than the run began with raises ValueError. With ``cfg.init_from`` the
+    VAE and the UNet start from that generator's weights (a warm start: :func:`check_init_from` raises
+    FileNotFoundError / ValueError for a missing directory or another architecture).
     """
     from ..data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_range
     from ..data.nuisance import MODE_NAMES, assign_modes, with_modes
 
     cfg = cfg or TinyGeneratorConfig()
     root = Path(out_dir)
+    check_init_from(cfg)  # fail before any work
     started = time.perf_counter()
     random.seed(cfg.seed)
     raw, labels = load_fashion_mnist("train", data_dir)
