@@ -2,13 +2,13 @@
 a few steps per stage."""
 
 import csv
-from collections import Counter
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -249,3 +249,29 @@ def test_efficiency_settings_that_cannot_work_are_named(tmp_path, parts):
         extra = [bad] if bad.startswith("efficiency.sizes") else ["efficiency.sizes=[2]", bad]
         with pytest.raises(ConfigError, match=message):
             run_mine(load_demo_config(overrides=[*base, *extra]), dry_run=True, show=False, log=lambda _m: None)
+
+
+def test_sweep_compares_guidance_options_at_the_chosen_weight(tmp_path, parts):
+    out = tmp_path / "run"
+    over = [*overrides(out, *parts), "conditions=[none]", *rounds(1), "trajectory=false", "distances=false",
+            "report=false", "sweep.signals=[total]", "sweep.weights=[1.0]",
+            "sweep.options=[{views: 2, view_shift: 0.1}, {lowpass: 1.0}]"]
+    lines: list[str] = []
+    summary = run_mine(load_demo_config(overrides=over), show=False, log=lines.append)
+    options = summary["sweep"]["options"]
+    assert options["signal"] == "total" and options["weight"] == 1.0
+    assert options["columns"] == ["unguided", "w = 1", "views=2, view_shift=0.1", "lowpass=1"]
+    assert [p["n"] for p in options["points"]] == [20, 20] and all(p["seconds"] > 0 for p in options["points"])
+    from PIL import Image
+
+    width, height = Image.open(out / "sweep" / "grid_options.png").size
+    assert (width, height) == (2 + 2 * (4 * 32 + 2), 2 + 10 * (32 + 2))  # a row per class: 2 tiles of 4 columns
+    assert any("option lowpass=1" in line for line in lines)
+    from longtail.config import ConfigError
+
+    for bad, message in (("sweep.options=[{viewz: 2}]", r"sweep.options\[0\].*unknown guidance option"),
+                         ("sweep.options=[{views: 0}]", r"sweep.options\[0\].*views must be >= 1"),
+                         ("sweep.options=[{}]", r"sweep.options\[0\] must be a mapping")):
+        with pytest.raises(ConfigError, match=message):
+            run_mine(load_demo_config(overrides=[*over, f"out={tmp_path / 'bad'}", bad]), dry_run=True, show=False,
+                     log=lambda _m: None)

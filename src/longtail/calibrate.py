@@ -203,8 +203,15 @@ def calibrate(
     real_labels: Tensor | None = None,
     min_judge_ratio: float | None = None,
     class_names: Sequence[str] | None = None,
+    options: Sequence[dict] = (),
 ) -> dict:
     """Sweep, choose a weight per signal, and record the evidence in ``out_dir``: a grid per signal.
+
+    ``options`` (guidance options of :meth:`GuidanceConfig.with_options`, e.g. ``[{"views": 4},
+    {"lowpass": 1.0}]``): the first signal at its chosen weight (the smallest swept weight when the rule
+    passed none) is generated again with each option; the result gains ``"options"`` (one scored row per
+    option, with ``seconds`` for its cost against unguided) and ``grid_options.png`` shows, per class,
+    unguided, plain LTG and each option side by side (:func:`compare_options`).
 
     ``generate_fn(guidance or None)`` generates the same jobs each time (``labels [N]`` their classes). Returns
     ``{"points", "choices", "timing", "grid_weights"}``; the caller writes it where it belongs.
@@ -254,7 +261,52 @@ def calibrate(
             f"{timing['guided_img_per_s']:.1f} img/s ({timing['slowdown']:.1f}x slower)")
     result = {"points": [_row(p) for p in points], "choices": choices, "timing": timing,
               "grid_weights": grid_weights}
+    if options:
+        sig = signals[0]
+        weight = choices[sig]["weight"] or min(float(w) for w in weights if w > 0)
+        plain = GuidanceConfig(**{**asdict(base or GuidanceConfig()), "signal": sig, "weight": float(weight)})
+        result["options"] = compare_options(
+            generate_fn, labels, plain, options, out_dir, reference={"unguided": images[("", 0.0)],
+                                                                      f"w = {weight:g}": images[(sig, weight)]},
+            judge=judge, real_images=real_images, real_labels=real_labels, per_class_in_grid=per_class_in_grid,
+            log=log)
     if judge is not None:
         result["judge"] = {**judge.info(), "min_judge_ratio": min_judge_ratio,
                            "real_reference": int(real_images.shape[0]) if real_images is not None else 0}
     return result
+
+
+def option_label(option: dict) -> str:
+    """``{"views": 4, "lowpass": 1.0}`` -> ``"views=4, lowpass=1"``."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in option.items())
+
+
+def compare_options(
+    generate_fn: RunFn, labels: Tensor, guidance: GuidanceConfig, options: Sequence[dict], out_dir: Path, *,
+    reference: dict[str, Tensor], judge: Judge | None = None, real_images: Tensor | None = None,
+    real_labels: Tensor | None = None, per_class_in_grid: int = 2, k: int = 3,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Generate the jobs of ``generate_fn`` with ``guidance`` plus each of ``options`` and score them as sweep
+    points (signal, P(class), accuracy, judge columns when there is a judge, ``seconds`` for the cost).
+
+    ``reference``: already generated images ``[N, C, H, W]`` of the same jobs (e.g. unguided and plain LTG),
+    drawn first in ``out_dir/grid_options.png``; then one column per option. Returns ``{"signal", "weight",
+    "columns", "points"}``. Raises ``ValueError`` for an unknown or invalid option (before generating).
+    """
+    checked = [(option_label(o), guidance.with_options(**o)) for o in options]
+    real_feats = judge.features(real_images) if judge is not None and real_images is not None else None
+    rows, grid = [], {float(i): x.cpu() for i, x in enumerate(reference.values())}
+    for name, g in checked:
+        gen = generate_fn(g)
+        judged = _judged(judge, gen, real_feats, real_labels, k) if judge is not None else None
+        point = _point(guidance.signal, guidance.weight, gen, judged)
+        rows.append({"option": name, **_row(point)})
+        grid[float(len(grid))] = gen.images.cpu()
+        if log is not None:
+            extra = f"  judge acc {point.judge_accuracy:.3f}" if point.judge_accuracy is not None else ""
+            log(f"  option {name:<22} signal {point.mean_signal:.3f}  P(class) {point.mean_p_class:.3f}{extra}  "
+                f"{point.n / point.seconds:.1f} img/s")
+    save_grid(grid, labels, out_dir / "grid_options.png", per_class=per_class_in_grid)
+    return {"signal": guidance.signal, "weight": guidance.weight,
+            "columns": [*reference, *(name for name, _ in checked)], "points": rows}

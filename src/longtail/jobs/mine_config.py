@@ -103,6 +103,9 @@ class SweepSpec:
     images_per_class: int = 8
     min_p_ratio: float = 0.5
     choose: bool = True
+    # guidance options (longtail.guidance.GuidanceConfig.with_options) compared at the first signal's chosen
+    # weight, e.g. [{views: 4}, {lowpass: 1.0}]: a row each in sweep.json and a column each in grid_options.png
+    options: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -293,7 +296,21 @@ def check_config(cfg: MineConfig) -> list[Condition]:
         raise ConfigError(f"conditions: {err}") from None
     check_judge(cfg, conditions)
     efficiency_conditions(cfg, conditions)
+    check_options(cfg)
     return conditions
+
+
+def check_options(cfg: MineConfig) -> None:
+    """Each of ``sweep.options`` must be a non-empty mapping of valid guidance options; the error names it."""
+    for i, option in enumerate(cfg.sweep.options):
+        if not isinstance(option, dict) or not option:
+            raise ConfigError(f"sweep.options[{i}] must be a mapping such as {{views: 4}}, got {option!r}")
+        try:
+            cfg.guidance.with_options(**option)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"sweep.options[{i}] {option}: {err}") from None
+    if cfg.sweep.options and not cfg.sweep.signals:
+        raise ConfigError("sweep.options are compared at a swept weight: list sweep.signals")
 
 
 def efficiency_conditions(cfg: MineConfig, conditions: list[Condition]) -> list[Condition]:
