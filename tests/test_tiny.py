@@ -1,6 +1,7 @@
 """Training the embedded generator end to end on a handful of images (the real recipe, tiny sizes)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,13 @@ def test_warm_start_begins_from_the_given_generator_and_checks_its_architecture(
     with pytest.raises(ValueError, match="unet_channels"):
         train_generator(tmp_path / "y", other, data_dir=data, show=False, log=None)
     assert not (tmp_path / "y").exists()
+
+
+def test_shipped_generators_by_name_and_paths_as_given(tmp_path):
+    from longtail.models.tiny import ASSETS_DIR, SHIPPED_GENERATORS, generator_dir
+
+    assert generator_dir(None) == ASSETS_DIR == generator_dir("clean")
+    assert generator_dir("nuisance") == ASSETS_DIR.parent / SHIPPED_GENERATORS["nuisance"]
+    assert generator_dir(tmp_path / "g") == tmp_path / "g" and generator_dir("runs/x") == Path("runs/x")
+    with pytest.raises(FileNotFoundError, match="longtail train-generator"):
+        load_tiny_generator(tmp_path / "g")

@@ -25,7 +25,8 @@ class GeneratorSpec:
     """Which latent diffusion model, how to sample it, and how to prompt it."""
 
     kind: str = "embedded"  # embedded | sd
-    model: str | None = None  # embedded: a generator directory (None: the shipped one); sd: a path or hub id
+    # embedded: a generator directory, or a shipped one by name: clean (None) or nuisance; sd: a path or hub id
+    model: str | None = None
     dtype: str = "fp32"
     vae_dtype: str | None = None
     scheduler: str = "ddim"  # ddim | dpm++ | euler
@@ -135,9 +136,9 @@ def load_generator(gs: GeneratorSpec, device: torch.device) -> tuple[LatentDiffu
     from ..models import surrogate
 
     if gs.kind == "embedded":
-        from ..models.tiny import ASSETS_DIR, load_tiny_generator
+        from ..models.tiny import generator_dir, load_tiny_generator
 
-        root = Path(gs.model) if gs.model else ASSETS_DIR
+        root = generator_dir(gs.model)
         ldm = load_tiny_generator(root, device=device)
         known = json.loads((root / "longtail_generator.json").read_text()).get("class_names", [])
     elif gs.kind == "sd":

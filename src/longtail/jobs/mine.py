@@ -239,9 +239,9 @@ def _accelerator(cfg: MineConfig):
 
 def _load_generator(cfg: MineConfig, device: torch.device, log: Log):
     if cfg.generator.kind == "embedded":
-        from ..models.tiny import ASSETS_DIR, TinyGeneratorConfig, train_generator
+        from ..models.tiny import TinyGeneratorConfig, generator_dir, train_generator
 
-        root = Path(cfg.generator.model) if cfg.generator.model else ASSETS_DIR
+        root = generator_dir(cfg.generator.model)
         if not (root / "longtail_generator.json").is_file():
             log(f"no generator at {root}: training one on full Fashion-MNIST (about an hour on 2 cores)")
             train_generator(root, TinyGeneratorConfig(), data_dir=cfg.data.data_dir, log=log)

@@ -347,7 +347,10 @@ def check_paths(cfg: MineConfig) -> None:
              "classifier.class_names": cfg.classifier.class_names, "generator.prompt_file": cfg.generator.prompt_file,
              "generator.guide_decoder": cfg.generator.guide_decoder}
     if cfg.generator.model and (cfg.generator.kind == "embedded" or cfg.generator.model.startswith(("/", ".", "~"))):
-        named["generator.model"] = cfg.generator.model
+        from ..models.tiny import generator_dir
+
+        named["generator.model"] = str(generator_dir(cfg.generator.model)) if cfg.generator.kind == "embedded" \
+            else cfg.generator.model
     missing += [f"{key}: {path} does not exist" for key, path in named.items()
                 if path and not Path(path).expanduser().exists()]
     if missing:

@@ -38,7 +38,12 @@ from .ldm import LatentDiffusion, ddim_scheduler
 if TYPE_CHECKING:
     from ..introspection.captioners import Captioner
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-ldm"
+ASSETS_ROOT = Path(__file__).resolve().parent.parent / "assets"
+ASSETS_DIR = ASSETS_ROOT / "tiny-ldm"
+# the generators that ship with the package, by name (``generator.model``): ``clean`` is trained on plain
+# Fashion-MNIST (the default of runs made before the nuisance testbed), ``nuisance`` on Fashion-MNIST with the
+# rare modes of longtail.data.nuisance (configs/generator/nuisance.yaml)
+SHIPPED_GENERATORS = {"clean": "tiny-ldm", "nuisance": "tiny-ldm-nuisance"}
 META_FILE = "longtail_generator.json"
 
 
@@ -199,9 +204,20 @@ def training_captions(
     return [with_mode_phrase(c, m) for c, m in zip(captions, modes.reshape(-1).tolist(), strict=True)]
 
 
+def generator_dir(model: str | Path | None) -> Path:
+    """Directory of an embedded generator: a shipped one by name (``None`` or ``"clean"``: ``assets/tiny-ldm``;
+    ``"nuisance"``: ``assets/tiny-ldm-nuisance``, see :data:`SHIPPED_GENERATORS`), else the path given."""
+    if model is None:
+        return ASSETS_DIR
+    if str(model) in SHIPPED_GENERATORS:
+        return ASSETS_ROOT / SHIPPED_GENERATORS[str(model)]
+    return Path(model)
+
+
 def load_tiny_generator(path: str | Path | None = None, device: str | torch.device = "cpu") -> LatentDiffusion:
-    """Load the embedded generator (default: the weights shipped in ``longtail/assets/tiny-ldm``)."""
-    root = Path(path) if path is not None else ASSETS_DIR
+    """Load an embedded generator: a directory, or a shipped one by name (:func:`generator_dir`; default: the
+    clean weights in ``longtail/assets/tiny-ldm``)."""
+    root = generator_dir(path)
     meta_path = root / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(
