@@ -28,6 +28,7 @@ from longtail.evaluation.stats import mean_std, paired_difference, paired_table
 from longtail.report import (
     SECTIONS,
     Section,
+    build_html,
     grid_geometry,
     load_run,
     plot_distribution,
@@ -243,8 +244,33 @@ def _distribution(seed: int) -> dict:
     return distribution_report(real, labels, fake, labels, CLASSES, k=3)
 
 
+# efficiency.json as ``stage_efficiency`` writes it (fewer keys per paired difference); a size without a mean
+EFFICIENCY = {
+    "sizes": [5, 25],
+    "epochs": 6,
+    "seeds": [0, 1, 2],
+    "conditions": ["unguided", "ltg"],
+    "table": {
+        "unguided": {
+            "5": {"few": {"mean": 0.61, "std": 0.02, "n": 3}, "top1": {"mean": 0.8, "std": 0.01, "n": 3}},
+            "25": {"few": {"mean": None, "std": None, "n": 0}, "top1": {"mean": 0.82, "std": 0.01, "n": 3}},
+        },
+        "ltg": {
+            "5": {"few": {"mean": 0.64, "std": 0.03, "n": 3}, "top1": {"mean": 0.81, "std": 0.02, "n": 3}},
+            "25": {"few": {"mean": 0.72, "std": 0.01, "n": 3}, "top1": {"mean": 0.83, "std": 0.01, "n": 3}},
+        },
+    },
+    "paired": {
+        "5": {"ltg": {"few": {"mean": 0.03, "ci": [-0.01, 0.07], "wins": 2, "losses": 1, "n": 3, "level": 0.95}}},
+        "25": {"ltg": {"few": {"mean": None, "ci": None, "wins": 0, "losses": 0, "n": 0, "level": 0.95}}},
+    },
+}
+
+
 def _optional_files(root: Path, seeds: tuple[int, ...]) -> None:
-    """distribution.json, trajectory.json and introspection/ in the layouts the demo and tools write."""
+    """efficiency.json, distribution.json, trajectory.json and introspection/ in the layouts the demo and tools
+    write."""
+    (root / "efficiency.json").write_text(json.dumps(EFFICIENCY))
     conditions = {c: {str(s): _distribution(s) for s in seeds} for c in ("unguided", "ltg")}
     (root / "distribution.json").write_text(
         json.dumps({"features": "base classifier, input of its head", "conditions": conditions})
@@ -358,9 +384,9 @@ def test_full_run_renders_every_section(full_run, tmp_path):
     for section in SECTIONS:
         assert (f'<section id="{section.id}">' in html) == ("mine" in section.kinds), section.id
     assert 'class="note missing"' not in html and 'class="note error"' not in html
-    # bars, rounds, ROC, sweep, 2 grids, synthetic montage, distribution, trajectory
+    # bars, efficiency, rounds, ROC, sweep, 2 grids, synthetic montage, distribution, trajectory
     images = _decode_pngs(_img_sources(html))
-    assert len(images) == 9
+    assert len(images) == 10
     assert "guided by <b>total</b>" in html and "w=0.5 raised total" in html  # grid caption, weight reason
     assert (
         "alpha" in html
@@ -466,6 +492,47 @@ def test_paired_section_follows_the_metrics_key(full_run, tmp_path):
     html = write_report(root).read_text()
     assert '<section id="paired">' not in html and 'href="#paired"' not in html
     assert '<section id="accuracy">' in html and 'class="note error"' not in html
+
+
+EFFICIENCY_SECTION = next(s for s in SECTIONS if s.id == "efficiency")
+
+
+def _efficiency_html(root: Path) -> str:
+    """The page with the efficiency section alone (``""`` when it is left out)."""
+    html = build_html(load_run(root), [EFFICIENCY_SECTION])
+    return _section(html, "efficiency") if '<section id="efficiency">' in html else ""
+
+
+def _rows(body: str) -> list[tuple[str, ...]]:
+    """The body rows of a table: the texts of their cells."""
+    rows = re.findall(r"<tr>(.*?)</tr>", body.split("<tbody>", 1)[1])
+    return [tuple(re.findall(r"<td[^>]*>([^<]*)</td>", row)) for row in rows]
+
+
+def test_efficiency_section_shows_the_curve_and_paired_differences(full_run):
+    body = _efficiency_html(full_run)
+    assert len(_decode_pngs(_img_sources(body))) == 1
+    assert "then 6 fine-tuning epochs; mean over 3 seed(s)" in body and "a quarter" in body
+    tables = re.findall(r"<table>(.*?)</table>", body, re.S)
+    assert len(tables) == 2
+    assert re.findall(r"<th>([^<]*)</th>", tables[0]) == ["condition", "n = 5", "n = 25"]
+    assert _rows(tables[0]) == [
+        ("unguided synthetic", "0.610 ± 0.020", "–"),  # a null mean is a dash
+        ("LTG (total, w=0.5)", "0.640 ± 0.030", "0.720 ± 0.010"),
+    ]
+    assert "<b>unguided synthetic</b>" in body and "95% Student-t" in body
+    assert _rows(tables[1]) == [("LTG (total, w=0.5)", "+0.030 [-0.010, +0.070] (2/1)", "–")]
+
+
+def test_efficiency_section_is_left_out_without_its_file(full_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root)
+    (root / "efficiency.json").unlink()
+    assert load_run(root).efficiency is None and _efficiency_html(root) == ""
+    summary = json.loads((root / "metrics.json").read_text())  # `longtail mine` also copies it here
+    (root / "metrics.json").write_text(json.dumps({**summary, "efficiency": {**EFFICIENCY, "paired": {}}}))
+    body = _efficiency_html(root)
+    assert "0.640 ± 0.030" in body and len(re.findall(r"<table>", body)) == 1  # no unguided: no paired table
 
 
 def test_roc_handles_scores_far_outside_unit_range():
@@ -627,7 +694,7 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     assert "<section" in dom
     assert '<section id="rounds">' in dom and '<section id="synthetic">' in dom  # the mining sections
     sources = _img_sources(dom)
-    assert len(sources) == 9
+    assert len(sources) == 10
     _decode_pngs(sources)
 
 

@@ -47,8 +47,15 @@ def numf(value: object, spec: str = ".1f") -> Cell:
 
 def fmt_ms(values: Sequence[float | None]) -> Cell:
     """``mean ± std`` over seeds (just the mean for one seed), as a right-aligned cell."""
-    stat = mean_std(values)
-    return num(f"{fmt(stat['mean'])} ± {fmt(stat['std'])}" if stat["n"] > 1 else fmt(stat["mean"]))
+    return fmt_stat(mean_std(values))
+
+
+def fmt_stat(stat: object) -> Cell:
+    """A ``mean_std`` result (``{"mean", "std", "n"}``) as ``fmt_ms`` shows it; a dash when malformed."""
+    if not isinstance(stat, dict):
+        return num(DASH)
+    mean, std, n = stat.get("mean"), stat.get("std"), stat.get("n")
+    return num(f"{fmt(mean)} ± {fmt(std)}" if isinstance(n, int) and n > 1 and mean is not None else fmt(mean))
 
 
 def mean_of(values: Sequence[float | None]) -> float | None:

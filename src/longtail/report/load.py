@@ -41,6 +41,7 @@ class RunData:
     summary_text: str | None = None
     metrics: dict | None = None
     sweep: dict | None = None  # sweep/sweep.json, metrics.json's sweep, or calibration.json
+    efficiency: dict | None = None  # efficiency.json or metrics.json's efficiency (the data-efficiency curve)
     base: dict[int, dict] = field(default_factory=dict)  # seed -> base metrics
     mining: dict[int, dict[str, list[dict]]] = field(default_factory=dict)  # seed -> condition text -> rounds
     class_names: list[str] = field(default_factory=list)
@@ -207,6 +208,8 @@ def load_run(run_dir: str | Path) -> RunData:
         run.sweep = run.json("calibration.json")
     else:
         run.sweep = run.json("sweep/sweep.json") or (run.metrics or {}).get("sweep")
+        efficiency = run.json("efficiency.json") or (run.metrics or {}).get("efficiency")
+        run.efficiency = efficiency if isinstance(efficiency, dict) else None
     _load_seeds(run)
     if run.kind == "generate":
         run.manifest = SyntheticStore(root).rows()

@@ -18,7 +18,14 @@ from markupsafe import Markup, escape
 from .analysis import section_distribution, section_introspection, section_trajectory
 from .cells import DASH
 from .load import KINDS, RunData, load_run
-from .results import section_accuracy, section_detection, section_overview, section_paired, section_rounds
+from .results import (
+    section_accuracy,
+    section_detection,
+    section_efficiency,
+    section_overview,
+    section_paired,
+    section_rounds,
+)
 from .samples import section_calibration, section_generated, section_grids, section_sweep, section_synthetic
 
 HEADINGS = {"mine": "Guidance run", "generate": "generated set", "calibrate": "guidance calibration"}
@@ -66,6 +73,7 @@ SECTIONS: list[Section] = [
     _section("overview", "Run", section_overview, KINDS),
     _section("accuracy", "Accuracy by condition and group", section_accuracy),
     _section("paired", "Paired differences against the baseline", section_paired),
+    _section("efficiency", "Data efficiency (synthetic images per class)", section_efficiency),
     _section("rounds", "Accuracy per mining round", section_rounds),
     _section("detection", "Detecting rare and hard examples (Figures 5, 11)", section_detection),
     _section("calibration", "Chosen guidance weight (section 3.1)", section_calibration, ("calibrate",)),

@@ -98,6 +98,36 @@ def plot_rounds(histories: dict[str, tuple[str, list[list[dict]]]]) -> bytes:
     return figure_png(fig)
 
 
+def _stat(stat: object) -> tuple[float, float]:
+    """Mean and error bar of a ``mean_std`` result: NaN mean when absent, no bar for fewer than two seeds."""
+    stat = stat if isinstance(stat, dict) else {}
+    mean, std, n = stat.get("mean"), stat.get("std"), stat.get("n") or 0
+    finite = isinstance(mean, int | float) and math.isfinite(mean)
+    bar = std if n > 1 and isinstance(std, int | float) and math.isfinite(std) else 0.0
+    return (float(mean) if finite else math.nan), float(bar)
+
+
+def plot_efficiency(efficiency: dict, labels: dict[str, str]) -> bytes:
+    """The data-efficiency curve: Few accuracy against synthetic images per class (log scale), a line per
+    condition (mean over seeds, error bars = std) from ``efficiency.json``'s ``table``."""
+    table = efficiency["table"]
+    sizes = sorted({int(n) for n in efficiency.get("sizes") or [n for row in table.values() for n in row]})
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    for i, (cond, row) in enumerate(table.items()):
+        stats = [_stat(((row or {}).get(str(n)) or {}).get("few")) for n in sizes]
+        ax.errorbar(sizes, [m for m, _ in stats], yerr=[e for _, e in stats], marker="o", capsize=3,
+                    color=condition_color(cond, i), label=labels.get(cond, cond))
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("synthetic images per class")
+    ax.set_ylabel("Few test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return figure_png(fig)
+
+
 def plot_roc(scores: dict[str, Tensor]) -> tuple[bytes, dict[str, dict[str, float]]]:
     """ROC curves of every signal for rare (Few-class) and hard (misclassified) test images (Figure 5)."""
     from torchmetrics.functional.classification import binary_roc

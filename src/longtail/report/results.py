@@ -1,15 +1,15 @@
-"""Sections on a run's classifiers: overview, accuracy by group, paired differences, accuracy per round,
-detection."""
+"""Sections on a run's classifiers: overview, accuracy by group, paired differences, the data-efficiency curve,
+accuracy per round, detection."""
 
 from __future__ import annotations
 
 import math
 
-from .cells import DASH, Cell, Table, fmt_ms, image, num
+from .cells import DASH, Cell, Table, fmt_ms, fmt_stat, image, num
 from .load import RunData
-from .plots import GROUP_KEYS, GROUP_LABELS, Rows, plot_accuracy_bars, plot_roc, plot_rounds
+from .plots import GROUP_KEYS, GROUP_LABELS, Rows, plot_accuracy_bars, plot_efficiency, plot_roc, plot_rounds
 
-OPTIONAL_FILES = ("distribution.json", "trajectory.json", "introspection")
+OPTIONAL_FILES = ("efficiency.json", "distribution.json", "trajectory.json", "introspection")
 
 
 def _status(name: str, value: str, bad: bool = False) -> list[Cell]:
@@ -129,18 +129,52 @@ def section_paired(run: RunData) -> dict | None:
     table = {c: pm for c, pm in table.items() if isinstance(pm, dict)}
     diffs = {c: [d for d in pm.values() if isinstance(d, dict)] for c, pm in table.items()}
     metrics = list(dict.fromkeys(m for pm in table.values() for m in pm))
-    levels = {d.get("level") for ds in diffs.values() for d in ds}
-    level = next(iter(levels)) if len(levels) == 1 else None
     seeds = {c: max((d.get("n", 0) for d in ds), default=0) for c, ds in diffs.items()}
     body = [
         [run.condition_label(c).removeprefix("+ "), *[paired_cell(pm.get(m)) for m in metrics], seeds[c]]
         for c, pm in table.items()
     ]
-    finite = isinstance(level, int | float) and math.isfinite(level)
     return {
         "baseline": run.condition_label(str(paired.get("baseline", "unguided"))).removeprefix("+ "),
-        "level": f"{100 * level:g}%" if finite else "confidence",
+        "level": _level_text([d for ds in diffs.values() for d in ds]),
         "table": Table(["condition", *[GROUP_LABELS.get(m, m) for m in metrics], "seeds"], body),
+    }
+
+
+def _level_text(diffs: list[dict]) -> str:
+    """The confidence level the ``paired_difference`` results share (``95%``), else ``confidence``."""
+    levels = {d.get("level") for d in diffs}
+    level = next(iter(levels)) if len(levels) == 1 else None
+    finite = isinstance(level, int | float) and math.isfinite(level)
+    return f"{100 * level:g}%" if finite else "confidence"
+
+
+def section_efficiency(run: RunData) -> dict | None:
+    """``efficiency.json`` (or metrics.json's ``efficiency``): Few accuracy after one round of n synthetic images
+    per class, per condition and n, and the paired Few difference to ``unguided`` per n."""
+    eff = run.efficiency
+    table = eff.get("table") if isinstance(eff, dict) else None
+    if not isinstance(table, dict) or not table:
+        return None
+    table = {c: row for c, row in table.items() if isinstance(row, dict)}
+    sizes = sorted({int(n) for n in eff.get("sizes") or [n for row in table.values() for n in row]})
+    headers = ["condition", *[f"n = {n}" for n in sizes]]
+    labels = {c: run.condition_label(c).removeprefix("+ ") for c in table}
+    body = [[labels[c], *[fmt_stat((row.get(str(n)) or {}).get("few")) for n in sizes]] for c, row in table.items()]
+    paired = eff.get("paired") if isinstance(eff.get("paired"), dict) else {}
+    diffs = {
+        c: [((paired.get(str(n)) or {}).get(c) or {}).get("few") for n in sizes] for c in table if c != "unguided"
+    }
+    rows = [[labels[c], *map(paired_cell, ds)] for c, ds in diffs.items()]
+    seeds, epochs = eff.get("seeds"), eff.get("epochs")
+    return {
+        "epochs": epochs if isinstance(epochs, int) else None,
+        "n_seeds": len(seeds) if isinstance(seeds, list) else None,
+        "plot": image(plot_efficiency({**eff, "table": table}, labels), "data efficiency"),
+        "table": Table(headers, body),
+        "baseline": run.condition_label("unguided").removeprefix("+ "),
+        "level": _level_text([d for ds in diffs.values() for d in ds if isinstance(d, dict)]),
+        "paired": Table(headers, rows) if paired and rows else None,
     }
 
 
