@@ -707,3 +707,25 @@ def test_a_switched_off_sweep_is_not_reported_missing(tmp_path):
     (root / "config.yaml").write_text(yaml.safe_dump({**(config or {}), "sweep": {"signals": []}}))
     html = write_report(root).read_text()
     assert "off (set sweep.signals to run it)" in html
+
+
+def test_grids_section_shows_guidance_options_with_judge_and_cost(full_run, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(full_run, root)
+    sweep = json.loads((root / "sweep" / "sweep.json").read_text())
+    labels = torch.arange(len(CLASSES)).repeat_interleave(2)
+    columns = {float(i): torch.zeros(len(labels), 1, 12, 12) for i in range(4)}
+    save_grid(columns, labels, root / "sweep" / "grid_options.png", per_class=2)
+    point = {"signal": "total", "weight": 0.5, "mean_signal": 1.4, "mean_p_class": 0.7, "accuracy": 0.8, "n": 16,
+             "seconds": 4.0, "nonfinite": 0, "judge_accuracy": 0.875}
+    sweep["options"] = {"signal": "total", "weight": 0.5, "columns": ["unguided", "w = 0.5", "views=4", "lowpass=1"],
+                        "points": [{"option": "views=4", **point}, {"option": "lowpass=1", **point, "seconds": 1.0}]}
+    (root / "sweep" / "sweep.json").write_text(json.dumps(sweep))
+    html = build_html(load_run(root), [s for s in SECTIONS if s.id == "grids"])
+    body = _section(html, "grids")
+    assert "Guidance options at the chosen weight" in body
+    assert len(_decode_pngs(_img_sources(body))) == len(SIGNALS) + 1  # the options grid is not a signal grid
+    rows = _rows(body.split("Guidance options", 1)[1])
+    # unguided: 16 images in 0.5 s; views=4 takes 4 s for 16, i.e. 8x the unguided time per image
+    assert [r[0] for r in rows] == ["unguided", "LTG w = 0.5", "views=4", "lowpass=1"]
+    assert rows[2][3] == "0.875" and rows[2][-1] == "8.0" and rows[3][-1] == "2.0" and rows[0][-1] == "1.0"

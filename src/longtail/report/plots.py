@@ -220,9 +220,10 @@ def grid_geometry(width: int, height: int, rows: int, columns: int) -> tuple[int
     return cell, (width - 2) // tile
 
 
-def plot_grid(png: bytes, class_names: Sequence[str], weights: Sequence[float], height: int = 760) -> bytes:
+def plot_grid(png: bytes, class_names: Sequence[str], weights: Sequence[float | str], height: int = 760) -> bytes:
     """Redraw a sweep grid about ``height`` px tall (integer zoom) with class names on the rows and the weight
-    above each image column; the PNG unchanged if its size does not match the sweep's layout."""
+    (or a column label, when a string) above each image column; the PNG unchanged if its size does not match
+    the sweep's layout."""
     from PIL import Image
 
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
@@ -239,7 +240,9 @@ def plot_grid(png: bytes, class_names: Sequence[str], weights: Sequence[float], 
     ys = [2 + r * (cell + 2) + cell / 2 for r in range(len(class_names))]
     xs = [2 + t * (n * cell + 2) + j * cell + cell / 2 for t in range(tiles) for j in range(n)]
     ax.set_yticks(ys, list(class_names), fontsize=9)
-    ax.set_xticks(xs, [("0" if wt == 0 else f"{wt:g}") for _ in range(tiles) for wt in weights], fontsize=8)
+    names = [wt if isinstance(wt, str) else ("0" if wt == 0 else f"{wt:g}") for wt in weights]
+    ax.set_xticks(xs, [name for _ in range(tiles) for name in names], fontsize=8,
+                  rotation=0 if all(len(n) <= 5 for n in names) else 60, ha="left" if len(max(names, key=len)) > 5 else "center")
     ax.xaxis.tick_top()
     ax.tick_params(length=0)
     for spine in ax.spines.values():

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..data.store import SyntheticStore
-from .cells import DASH, Cell, Image, Table, fmt, fmt_ms, image, mean_of, num, numf, shrink_png
+from .cells import DASH, Cell, Image, Table, cell, fmt, fmt_ms, image, mean_of, num, numf, shrink_png
 from .load import RunData
 from .plots import MONTAGE_CLASSES, montage, plot_by_weight, plot_grid, plot_montages, plot_sweep
 
@@ -53,7 +53,7 @@ def section_sweep(run: RunData) -> dict | None:
 
 def section_grids(run: RunData) -> dict | None:
     """The sweep's image grids: the paper's Figure 6 analog."""
-    grids = sorted(run.grid_dir.glob("grid_*.png"))
+    grids = sorted(p for p in run.grid_dir.glob("grid_*.png") if p.name != OPTIONS_GRID)
     if not grids:
         return None
     weights = (run.sweep or {}).get("grid_weights") or []
@@ -68,7 +68,42 @@ def section_grids(run: RunData) -> dict | None:
         "columns": columns or "unguided, then increasing weights",
         "generated_with": _classifier(run, "the base classifier of the first seed"),
         "figures": figures,
+        "options": _options(run),
     }
+
+
+OPTIONS_GRID = "grid_options.png"
+
+
+def _options(run: RunData) -> dict | None:
+    """The guidance options compared at the chosen weight (``sweep.options``): their grid (one column per
+    option) and a row each with signal, P(class), judge columns and cost relative to unguided sampling."""
+    options = (run.sweep or {}).get("options")
+    path = run.grid_dir / OPTIONS_GRID
+    if not isinstance(options, dict) or not path.is_file():
+        return None
+    columns = [str(c) for c in options.get("columns") or []]
+    png = path.read_bytes()
+    drawn = plot_grid(png, run.class_names, columns) if columns else shrink_png(png)
+    points = run.sweep.get("points") or []
+    unguided = next((p for p in points if p.get("weight") == 0 and p.get("signal") == options.get("signal")), None)
+    plain = next((p for p in points if p.get("weight") == options.get("weight")
+                  and p.get("signal") == options.get("signal")), None)
+    per_image = (unguided["seconds"] / unguided["n"]) if unguided and unguided.get("n") else None
+
+    def row(name: str, p: dict | None) -> list:
+        if p is None:
+            return [name, DASH, DASH, DASH, DASH, DASH]
+        cost = p["seconds"] / p["n"] / per_image if per_image and p.get("n") else None
+        return [name, cell(p.get("mean_signal")), cell(p.get("mean_p_class")), cell(p.get("judge_accuracy")),
+                cell(p.get("judge_precision")), numf(cost, ".1f") if cost is not None else DASH]
+
+    body = [row("unguided", unguided), row(f"LTG w = {options.get('weight'):g}", plain)]
+    body += [row(str(p.get("option")), p) for p in options.get("points") or []]
+    headers = ["setting", f"{options.get('signal')}", "P(class)", "judge accuracy", "judge precision",
+               "cost (x unguided)"]
+    return {"image": image(drawn, "guidance options", cls="pixel"), "signal": options.get("signal"),
+            "weight": options.get("weight"), "table": Table(headers, body)}
 
 
 def _floats(rows: list[dict[str, str]], key: str) -> list[float]:
