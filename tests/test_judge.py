@@ -193,3 +193,31 @@ def test_clip_judge_without_a_processor_file_uses_the_vision_size_and_never_down
     assert judge.probs(torch.zeros(2, 3, 40, 40)).shape == (2, 2)
     with pytest.raises(FileNotFoundError, match="never downloads"):
         clip_judge(tmp_path / "openai/clip-vit-base-patch32", ["shirt"])
+
+
+def test_judge_training_set_carries_the_generators_nuisance_modes(tmp_path):
+    from helpers import fake_fashion_mnist
+    from longtail.data.nuisance import assign_modes
+    from longtail.evaluation.judge import fashion_mnist_train
+
+    data = fake_fashion_mnist(tmp_path / "data", per_class_train=8, per_class_test=1)
+    clean, labels = fashion_mnist_train(data)
+    images, same = fashion_mnist_train(data, {"invert": 0.25}, 3)
+    assert torch.equal(labels, same)
+    inverted = assign_modes(labels, {"invert": 0.25}, 3) >= 0
+    assert int(inverted.sum()) == 20 and torch.equal(images[inverted], -clean[inverted])
+    assert torch.equal(images[~inverted], clean[~inverted])
+
+
+def test_generator_nuisance_reads_the_generators_metadata(tmp_path):
+    from longtail.jobs.mine import MineConfig
+    from longtail.jobs.stages import generator_nuisance
+
+    (tmp_path / "longtail_generator.json").write_text(json.dumps({"nuisance": {"rates": {"blur": 0.03}, "seed": 2}}))
+    cfg = MineConfig()
+    cfg.generator.model = str(tmp_path)
+    assert generator_nuisance(cfg) == ({"blur": 0.03}, 2)
+    cfg.generator.model = "clean"  # the shipped clean generator has no modes
+    assert generator_nuisance(cfg) is None
+    cfg.generator.kind = "sd"
+    assert generator_nuisance(cfg) is None

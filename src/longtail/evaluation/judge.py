@@ -239,13 +239,20 @@ def train_judge(
     return model.eval()
 
 
-def fashion_mnist_train(data_dir: str | Path | None = None) -> tuple[Tensor, Tensor]:
+def fashion_mnist_train(data_dir: str | Path | None = None, nuisance: dict | None = None,
+                        nuisance_seed: int = 0) -> tuple[Tensor, Tensor]:
     """The full Fashion-MNIST training set (60k, balanced) as the embedded generator sees it: images
-    ``[60000, 1, 32, 32]`` in [-1, 1] and labels ``[60000]``. Raises ``DataError`` when the files are missing."""
+    ``[60000, 1, 32, 32]`` in [-1, 1] and labels ``[60000]``. ``nuisance``: the generator's mode rates (its
+    metadata's ``nuisance.rates``, with ``nuisance_seed``), applied exactly as its trainer did, so a judge
+    knows the rare modes the generator can draw. Raises ``DataError`` when the files are missing."""
     from ..data.datasets import load_fashion_mnist, to_model_range
+    from ..data.nuisance import assign_modes, with_modes
 
     images, labels = load_fashion_mnist("train", data_dir)
-    return to_model_range(images), labels
+    images = to_model_range(images)
+    if nuisance:
+        images = with_modes(images, assign_modes(labels, nuisance, nuisance_seed), nuisance_seed)
+    return images, labels
 
 
 def _small_cnn_kwargs(model: nn.Module) -> dict:

@@ -282,6 +282,20 @@ def _generate(ctx: Context, jobs, classifier, guidance: GuidanceConfig | None, d
                     guide_decode=ctx.guide_decode, show=ctx.show, desc=desc)
 
 
+def generator_nuisance(cfg: MineConfig) -> tuple[dict, int] | None:
+    """``(rates, seed)`` of the nuisance modes the embedded generator was trained with (its metadata), or
+    None (a clean or Stable Diffusion generator)."""
+    import json
+
+    from ..models.tiny import META_FILE, generator_dir
+
+    if cfg.generator.kind != "embedded":
+        return None
+    meta_path = generator_dir(cfg.generator.model) / META_FILE
+    meta = json.loads(meta_path.read_text()).get("nuisance") if meta_path.is_file() else None
+    return (dict(meta["rates"]), int(meta.get("seed", 0))) if meta else None
+
+
 def stage_judge(ctx: Context):
     """The run's judge (``judge.spec``), trained once and kept in ``<run>/judge/`` when asked; None without one."""
     from ..evaluation.judge import clip_judge, fashion_mnist_train, load_judge, save_judge, train_judge
@@ -294,8 +308,10 @@ def stage_judge(ctx: Context):
     elif spec == "train":
         folder = ctx.run / "judge"
         if not (folder / "classifier.json").is_file():
-            ctx.log(f"training the judge on the full balanced training set ({ctx.cfg.judge.epochs} epochs)")
-            images, labels = fashion_mnist_train(ctx.cfg.data.data_dir)
+            modes = generator_nuisance(ctx.cfg)
+            note = ", with the generator's nuisance modes" if modes else ""
+            ctx.log(f"training the judge on the full balanced training set ({ctx.cfg.judge.epochs} epochs{note})")
+            images, labels = fashion_mnist_train(ctx.cfg.data.data_dir, *(modes or (None, 0)))
             model = train_judge(images, labels, len(names), epochs=ctx.cfg.judge.epochs, seed=10_000,
                                 show=ctx.show, accelerator=ctx.acc)
             if ctx.is_main:
