@@ -188,9 +188,12 @@ def test_validation_split_nuisance_modes_hard_split_and_extra_splits(tmp_path, p
     assert summary["paired"]["table"]["none"]["hard"]["n"] == 2
     shares = summary["mode_shares"]["unguided"]  # the modes seen in the synthetic data, pooled over seeds
     assert set(shares) >= {"all"} and all(0.0 <= v <= 1.0 for v in shares["all"].values())
+    assert len(shares["all"]) == 8 and (out / "modes" / "detector" / "classifier.json").is_file()
+    detector = summary["mode_detector"]  # measured on the test set with modes applied
+    assert set(detector["recall"]) == set(shares["all"]) and 0.0 <= detector["clean_false_alarm"] <= 1.0
     text = "\n".join(lines)
     assert "hard split" in text and "extra splits" in text and "paired difference to unguided" in text
-    assert "nuisance modes seen in" in text
+    assert "nuisance modes in the synthetic data" in text and "detector recall" in text
 
 
 def test_validation_split_never_overlaps_the_training_subset(tmp_path, parts):

@@ -31,3 +31,34 @@ def test_shares_count_what_the_captioner_sees_in_applied_modes():
     assert shares["faint"]["low_contrast"] == 1.0 and shares["clean"]["low_contrast"] == 0.0
     assert shares["corner"]["corner"] == 1.0 and shares["clean"]["corner"] == 0.0
     assert shares["all"]["invert"] == 0.25
+
+
+class _Oracle:
+    """A stand-in detector that knows each image's mode from its first pixel (set by the test)."""
+
+    def probs(self, images):
+        ids = images[:, 0, 0, 0].round().long()
+        return torch.nn.functional.one_hot(ids, 9).float()
+
+
+def test_detector_data_has_the_documented_mix_and_targets():
+    from longtail.data.nuisance import MODE_NAMES
+    from longtail.evaluation.modes import DETECTOR_CLASSES, detector_data
+
+    clean = garment(160)
+    images, targets = detector_data(clean, seed=0)
+    assert DETECTOR_CLASSES[0] == "clean" and DETECTOR_CLASSES[1:] == MODE_NAMES
+    assert torch.bincount(targets, minlength=9).tolist() == [80] + [10] * 8  # half clean, the rest evenly
+    assert torch.equal(images[targets == 0], clean[targets == 0])
+    assert torch.equal(images[targets == 1 + MODE_NAMES.index("invert")], -clean[targets == 1 + MODE_NAMES.index("invert")])
+
+
+def test_detected_shares_count_the_detectors_calls_per_class():
+    from longtail.data.nuisance import MODE_NAMES
+    from longtail.evaluation.modes import detected_shares
+
+    images = torch.zeros(8, 1, 4, 4)
+    images[:, 0, 0, 0] = torch.tensor([0, 0, 0, 1, 1 + MODE_NAMES.index("blur"), 0, 0, 1], dtype=torch.float)
+    shares = detected_shares(_Oracle(), images, [0, 0, 0, 0, 1, 1, 1, 1], ["a", "b"])
+    assert shares["a"]["rotate"] == 0.25 and shares["b"]["rotate"] == 0.25 and shares["b"]["blur"] == 0.25
+    assert shares["all"]["rotate"] == 0.25 and shares["all"]["blur"] == 0.125 and set(shares["all"]) == set(MODE_NAMES)

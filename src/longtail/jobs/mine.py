@@ -155,12 +155,18 @@ def format_summary(summary: dict) -> str:
             lines.append(f"{condition_label(cond, guidance.get(cond)):<26}"
                          + "".join(mean_std_cell(summary["splits"][n][cond], 16) for n in names))
     if summary.get("mode_shares"):
-        from ..evaluation.modes import MEASURED
-
-        lines += ["", f"{'nuisance modes seen in':<26}" + "".join(f"{m:>13}" for m in MEASURED)]
+        modes = list(next(iter(summary["mode_shares"].values()))["all"])
+        by = "the mode detector" if summary.get("mode_detector") else "the attribute captioner"
+        lines += ["", f"nuisance modes in the synthetic data (share of images, as {by} sees them)",
+                  f"{'condition':<26}" + "".join(f"{m[:12]:>13}" for m in modes)]
         for cond, shares in summary["mode_shares"].items():
             lines.append(f"{condition_label(cond, guidance.get(cond)):<26}"
-                         + "".join(f"{shares['all'][m]:>13.3f}" for m in MEASURED))
+                         + "".join(f"{shares['all'][m]:>13.3f}" for m in modes))
+        if summary.get("mode_detector"):
+            d = summary["mode_detector"]
+            lines.append(f"{'detector recall (test)':<26}" + "".join(f"{d['recall'].get(m, float('nan')):>13.3f}"
+                                                                     for m in modes))
+            lines.append(f"{'':<26}clean test images given a mode: {d['clean_false_alarm']:.3f}")
     lines += format_paired(summary.get("paired"), guidance)
     lines += format_efficiency(summary.get("efficiency"), guidance)
     if summary.get("detection"):
@@ -383,7 +389,8 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     if cfg.trajectory:
         summary["trajectory"] = stage_trajectory(ctx, first, main_guidance)
     if cfg.data.nuisance and any(c.synthetic for c in conditions):
-        summary["mode_shares"] = stage_modes(ctx, conditions)
+        modes = stage_modes(ctx, conditions)
+        summary["mode_shares"], summary["mode_detector"] = modes["conditions"], modes.get("detector")
     if cfg.distances and any(c.synthetic for c in conditions):
         summary["distribution"] = stage_distances(ctx, conditions)["summary"] or None
     summary["seconds"] = time.perf_counter() - started

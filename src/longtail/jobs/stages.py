@@ -684,22 +684,56 @@ def stage_efficiency(ctx: Context, conditions: list[Condition], guidance_of: Cal
 
 def stage_modes(ctx: Context, conditions: list[Condition]) -> dict:
     """Share of each nuisance mode among every synthetic condition's images (all seeds pooled), overall and per
-    class, as the attribute captioner sees them (``longtail.evaluation.modes``) -> ``modes.json``."""
-    from ..evaluation.modes import mode_shares
+    class -> ``modes.json``: ``{"conditions": {condition: shares}, "captioner": {condition: shares},
+    "detector": report | None}``. ``conditions`` holds the mode detector's shares (all eight modes; trained
+    once on the full Fashion-MNIST training set, kept in ``modes/detector``, its recall and false alarms in
+    ``detector``) for the embedded testbed, else the attribute captioner's (``longtail.evaluation.modes``)."""
+    from ..evaluation.modes import detected_shares, mode_shares
 
     path = ctx.run / "modes.json"
     if path.is_file():
         return read_json(path)
-    result: dict[str, dict] = {}
+    detector, report = mode_detector(ctx) if ctx.cfg.data.source == "fashion_mnist_lt" else (None, None)
+    by_detector: dict[str, dict] = {}
+    by_captioner: dict[str, dict] = {}
     for cond in conditions:
         parts = [ctx.source.synthetic_inputs(store) for s in ctx.cfg.seeds
                  if ((store := ctx.run / f"seed_{s}" / "mining" / cond.dirname / "synthetic") / "manifest.csv").is_file()]
         if parts:
             images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            result[cond.text] = mode_shares(images, labels.tolist(), ctx.source.class_names)
+            by_captioner[cond.text] = mode_shares(images, labels.tolist(), ctx.source.class_names)
+            if detector is not None:
+                by_detector[cond.text] = detected_shares(detector, images, labels.tolist(), ctx.source.class_names)
+    result = {"conditions": by_detector if detector is not None else by_captioner, "captioner": by_captioner,
+              "detector": report}
     if ctx.is_main:
         write_json(path, result)
     return result
+
+
+def mode_detector(ctx: Context):
+    """The run's nuisance-mode detector (trained once, ``<run>/modes/detector``) and its test-set report."""
+    from ..data.datasets import load_fashion_mnist, to_model_range
+    from ..evaluation.judge import fashion_mnist_train, load_judge, save_judge
+    from ..evaluation.modes import DETECTOR_CLASSES, detector_report, train_mode_detector
+
+    folder = ctx.run / "modes" / "detector"
+    if not (folder / "classifier.json").is_file():
+        ctx.log("training the nuisance-mode detector on the full Fashion-MNIST training set")
+        images, _ = fashion_mnist_train(ctx.cfg.data.data_dir)
+        model = train_mode_detector(images, epochs=MODE_DETECTOR_EPOCHS, show=ctx.show, accelerator=ctx.acc)
+        if ctx.is_main:
+            save_judge(model, folder, list(DETECTOR_CLASSES))
+        ctx.acc.wait_for_everyone()
+    detector = load_judge(folder, ctx.acc.device, name="mode detector")
+    test, _ = load_fashion_mnist("test", ctx.cfg.data.data_dir)
+    report = detector_report(detector, to_model_range(test))
+    ctx.log(f"mode detector on the test set: accuracy {report['accuracy']:.3f}, clean images given a mode "
+            f"{report['clean_false_alarm']:.3f}, recall " + ", ".join(f"{m} {r:.2f}" for m, r in report["recall"].items()))
+    return detector, report
+
+
+MODE_DETECTOR_EPOCHS = 2
 
 
 # --- stages: trajectory, distances --------------------------------------------------------------------------
