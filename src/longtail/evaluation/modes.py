@@ -96,7 +96,7 @@ def detector_report(detector, images: Tensor, seed: int = 1) -> dict[str, float 
     pred = detector.probs(x).argmax(-1).cpu()
     recall = {m: float((pred[y == k] == k).float().mean()) for k, m in enumerate(DETECTOR_CLASSES) if k > 0}
     return {"accuracy": float((pred == y).float().mean()), "clean_false_alarm": float((pred[y == 0] != 0).float().mean()),
-            "recall": recall, "n": int(len(y))}
+            "recall": recall, "n": len(y)}
 
 
 def detected_shares(detector, images: Tensor, labels: Sequence[int], class_names: Sequence[str]
