@@ -13,14 +13,14 @@ loss needs: with identical copies the argmin is always head 0 and the others nev
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .files import read_state_dict, to_json
 from .outputs import ClassifierOutput
 
 # Module paths of the classification head in torchvision's families (first that exists and is Linear wins).
@@ -176,7 +176,7 @@ class EpistemicClassifier(nn.Module):
 
     def load_heads(self, path: str | Path) -> None:
         """Load head weights saved by ``save_heads``; shape mismatches raise with both shapes named."""
-        state = load_file(str(path))
+        state = read_state_dict(path, "Epistemic Head weights")
         for key, value in self.heads.state_dict().items():
             if key not in state:
                 raise ValueError(f"{path}: missing tensor {key!r} (not an Epistemic Head file?)")
@@ -234,4 +234,4 @@ def parameter_overhead(model: nn.Module, num_heads: int, head_name: str | None =
 
 
 def overhead_json(stats: dict[str, float]) -> str:
-    return json.dumps(stats, indent=2)
+    return to_json(stats)

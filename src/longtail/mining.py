@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .data.store import SyntheticStore
+from .files import read_state_dict, write_json
 from .generate import even_counts
 
 # synthesize(round, model, counts per class, store): write the round's images into the store (resumably)
@@ -62,13 +63,8 @@ def save_state(model: nn.Module, path: Path) -> None:
 
 
 def load_state(model: nn.Module, path: Path) -> None:
-    model.load_state_dict(load_file(str(path)))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
+    """Load a state dict written by ``save_state`` into ``model``."""
+    model.load_state_dict(read_state_dict(path, "round checkpoint"))
 
 
 def rows_up_to(store: SyntheticStore, r: int) -> list[dict[str, str]]:
@@ -100,7 +96,7 @@ def mine(
     if not first.is_file():
         row = {"round": 0, "synthetic": 0, **evaluate(model)}
         if is_main:
-            _write_json(first, row)
+            write_json(first, row)
     sync()
     history = [json.loads(first.read_text())]
     store = SyntheticStore(run_dir / "synthetic")
@@ -124,7 +120,7 @@ def mine(
         row = {"round": r, "synthetic": len(rows), "train_loss": losses[-1] if losses else None, **evaluate(model)}
         if is_main:
             save_state(model, ckpt)
-            _write_json(metrics_path, row)
+            write_json(metrics_path, row)
         sync()
         history.append(row)
     return history

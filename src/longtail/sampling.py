@@ -148,10 +148,23 @@ def _cfg_eps(
 
 
 
+def check_num_steps(num_steps: int, train_timesteps: int | None, setting: str = "num_steps") -> None:
+    """Refuse a step count the scheduler cannot run: an integer ``1 <= num_steps < train_timesteps`` (the
+    scheduler's ``num_train_timesteps``; only the lower bound when unknown). ``ValueError`` names ``setting``
+    and the allowed range (diffusers would fail later with an IndexError, a division by zero, or sample
+    nothing at all)."""
+    upper = f"{train_timesteps - 1}" if train_timesteps else "the scheduler's training timesteps - 1"
+    valid = isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1
+    if not valid or (train_timesteps is not None and num_steps >= train_timesteps):
+        trained = f" (the scheduler was trained with {train_timesteps} timesteps)" if train_timesteps else ""
+        raise ValueError(f"{setting} must be an integer from 1 to {upper}{trained}, got {num_steps!r}")
+
+
 def _check_inputs(scheduler: object, cond: Tensor, latents: Tensor, guidance: GuidanceConfig | None,
-                  classifier: object, encode: object) -> None:
+                  classifier: object, encode: object, num_steps: int) -> None:
     """Refuse what the loop cannot run, before any denoiser call (``ValueError``)."""
     check_scheduler(scheduler)
+    check_num_steps(num_steps, getattr(scheduler, "config", {}).get("num_train_timesteps"))
     if latents.shape[0] != cond.shape[0]:
         raise ValueError(f"latents batch {latents.shape[0]} != cond batch {cond.shape[0]}")
     if guidance is None:
@@ -266,11 +279,12 @@ def sample(
     ``guided`` (the eps the scheduler steps with).
 
     A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored
-    after). Raises ``ValueError`` for an unsupported scheduler, mismatched batches, guidance without a
+    after). Raises ``ValueError`` for an unsupported scheduler, ``num_steps`` outside ``1 ..
+    num_train_timesteps - 1`` (``check_num_steps``), mismatched batches, guidance without a
     classifier, a bad guidance option (naming it), ``project`` without ``encode``, or ``recurrence`` with a
     multistep scheduler (not in ``RECURRENT_SCHEDULERS``).
     """
-    _check_inputs(scheduler, cond, latents, guidance, classifier, encode)
+    _check_inputs(scheduler, cond, latents, guidance, classifier, encode, num_steps)
     started = time.perf_counter()
     scheduler.set_timesteps(num_steps, device=latents.device)
     prediction = scheduler.config.get("prediction_type", "epsilon")

@@ -8,15 +8,31 @@
   vs real *within* a class should score better than real vs real *between* classes.
 
 All arithmetic is float64 on the CPU.
+
+Small samples. Every score carries its sample counts (``n_real``, ``n_fake``) and ``reliable``; below these
+minimums it is ``"reliable": false`` with the ``reason``, and ``distribution_report`` logs a warning:
+
+- FID on ``D``-dimensional features needs more than ``D`` images per set: a covariance estimated from ``N``
+  samples has rank at most ``N - 1``, so with ``N <= D`` it is singular and the matrix square root in Eq. 13
+  is dominated by the missing directions (FID then mostly measures the sample size);
+- precision / recall need ``MIN_PR_SAMPLES`` per set: k-NN radii from a few samples are large, so both
+  scores drift towards 1 whatever the data (Kynkäänniemi et al. use 50k samples and k = 3).
+
+A score that cannot be computed at all is NaN (``null`` in JSON) with ``<key>_reason`` beside it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+MIN_PR_SAMPLES = 100  # per set, for precision / recall to count as reliable (see the module docstring)
 
 
 def _as_f64(feats: Tensor, name: str) -> Tensor:
@@ -123,19 +139,38 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, flo
 # --- per-class report with the paper's between-class reference (section 3.1) -------------------------------
 
 
-def _scores(real: Tensor, fake: Tensor, k: int) -> dict[str, float]:
-    """FID + precision/recall of ``fake`` vs ``real``; NaN where a set is too small for the estimate."""
-    out = {
-        "n_real": int(real.shape[0]),
-        "n_fake": int(fake.shape[0]),
-        "fid": math.nan,
-        "precision": math.nan,
-        "recall": math.nan,
-    }
-    if min(real.shape[0], fake.shape[0]) >= 2:
+def reliability(n_real: int, n_fake: int, dim: int, min_pr: int = MIN_PR_SAMPLES) -> list[str]:
+    """Why FID / precision / recall on ``n_real`` and ``n_fake`` samples of ``dim``-d features are not
+    reliable (see the module docstring); empty when they are."""
+    n, counts = min(n_real, n_fake), f"{n_real} real, {n_fake} synthetic"
+    problems = []
+    if n <= dim:
+        problems.append(f"FID on {dim}-d features needs more than {dim} images per set for a full-rank "
+                        f"covariance; got {counts}")
+    if n < min_pr:
+        problems.append(f"precision / recall need at least {min_pr} images per set; got {counts}")
+    return problems
+
+
+def _scores(real: Tensor, fake: Tensor, k: int, min_pr: int = MIN_PR_SAMPLES) -> dict[str, float | int | str | bool]:
+    """FID + precision/recall of ``fake [M, D]`` vs ``real [N, D]`` with the counts and ``reliable``
+    (``reason`` when not); NaN with ``<key>_reason`` where a set is too small for the estimate at all."""
+    n_real, n_fake = int(real.shape[0]), int(fake.shape[0])
+    out: dict[str, float | int | str | bool] = {
+        "n_real": n_real, "n_fake": n_fake, "fid": math.nan, "precision": math.nan, "recall": math.nan}
+    if min(n_real, n_fake) >= 2:
         out["fid"] = frechet_distance(real, fake)
-    if min(real.shape[0], fake.shape[0]) > k:
+    else:
+        out["fid_reason"] = f"FID needs at least 2 images per set; got {n_real} real, {n_fake} synthetic"
+    if min(n_real, n_fake) > k:
         out["precision"], out["recall"] = precision_recall(real, fake, k)
+    else:
+        for key in ("precision", "recall"):
+            out[f"{key}_reason"] = f"needs more than k={k} images per set; got {n_real} real, {n_fake} synthetic"
+    problems = reliability(n_real, n_fake, int(real.shape[1]), min_pr)
+    out["reliable"] = not problems
+    if problems:
+        out["reason"] = "; ".join(problems)
     return out
 
 
@@ -184,6 +219,7 @@ def distribution_report(
     fake_labels: Tensor,
     class_names: Sequence[str],
     k: int = 3,
+    min_pr: int = MIN_PR_SAMPLES,
 ) -> dict:
     """Synthetic vs real per class and overall, with the paper's between-class reference (section 3.1).
 
@@ -197,7 +233,10 @@ def distribution_report(
       and whether synthetic data is closer than another real class (``fid_below_between``) and scores
       higher precision / recall (``precision_above_between``, ``recall_above_between``), as the paper reports.
 
-    Entries are NaN where a class has too few samples (FID needs 2, precision/recall more than ``k``).
+    Entries are NaN where a class has too few samples (FID needs 2, precision/recall more than ``k``), with
+    ``<key>_reason``; every ``overall`` / ``per_class`` entry has ``n_real``, ``n_fake`` and ``reliable``
+    (``reason`` when false: fewer images than the feature dimension, or than ``min_pr``), and a warning is
+    logged when any is unreliable.
     """
     real, fake = _as_f64(real_feats, "real_feats"), _as_f64(fake_feats, "fake_feats")
     if real.shape[1] != fake.shape[1]:
@@ -210,7 +249,7 @@ def distribution_report(
     per_class = {}
     for c, name in enumerate(class_names):
         per_class[name] = {
-            **_scores(real[real_labels == c], fake[fake_labels == c], k),
+            **_scores(real[real_labels == c], fake[fake_labels == c], k, min_pr),
             "between_real": between[c],
         }
     within = list(per_class.values())
@@ -227,10 +266,25 @@ def distribution_report(
         reference["within_precision_mean"] > reference["between_precision_mean"]
     )
     reference["recall_above_between"] = reference["within_recall_mean"] > reference["between_recall_mean"]
+    reference["reliable"] = all(w["reliable"] for w in within)
+    overall = _scores(real, fake, k, min_pr)
+    _warn_unreliable(overall, per_class)
     return {
         "k": k,
         "feature_dim": int(real.shape[1]),
-        "overall": _scores(real, fake, k),
+        "min_pr_samples": min_pr,
+        "overall": overall,
         "per_class": per_class,
         "reference": reference,
     }
+
+
+def _warn_unreliable(overall: dict, per_class: dict[str, dict]) -> None:
+    """One warning for a report with unreliable scores: the overall reason and the classes affected."""
+    classes = [name for name, entry in per_class.items() if not entry["reliable"]]
+    if overall["reliable"] and not classes:
+        return
+    where = "overall: " + overall["reason"] if not overall["reliable"] else "overall reliable"
+    logger.warning("FID / precision / recall from small samples are flagged \"reliable\": false (%s; %d of %d "
+                   "classes unreliable%s)", where, len(classes), len(per_class),
+                   f": {classes[:10]}" if classes else "")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import read_state_dict
 from ..heads import EpistemicClassifier, find_head
 
 Pool = Literal["avg", "flatten"]
@@ -212,7 +213,11 @@ _POOL3_PATH = (
 
 
 def load_fid_state(path: str | Path) -> dict[str, Tensor]:
-    """Read FID Inception weights from a local ``.pth`` / ``.pt`` / ``.safetensors`` file; never downloads."""
+    """Read FID Inception weights from a local ``.pth`` / ``.pt`` / ``.safetensors`` file; never downloads.
+
+    Raises ``FileNotFoundError`` (with where to get them) or ``longtail.files.WeightsError`` for a file that
+    is not a state dict of tensors (a pickled module, a bare tensor, a corrupt file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -220,12 +225,7 @@ def load_fid_state(path: str | Path) -> dict[str, Tensor]:
             "pt_inception-2015-12-05-6726825d.pth (pytorch-fid) or weights-inception-2015-12-05-6726825d.pth "
             "(torch-fidelity) on a machine with internet and pass its path, or use LayerFeatures(classifier)."
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    return read_state_dict(path, "FID Inception weights")
 
 
 class InceptionFeatures(nn.Module):

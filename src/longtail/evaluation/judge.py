@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -214,13 +214,15 @@ def realism(
 def train_judge(
     images: Tensor, labels: Tensor, num_classes: int, epochs: int = 10, seed: int = 0, *, width: int = 32,
     batch_size: int = 128, lr: float = 1e-3, show: bool = False, accelerator: Accelerator | None = None,
+    augment: bool = True,
 ) -> nn.Module:
     """Train a ``SmallCNN`` (``longtail.train``) judge with ``longtail.train.fit`` (Adam, cosine LR, the usual
     rotation / shift / flip augmentation); returns it in eval mode, on the device it was built on (CPU).
 
     ``images [N, C, H, W]`` in [-1, 1], ``labels [N]`` in ``[0, num_classes)``. For the embedded default pass
     the full, balanced Fashion-MNIST training set (``fashion_mnist_train``): the data the generator saw, not
-    the long-tailed subset the guided classifier saw. ``accelerator``: the job's (under ``accelerate launch``
+    the long-tailed subset the guided classifier saw. ``augment``: the usual rotation / shift / flip
+    augmentation (off for a judge of orientation or position). ``accelerator``: the job's (under ``accelerate launch``
     every process must call this; save on the main one). Raises ``ValueError`` for mismatched lengths or
     labels out of range.
     """
@@ -234,7 +236,10 @@ def train_judge(
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]")
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], num_classes, width)
-    fit(model, (images, labels), TrainConfig(epochs=epochs, seed=seed, batch_size=batch_size, lr=lr),
+    recipe = TrainConfig(epochs=epochs, seed=seed, batch_size=batch_size, lr=lr)
+    if not augment:  # e.g. a detector of orientation: no rotation or flips
+        recipe = replace(recipe, rotation=0.0, translate=0.0, hflip=False)
+    fit(model, (images, labels), recipe,
         accelerator=accelerator, num_classes=num_classes, desc="judge", show=show)
     return model.eval()
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,12 +20,20 @@ from pathlib import Path
 import torch
 
 from ..config import dump_config
-from ..data.imagefolder import ImageListDataset, eval_transform, read_class_names, scan_imagefolder
+from ..data.imagefolder import (
+    ImageIndex,
+    ImageListDataset,
+    eval_transform,
+    read_class_names,
+    scan_imagefolder,
+)
+from ..files import write_json
 from ..jobs.common import ClassifierSpec, load_classifier_spec, pick_device, read_counts
 from ..jobs.mine import preprocess_for
 from ..outputs import ClassifierOutput
 from .distribution import distribution_report
 from .metrics import accuracy_report, detection_report, signal_scores
+from .stats import number_cell
 
 
 @dataclass
@@ -91,13 +98,13 @@ def run_evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dic
     device = pick_device(cfg.device)
     loaded = load_classifier_spec(cfg.classifier, device)
     names = read_class_names(cfg.classifier.class_names) if cfg.classifier.class_names else loaded.class_names
-    index = scan_imagefolder(cfg.data, names)
+    index = _scan(cfg.data, names, loaded.num_classes, log)
     names = index.class_names
     pre = preprocess_for(loaded)
     dataset = ImageListDataset(index.paths, index.labels, eval_transform(pre), pre.mode)
     out, labels = _predict(loaded.model, dataset, cfg.batch_size, device)
     if cfg.train:
-        counts = scan_imagefolder(cfg.train, names, verify=False).counts()
+        counts = _scan(cfg.train, names, None, log, verify=False).counts()
     elif cfg.counts_file:
         counts = read_counts(cfg.counts_file, list(names))
     else:
@@ -105,10 +112,12 @@ def run_evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dic
     groups = ([("many" if n > cfg.many else "few" if n < cfg.few else "medium") for n in counts] if counts
               else ["many"] * len(names))
     report: dict = {"data": cfg.data, "class_names": list(names), "n": len(labels),
+                    "missing_classes": index.missing, "hidden_skipped": index.hidden,
                     "accuracy": accuracy_report(out.logits.argmax(-1), labels, groups), "groups": groups}
     if counts is None:
-        for g in ("many", "medium", "few"):
-            report["accuracy"].pop(g, None)  # no training counts: no groups to report
+        for g in ("many", "medium", "few"):  # no training counts: no groups to report
+            report["accuracy"].pop(g, None)
+            report["accuracy"].pop(f"{g}_reason", None)
     report["detection"] = detection_report(out, labels, groups)
     if cfg.ensemble:
         members = []
@@ -124,20 +133,34 @@ def run_evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dic
     if manifest.is_file():
         report["by_weight"] = by_weight(manifest, out, labels, index.paths)
     if cfg.real:
-        report["distribution"] = _distances(cfg, loaded, names, pre, dataset, labels, device)
+        report["distribution"] = _distances(cfg, loaded, names, pre, dataset, labels, device, log)
     _print(report, log)
     if cfg.out:
         path = Path(cfg.out)
         path.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, path / "config.yaml")
-        (path / "evaluate.json").write_text(json.dumps(report, indent=2))
+        write_json(path / "evaluate.json", report)  # strict JSON: an undefined figure is null
     return report
 
 
-def _distances(cfg: EvaluateConfig, loaded, names, pre, dataset, labels, device) -> dict:
+def _scan(root: str, names: list[str] | None, num_classes: int | None, log: Callable[[str], None],
+          verify: bool = True) -> ImageIndex:
+    """An evaluation ImageFolder, folders matched to the classifier's classes by name; a class without a folder
+    is a warning (its accuracy is then null), as are skipped hidden entries."""
+    index = scan_imagefolder(root, names, verify=verify, allow_missing=True, num_classes=num_classes)
+    if index.missing:
+        log(f"warning: {root} has no folder for the classes {index.missing}; their accuracy is reported as "
+            "absent (null)")
+    if index.hidden:
+        log(f"{root}: skipped {index.hidden} hidden entries (names starting with '.', __MACOSX)")
+    return index
+
+
+def _distances(cfg: EvaluateConfig, loaded, names, pre, dataset, labels, device, log: Callable[[str], None]
+               ) -> dict:
     from .features import InceptionFeatures, LayerFeatures, extract
 
-    real_index = scan_imagefolder(cfg.real, names)
+    real_index = _scan(cfg.real, names, None, log)
     real_ds = ImageListDataset(real_index.paths, real_index.labels, eval_transform(pre), pre.mode)
     if cfg.inception:
         extractor = InceptionFeatures(cfg.inception, input_range=(-1, 1), device=device)
@@ -158,16 +181,23 @@ def _distances(cfg: EvaluateConfig, loaded, names, pre, dataset, labels, device)
 
 
 def _print(report: dict, log: Callable[[str], None]) -> None:
-    acc = report["accuracy"]
-    parts = [f"top-1 {acc['top1']:.4f}"] + [f"{g} {acc[g]:.4f}" for g in ("many", "medium", "few") if g in acc]
-    log(f"{report['data']}: {report['n']} images; " + ", ".join(parts))
+    """The report as a few lines; undefined figures print as ``n/a``, with their reasons below the table."""
+    acc, cell = report["accuracy"], number_cell
+    groups = [f"{g} {cell(acc[g], 4)}" for g in ("many", "medium", "few") if g in acc]
+    log(f"{report['data']}: {report['n']} images; " + ", ".join([f"top-1 {cell(acc['top1'], 4)}", *groups]))
     log(f"{'signal':<20}{'AUROC rare':>12}{'AUROC hard':>12}{'acc > q90':>11}{'acc < q90':>11}")
     for name, d in report["detection"].items():
-        log(f"{name:<20}{d['auroc_rare']:>12.3f}{d['auroc_hard']:>12.3f}{d['acc_above_q90']:>11.3f}"
-            f"{d['acc_below_q90']:>11.3f}")
+        log(f"{name:<20}{cell(d['auroc_rare'], width=12)}{cell(d['auroc_hard'], width=12)}"
+            f"{cell(d['acc_above_q90'], width=11)}{cell(d['acc_below_q90'], width=11)}")
+    reasons = {f"{k.removesuffix('_reason')}: {v}" for d in report["detection"].values() for k, v in d.items()
+               if k.endswith("_reason")}
+    for reason in sorted(reasons):
+        log(f"  n/a {reason}")
     for weight, d in report.get("by_weight", {}).items():
-        sig = ", ".join(f"{k[7:]} {v:.3f}" for k, v in d.items() if k.startswith("signal_"))
-        log(f"weight {weight}: n {d['n']}, P(class) {d['p_class']:.3f}, accuracy {d['accuracy']:.3f}; {sig}")
+        sig = ", ".join(f"{k[7:]} {cell(v)}" for k, v in d.items() if k.startswith("signal_"))
+        log(f"weight {weight}: n {d['n']}, P(class) {cell(d['p_class'])}, accuracy {cell(d['accuracy'])}; {sig}")
     if "distribution" in report:
         o = report["distribution"]["overall"]
-        log(f"vs real: FID {o['fid']:.3f}, precision {o['precision']:.3f}, recall {o['recall']:.3f}")
+        log(f"vs real: FID {cell(o['fid'])}, precision {cell(o['precision'])}, recall {cell(o['recall'])} "
+            f"({o['n_fake']} synthetic, {o['n_real']} real images)"
+            + ("" if o["reliable"] else f"; unreliable: {o['reason']}"))

@@ -28,6 +28,14 @@ def mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
     return {"mean": mean, "std": std, "n": n}
 
 
+def number_cell(value: float | None, digits: int = 3, width: int = 0) -> str:
+    """``value`` with ``digits`` decimals right-aligned in ``width``; ``n/a`` for an undefined figure (None,
+    NaN or infinite), never ``nan``."""
+    if value is None or not math.isfinite(value):
+        return f"{'n/a':>{width}}"
+    return f"{value:>{width}.{digits}f}"
+
+
 def mean_std_cell(stat: dict, width: int = 14, digits: int = 3) -> str:
     """A right-aligned table cell: ``mean ± std`` over seeds, the mean alone for one seed, ``-`` for none."""
     if stat.get("mean") is None:

@@ -17,7 +17,7 @@ from ..config import ConfigError, to_dict
 from ..files import write_json
 from ..models.classifiers import LoadedClassifier, load_classifier
 from ..models.ldm import LatentDiffusion
-from ..sampling import GuidanceConfig
+from ..sampling import GuidanceConfig, check_num_steps
 
 
 @dataclass
@@ -53,11 +53,37 @@ SAMPLING_DEFAULTS: dict[str, dict[str, float]] = {
 
 
 def with_sampling_defaults(gs: GeneratorSpec) -> GeneratorSpec:
-    """``gs`` with every unset sampling setting (num_steps, cfg_scale, batch_size) filled from its kind's defaults."""
+    """``gs`` with every unset sampling setting (num_steps, cfg_scale, batch_size) filled from its kind's defaults.
+
+    Every job calls it before loading a model, so it also checks ``num_steps`` against the scheduler's training
+    timesteps, read from the generator's ``scheduler/scheduler_config.json`` when it is a local directory
+    (``ConfigError`` naming the setting and the allowed range).
+    """
     if gs.kind not in SAMPLING_DEFAULTS:
         raise ConfigError(f"generator.kind must be 'embedded' or 'sd', got {gs.kind!r}")
     defaults = SAMPLING_DEFAULTS[gs.kind]
-    return replace(gs, **{k: type(v)(v) for k, v in defaults.items() if getattr(gs, k) is None})
+    gs = replace(gs, **{k: type(v)(v) for k, v in defaults.items() if getattr(gs, k) is None})
+    try:
+        check_num_steps(gs.num_steps, scheduler_train_timesteps(gs), "generator.num_steps (--steps)")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return gs
+
+
+def scheduler_train_timesteps(gs: GeneratorSpec) -> int | None:
+    """``num_train_timesteps`` from the generator's scheduler config without loading it (None when the model is
+    not a local directory, e.g. a hub id, or the file does not say)."""
+    if gs.kind == "embedded":
+        from ..models.tiny import generator_dir
+
+        root = generator_dir(gs.model)
+    else:
+        root = Path(gs.model) if gs.model else None
+    config = root / "scheduler" / "scheduler_config.json" if root is not None else None
+    if config is None or not config.is_file():
+        return None
+    value = json.loads(config.read_text()).get("num_train_timesteps")
+    return int(value) if value is not None else None
 
 
 @dataclass

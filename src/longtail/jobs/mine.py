@@ -34,7 +34,7 @@ import torch
 
 from ..conditions import Condition, parse_conditions
 from ..config import ConfigError, dump_config
-from ..evaluation.stats import mean_std, mean_std_cell, paired_table
+from ..evaluation.stats import mean_std, mean_std_cell, number_cell, paired_table
 from ..files import read_json, write_json
 from ..heads import EpistemicClassifier
 from ..models.classifiers import LoadedClassifier, bridged_classifier
@@ -164,7 +164,7 @@ def format_summary(summary: dict) -> str:
                          + "".join(f"{shares['all'][m]:>13.3f}" for m in modes))
         if summary.get("mode_detector"):
             d = summary["mode_detector"]
-            lines.append(f"{'detector recall (test)':<26}" + "".join(f"{d['recall'].get(m, float('nan')):>13.3f}"
+            lines.append(f"{'detector recall (test)':<26}" + "".join(number_cell(d["recall"].get(m), width=13)
                                                                      for m in modes))
             lines.append(f"{'':<26}clean test images given a mode: {d['clean_false_alarm']:.3f}")
     lines += format_paired(summary.get("paired"), guidance)

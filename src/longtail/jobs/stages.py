@@ -17,7 +17,7 @@ from ..config import ConfigError
 from ..data.sources import DataSource, FashionMNISTLT, ImageFolderSource
 from ..data.store import SyntheticStore
 from ..evaluation.metrics import accuracy_report, detection_report, signal_scores
-from ..evaluation.stats import mean_std
+from ..evaluation.stats import mean_std, number_cell
 from ..files import read_json, write_json
 from ..heads import EpistemicClassifier, HeadsOnly
 from ..mining import MiningConfig, mine, save_state
@@ -164,16 +164,15 @@ def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_pat
 def hard_split(ctx: Context, min_wrong: float = 0.5) -> torch.Tensor | None:
     """The evaluation images that at least ``min_wrong`` of the seeds' base classifiers get wrong (the analog of
     ImageNet-A), from each base stage's saved predictions; None with fewer than two seeds."""
-    from safetensors.torch import load_file
-
     from ..evaluation.stats import hard_examples
+    from ..files import read_state_dict
 
     seeds = ctx.cfg.seeds
     if len(seeds) < 2:
         return None
     correct = {}
     for s in seeds:
-        scores = load_file(str(base_dir_of(ctx.run, s) / "test_scores.safetensors"))
+        scores = read_state_dict(base_dir_of(ctx.run, s) / "test_scores.safetensors", "base-stage predictions")
         correct[s] = scores["preds"] == scores["labels"]
     return hard_examples(correct, min_wrong)
 
@@ -224,8 +223,8 @@ def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
                               preprocess=cs.preprocess, heads=heads, num_heads=num_heads, head_name=cs.head_name)
         write_json(metrics_path, metrics)
     ctx.acc.wait_for_everyone()
-    ctx.log(f"seed {seed}: base classifier top-1 {metrics['top1']:.3f} (many {metrics['many']:.3f}, "
-            f"medium {metrics['medium']:.3f}, few {metrics['few']:.3f})")
+    ctx.log(f"seed {seed}: base classifier top-1 {number_cell(metrics['top1'])} (many "
+            f"{number_cell(metrics['many'])}, medium {number_cell(metrics['medium'])}, few {number_cell(metrics['few'])})")
     return loaded, metrics
 
 
@@ -565,7 +564,7 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
     history = mine(model, synthesize if cond.synthetic else None, finetune, lambda m: evaluate(ctx, m), mcfg,
                    plan.real_counts, run_dir, is_main=ctx.is_main, barrier=acc.wait_for_everyone)
     final = history[-1]
-    ctx.log(f"seed {seed} {cond.text:9s}: top-1 {final['top1']:.3f}  few {final['few']:.3f}")
+    ctx.log(f"seed {seed} {cond.text:9s}: top-1 {number_cell(final['top1'])}  few {number_cell(final['few'])}")
     return history
 
 
@@ -733,7 +732,7 @@ def mode_detector(ctx: Context):
     return detector, report
 
 
-MODE_DETECTOR_EPOCHS = 2
+MODE_DETECTOR_EPOCHS = 3
 
 
 # --- stages: trajectory, distances --------------------------------------------------------------------------

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .. import files
 from ..data.imagefolder import read_class_names
 from ..heads import EpistemicClassifier, find_head
 from .bridge import BridgeConfig, BridgedClassifier, ClassifierBridge
 
 STRIP_PREFIXES = ("module.", "model.", "_orig_mod.")
-WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
 
 
 @dataclass
@@ -173,30 +173,12 @@ def input_channels(model: nn.Module) -> int | None:
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a checkpoint: safetensors, or ``torch.load(weights_only=True)`` with wrappers unwrapped."""
+    """Tensors of a classifier checkpoint (``longtail.files.read_state_dict``: safetensors or
+    ``torch.load(weights_only=True)``, wrappers unwrapped); ``FileNotFoundError`` / ``WeightsError``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # the unpickler's errors vary by what it refused
-        raise ValueError(
-            f"{path} could not be read as a state dict with torch.load(weights_only=True): {err}. Only "
-            "tensors are loaded, never pickled objects: re-save it with torch.save(model.state_dict(), path) "
-            "or as .safetensors"
-        ) from err
-    while isinstance(state, Mapping):
-        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
-        if inner is None:
-            break
-        state = inner
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors (top-level type {type(state).__name__})")
-    return dict(state)
+    return files.read_state_dict(path, "classifier checkpoint")
 
 
 def strip_prefixes(state: Mapping[str, Tensor], model_keys: set[str]) -> dict[str, Tensor]:
@@ -243,10 +225,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dic
 
 
 def _head_count(path: Path) -> int | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    meta = files.safetensors_metadata(path, "Epistemic Head weights")
     return int(meta["num_heads"]) if "num_heads" in meta else None
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..files import read_state_dict, write_json
 from ..guidance import eps_from_model_output, predicted_z0
 from .ldm import LatentDiffusion
 
@@ -383,14 +384,12 @@ def save_surrogate(module: SurrogateDecoder, path: str | Path) -> Path:
         "distill": getattr(module, "distill", None),
         "input": "the sampler's (UNet's scaled) latents; output images in [-1, 1]",
     }
-    (root / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    write_json(root / CONFIG_FILE, meta)
     return root
 
 
 def load_surrogate(path: str | Path, device: str | torch.device = "cpu") -> SurrogateDecoder:
     """Read a decoder written by ``save_surrogate``; frozen, eval mode."""
-    from safetensors.torch import load_file
-
     root = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (root / name).is_file():
@@ -399,6 +398,6 @@ def load_surrogate(path: str | Path, device: str | torch.device = "cpu") -> Surr
             )
     meta = json.loads((root / CONFIG_FILE).read_text())
     module = SurrogateDecoder(SurrogateConfig(**meta["config"]))
-    module.load_state_dict(load_file(str(root / WEIGHTS_FILE)))
+    module.load_state_dict(read_state_dict(root / WEIGHTS_FILE, "surrogate decoder weights"))
     module.stats = meta.get("stats", {})
     return module.to(device).eval().requires_grad_(False)

@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..files import load_checkpoint, read_state_dict, to_json, write_json
 from .ldm import LatentDiffusion, ddim_scheduler
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ class TinyGeneratorConfig:
     train_images: int | None = None  # None = all 60k; small numbers for tests
     seed: int = 0
     # warm start: a trained generator directory whose VAE and UNet weights training starts from (same
-    # architecture); vae_epochs / unet_steps then count the fine-tuning, e.g. 1 epoch and 1500 steps
+    # architecture); vae_epochs / unet_steps then count the fine-tuning (vae_epochs 0: keep its VAE as it is)
     init_from: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -138,7 +139,7 @@ def check_init_from(cfg: TinyGeneratorConfig) -> Path | None:
 
 def _load_weights(module: torch.nn.Module, directory: Path) -> None:
     """Copy the (fp16 or fp32) diffusers safetensors weights in ``directory`` into ``module`` as float32."""
-    state = load_file(str(directory / "diffusion_pytorch_model.safetensors"))
+    state = read_state_dict(directory / "diffusion_pytorch_model.safetensors", "generator weights")
     module.load_state_dict({k: v.float() for k, v in state.items()})
 
 
@@ -247,6 +248,10 @@ def train_vae(images: Tensor, cfg: TinyGeneratorConfig, show: bool = True) -> tu
     init = check_init_from(cfg)
     if init is not None:
         _load_weights(vae, init / "vae")
+    if cfg.vae_epochs == 0:  # a warm start that keeps its VAE as it is
+        if init is None:
+            raise ValueError("vae_epochs=0 keeps the VAE of init_from; set init_from (or vae_epochs >= 1)")
+        return vae.eval().requires_grad_(False), {}
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     steps = cfg.vae_epochs * math.ceil(len(images) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.vae_lr, total_steps=steps, pct_start=0.05)
@@ -295,9 +300,9 @@ def _save_checkpoint(path: Path, step: int, unet: UNet2DConditionModel, ema: EMA
 
 def _load_checkpoint(path: Path, unet: UNet2DConditionModel, ema: EMAModel, opt: torch.optim.Optimizer,
                      sched: object, gen: torch.Generator) -> tuple[int, list[float]]:
-    state = torch.load(path / "state.pt", weights_only=True)
-    unet.load_state_dict(load_file(str(path / "unet.safetensors")))
-    shadow = load_file(str(path / "ema.safetensors"))
+    state = load_checkpoint(path / "state.pt", "training state")
+    unet.load_state_dict(read_state_dict(path / "unet.safetensors", "UNet training checkpoint"))
+    shadow = read_state_dict(path / "ema.safetensors", "EMA training checkpoint")
     ema.shadow_params = [shadow[f"p{i}"] for i in range(len(shadow))]
     ema.optimization_step = state["ema_steps"]
     opt.load_state_dict(state["opt"])
@@ -412,9 +417,7 @@ def save_generator(root: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, m
     for name, module in (("vae", vae), ("unet", unet)):
         _save_half(module, root / name)
     ddim_scheduler(meta.get("scheduler")).save_pretrained(root / "scheduler")
-    tmp = root / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(root / META_FILE)
+    write_json(root / META_FILE, meta)
 
 
 NUISANCE_MARKER = "nuisance_in_progress.json"
@@ -423,7 +426,7 @@ NUISANCE_MARKER = "nuisance_in_progress.json"
 def _check_nuisance_marker(root: Path, nuisance_meta: dict | None) -> None:
     """Record the nuisance settings of a run in progress; refuse to resume one begun with other settings."""
     marker = root / NUISANCE_MARKER
-    wanted = json.dumps(nuisance_meta, sort_keys=True)
+    wanted = to_json(nuisance_meta, indent=None, sort_keys=True)
     started = (root / "vae_done").is_file() or (root / "unet_checkpoint" / "state.pt").is_file()
     if started and marker.is_file() and marker.read_text() != wanted:
         raise ValueError(f"{root} holds a run begun with nuisance settings {marker.read_text()}, not {wanted}; "

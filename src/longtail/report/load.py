@@ -89,9 +89,9 @@ class RunData:
         path = self.root / f"seed_{seed}" / "base" / "test_scores.safetensors"
         if not path.is_file():
             return None
-        from safetensors.torch import load_file
+        from ..files import read_state_dict
 
-        return load_file(str(path))
+        return read_state_dict(path, "base-stage scores")
 
     def class_name(self, c: int) -> str:
         return self.class_names[c] if c < len(self.class_names) else f"class {c}"
