@@ -148,7 +148,7 @@ def test_mini_introspection_end_to_end(tmp_path, parts):
         article = "an" if name[0] in "aeiou" else "a"
         assert texts and all(t.startswith(f"a photo of {article} {name}") for t in texts)
     rows = manifest(out / "seed_0" / "mining" / "introspect" / "synthetic" / "manifest.csv")
-    assert len(rows) == PER_ROUND and all(r["prompt"] in prompts[r["class_name"]] for r in rows)
+    assert len(rows) == PER_ROUND and all((r["prompt_full"] or r["prompt"]) in prompts[r["class_name"]] for r in rows)
     assert {"none", "gif", "introspect"} == set(summary["conditions"])
 
 

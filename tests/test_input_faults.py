@@ -320,3 +320,333 @@ def test_enough_samples_are_reliable_and_quiet(caplog):
     with caplog.at_level(logging.WARNING, logger="longtail.evaluation.distribution"):
         report = distribution_report(real, torch.zeros(100), fake, torch.zeros(100), ["a"])
     assert report["overall"]["reliable"] and "reason" not in report["overall"] and caplog.text == ""
+
+
+# --- 8. a synthetic store that survives any kill ------------------------------------------------------------
+
+STORE_LOG = "longtail.data.store"
+
+
+def store_records(ids: list[str], cls: str = "coat") -> list[dict]:
+    return [{"id": i, "class_name": cls, "class_id": 0, "index": n, "seed": 1000 + n, "signal": "0.123456",
+             "round": 1, "seconds": "0.5000"} for n, i in enumerate(ids)]
+
+
+def good_store(root: Path, ids: tuple[str, ...] = ("c0_00000", "c0_00001", "c0_00002")) -> Path:
+    from longtail.data.store import SyntheticStore
+
+    SyntheticStore(root).add(np.zeros((len(ids), 4, 4), np.uint8), store_records(list(ids)))
+    return root / "manifest.csv"
+
+
+def damage(manifest: Path, kind: str) -> None:
+    """Each way a kill (or a lost file) leaves a manifest."""
+    text = manifest.read_bytes()
+    if kind == "zero_bytes":
+        manifest.write_bytes(b"")
+    elif kind == "cut_header":
+        manifest.write_bytes(text[:20])
+    elif kind == "cut_row_mid_number":  # the last row stops inside its seconds value "0.5000"
+        manifest.write_bytes(text[: text.rstrip().rfind(b"0.5000") + 3])
+    elif kind == "id_only_row":
+        manifest.write_bytes(text + b"c0_00003\r\n")
+    elif kind == "cut_id_then_glued":  # the old writer appended the row again onto its cut start "c0_0"
+        head, last = text.rstrip(b"\r\n").rsplit(b"\r\n", 1)
+        manifest.write_bytes(head + b"\r\nc0_0" + last + b"\r\n")
+    elif kind == "missing_image":
+        (manifest.parent / "coat" / "c0_00001.png").unlink()
+
+
+@pytest.mark.parametrize(("kind", "kept", "message"), [
+    ("zero_bytes", [], "manifest.csv: empty: no header"),
+    ("cut_header", [], "manifest.csv: cut header 'id,path,class_id,cla' (no line end"),
+    ("cut_row_mid_number", ["c0_00000", "c0_00001"], "manifest.csv: line 4 (id c0_00002) dropped: cut short"),
+    ("id_only_row", ["c0_00000", "c0_00001", "c0_00002"],
+     "manifest.csv: line 5 (id c0_00003) dropped: 1 field where the header has 18"),
+    ("cut_id_then_glued", ["c0_00000", "c0_00001"],
+     "manifest.csv: line 4 (id c0_0c0_00002) dropped: path 'coat/c0_00002.png' is not its id's image"),
+    ("missing_image", ["c0_00000", "c0_00002"],
+     "manifest.csv: line 3 (id c0_00001) dropped: its image coat/c0_00001.png is missing"),
+])
+def test_a_damaged_manifest_keeps_exactly_its_good_rows_with_one_warning(tmp_path, caplog, kind, kept, message):
+    """OLD: 0 bytes -> KeyError: 'id' once rows were appended; cut header -> the next rows glued onto it; cut
+    row -> kept with empty columns and seconds '0.5'; id-only row -> TypeError; missing image -> silent."""
+    from longtail.data.store import SyntheticStore
+
+    manifest = good_store(tmp_path)
+    damage(manifest, kind)
+    with caplog.at_level(logging.WARNING, logger=STORE_LOG):
+        rows = SyntheticStore(tmp_path).rows()
+        SyntheticStore(tmp_path).rows()  # read again: no second warning
+    assert [r["id"] for r in rows] == kept
+    assert all(r["seconds"] == "0.5000" and r["seed"].isdigit() for r in rows)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and message in warnings[0] and str(manifest) in warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["zero_bytes", "cut_header"])
+def test_a_manifest_without_a_good_header_is_set_aside_not_appended_to(tmp_path, caplog, kind):
+    from longtail.data.store import SyntheticStore
+
+    manifest = good_store(tmp_path)
+    damage(manifest, kind)
+    damaged = manifest.read_bytes()
+    with caplog.at_level(logging.WARNING, logger=STORE_LOG):
+        store = SyntheticStore(tmp_path)
+        assert store.add(np.zeros((2, 4, 4), np.uint8), store_records(["c0_00000", "c0_00001"])) == 2
+        store.add(np.zeros((1, 4, 4), np.uint8), store_records(["c0_00002"]))
+        assert SyntheticStore(tmp_path).merge() == 3
+    with manifest.open(newline="") as f:
+        header = next(iter(f))
+    assert header.startswith("id,path,class_id,class_name,index,seed,prompt,prompt_full,")
+    assert [r["class_name"] for r in SyntheticStore(tmp_path).rows()] == ["coat"] * 3  # no column lost
+    aside = tmp_path / "manifest.csv.damaged"
+    assert aside.is_file() == (kind == "cut_header") and (kind == "zero_bytes" or aside.read_bytes() == damaged)
+    assert ("set aside as manifest.csv.damaged" if kind == "cut_header" else "replaced") in caplog.text
+
+
+def test_a_kill_before_the_header_is_in_place_leaves_no_manifest(tmp_path, monkeypatch):
+    """The header is written to a temporary file and renamed: killed before the rename, there is no manifest
+    (OLD: a 0-byte manifest.csv, and every later run crashed with KeyError: 'id')."""
+    from longtail.data import store as store_module
+
+    def killed(*_):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_module.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            store_module.SyntheticStore(tmp_path).add(np.zeros((1, 4, 4), np.uint8), store_records(["c0_00000"]))
+    assert not (tmp_path / "manifest.csv").exists()
+    good_store(tmp_path)
+    assert [r["id"] for r in store_module.SyntheticStore(tmp_path).rows()] == ["c0_00000", "c0_00001", "c0_00002"]
+
+
+def test_a_cut_row_is_removed_before_appending_so_nothing_is_glued_to_it(tmp_path):
+    from longtail.data.store import SyntheticStore
+
+    manifest = good_store(tmp_path)
+    damage(manifest, "cut_row_mid_number")
+    SyntheticStore(tmp_path).add(np.zeros((1, 4, 4), np.uint8), store_records(["c0_00009"]))
+    rows = SyntheticStore(tmp_path).rows()
+    assert [r["id"] for r in rows] == ["c0_00000", "c0_00001", "c0_00009"]
+    assert manifest.read_bytes().count(b"\r\n") == 4 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_manifest_without_prompt_full_is_read_and_upgraded_on_append(tmp_path):
+    from longtail.data.store import COLUMNS, SyntheticStore
+
+    old = [c for c in COLUMNS if c != "prompt_full"]
+    png(tmp_path / "coat" / "a.png")
+    (tmp_path / "manifest.csv").write_text(",".join(old) + "\r\n" + "a,coat/a.png,0,coat" + "," * (len(old) - 4)
+                                           + "\r\n")
+    store = SyntheticStore(tmp_path)
+    assert [(r["id"], r["prompt_full"]) for r in store.rows()] == [("a", "")]
+    store.add(np.zeros((1, 4, 4), np.uint8), [{"id": "b", "class_name": "coat", "prompt": "p", "prompt_full": "pq"}])
+    rows = SyntheticStore(tmp_path).rows()
+    assert [(r["id"], r["prompt_full"]) for r in rows] == [("a", ""), ("b", "pq")]
+
+
+@pytest.fixture(scope="module")
+def tiny_ldm(tmp_path_factory):
+    from longtail.models.tiny import load_tiny_generator
+    from longtail.testing import tiny_generator
+
+    return load_tiny_generator(tiny_generator(tmp_path_factory.mktemp("gen")))  # text limit: 12 tokens
+
+
+def test_generate_dataset_regenerates_exactly_the_dropped_rows(tmp_path, tiny_ldm, caplog):
+    from longtail.data.store import SyntheticStore
+    from longtail.generate import generate_dataset, plan_jobs
+
+    jobs = plan_jobs([4], lambda c, i: "a photo of a coat")
+    kw = dict(meta={"round": 1}, num_steps=1, cfg_scale=1.0, show=False)
+    assert generate_dataset(tiny_ldm, jobs, tmp_path, ["coat"], **kw)["written"] == 4
+    manifest = tmp_path / "manifest.csv"
+    before = {r["id"]: r for r in SyntheticStore(tmp_path).rows()}
+    pixels = (tmp_path / "coat" / "c0_00002.png").read_bytes()
+    lines = manifest.read_bytes().decode().split("\r\n")
+    lines[2] = "c0_00001"  # reduced to its id
+    (tmp_path / "coat" / "c0_00002.png").unlink()  # its image gone
+    manifest.write_bytes("\r\n".join(lines).rstrip("\r\n")[:-3].encode())  # the last row cut inside its seconds
+    with caplog.at_level(logging.WARNING, logger=STORE_LOG):
+        assert [r["id"] for r in SyntheticStore(tmp_path).rows()] == ["c0_00000"]
+        stats = generate_dataset(tiny_ldm, jobs, tmp_path, ["coat"], **kw)
+    assert (stats["skipped"], stats["written"]) == (1, 3)
+    after = {r["id"]: r for r in SyntheticStore(tmp_path).rows()}
+    assert sorted(after) == sorted(before)
+    assert all(after[i]["seed"] == before[i]["seed"] and after[i]["path"] == before[i]["path"] for i in after)
+    assert (tmp_path / "coat" / "c0_00002.png").read_bytes() == pixels  # the same image, made again
+    assert caplog.text.count("dropped") == 3
+
+
+# --- 9. a damaged mining round ------------------------------------------------------------------------------
+
+
+def mining_run(root: Path, model: torch.nn.Module, rounds: int = 3, log: list | None = None) -> list[dict]:
+    from longtail.mining import MiningConfig, mine
+
+    log = [] if log is None else log
+
+    def synthesize(r, m, counts, store):
+        n = sum(counts)
+        log.append(("synthesize", r))
+        store.add(np.full((n, 4, 4), r, np.uint8),
+                  [{"id": f"r{r}_{i}", "class_name": "a", "round": r} for i in range(n)])
+
+    def finetune(m, rows, r):
+        log.append(("finetune", r, len(rows)))
+        with torch.no_grad():
+            m.fc.weight.add_(1.0)
+        return [0.5]
+
+    return mine(model, synthesize, finetune, lambda m: {"top1": float(m.fc.weight.detach().mean())},
+                MiningConfig(rounds=rounds, images_per_round=4), [1, 1], root)
+
+
+def test_a_truncated_round_checkpoint_is_redone_from_the_last_good_round(tmp_path, tiny_cnn, caplog):
+    """OLD: WeightsError: round checkpoint .../round_2/classifier.safetensors could not be read with safetensors
+    (SafetensorError: Error while deserializing header: invalid header length); ..."""
+    import copy
+
+    start = copy.deepcopy(tiny_cnn)
+    first = mining_run(tmp_path, tiny_cnn)
+    ckpt = tmp_path / "round_2" / "classifier.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    log: list = []
+    with caplog.at_level(logging.WARNING, logger="longtail.mining"):
+        again = mining_run(tmp_path, copy.deepcopy(start), log=log)
+    assert [e for e in log if e[0] == "finetune"] == [("finetune", 2, 8), ("finetune", 3, 12)]
+    assert again == first  # round 2 redone from round 1's weights gives the same numbers
+    assert ("round_2: classifier.safetensors unreadable (SafetensorError: Error while deserializing header"
+            in caplog.text) and "redoing rounds 2 and 3 from round 1" in caplog.text
+    mining_run(tmp_path, copy.deepcopy(start), log=(quiet := []))
+    assert quiet == []  # repaired: nothing redone
+
+
+def test_damaged_round_metrics_are_redone_and_dropped_images_of_a_finished_round_made_again(tmp_path, tiny_cnn,
+                                                                                           caplog):
+    import copy
+
+    start = copy.deepcopy(tiny_cnn)
+    mining_run(tmp_path, tiny_cnn)
+    (tmp_path / "round_3" / "metrics.json").write_text('{"round": 3, "top1"')
+    (tmp_path / "synthetic" / "a" / "r1_2.png").unlink()
+    log: list = []
+    with caplog.at_level(logging.WARNING):
+        mining_run(tmp_path, copy.deepcopy(start), log=log)
+    assert log == [("synthesize", 1), ("synthesize", 3), ("finetune", 3, 12)]
+    assert "round 1 lacks 1 synthetic image(s); making them again with the classifier of round 0" in caplog.text
+    assert "round_3: metrics.json unreadable (JSONDecodeError" in caplog.text
+
+
+# --- 10. longtail verify ------------------------------------------------------------------------------------
+
+
+def test_verify_reports_what_a_rerun_redoes_and_exits_1(tmp_path, tiny_cnn):
+    from typer.testing import CliRunner
+
+    from longtail.cli import app
+
+    run = tmp_path / "run"
+    mining_run(run, tiny_cnn)
+    good = CliRunner().invoke(app, ["verify", str(run)])
+    assert good.exit_code == 0, good.output
+    assert f"{run / 'synthetic'}: 12 images listed and present" in good.output
+    assert f"{run}: rounds 0, 1, 2, 3 intact" in good.output and "intact: a re-run redoes nothing" in good.output
+
+    ckpt = run / "round_2" / "classifier.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    (run / "synthetic" / "a" / "r1_0.png").unlink()
+    (run / "synthetic" / "manifest.part-1.csv").write_text("id,path,cl")
+    before = sorted(p.name for p in (run / "synthetic").iterdir())
+    bad = CliRunner().invoke(app, ["verify", str(run)])
+    assert bad.exit_code == 1
+    lines = bad.output.splitlines()
+    assert lines == [
+        f"{run / 'synthetic' / 'manifest.csv'}: line 2 (id r1_0) dropped: its image a/r1_0.png is missing; a re-run "
+        "that needs it makes it again",
+        f"{run / 'synthetic' / 'manifest.part-1.csv'}: cut header 'id,path,cl' (no line end: killed while writing "
+        "it); a re-run sets it aside as manifest.part-1.csv.damaged and makes its images again",
+        f"{run / 'synthetic'}: 11 images listed and present",
+        f"{run / 'round_2'}: classifier.safetensors unreadable (SafetensorError: Error while deserializing header: "
+        "invalid header length); a re-run redoes rounds 2 and 3 from round 1",
+        "3 problem(s): a re-run redoes what is listed above",
+    ]
+    assert sorted(p.name for p in (run / "synthetic").iterdir()) == before  # verify changes nothing
+    store_only = CliRunner().invoke(app, ["verify", str(run / "synthetic")])
+    assert store_only.exit_code == 1 and "2 problem(s)" in store_only.output
+
+
+# --- 11. prompts over the text encoder's limit ---------------------------------------------------------------
+
+
+def test_a_prompt_over_the_token_limit_is_warned_once_and_recorded_as_seen(tiny_ldm, caplog):
+    """OLD: no warning; two prompts differing after the limit gave byte-identical images while the manifest
+    recorded both full prompts."""
+    from longtail.generate import Job, generate, records
+
+    base = "a photo of a coat that is dark, tall and tilted left with a"
+    red, blue = base + " red collar", base + " blue collar"
+    assert tiny_ldm.max_length == 12 and tiny_ldm.count_tokens(red) > 12
+    jobs = [Job(0, 0, 7, red), Job(0, 1, 7, blue), Job(0, 2, 7, "a photo of a coat")]
+    with caplog.at_level(logging.WARNING, logger="longtail.models.ldm"):
+        gen = generate(tiny_ldm, jobs, num_steps=1, cfg_scale=1.0, show=False)
+        generate(tiny_ldm, jobs[:2], num_steps=1, cfg_scale=1.0, show=False)
+    assert torch.equal(gen.images[0], gen.images[1])  # the encoder never saw the difference ...
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("over the text encoder's limit of 12" in w for w in warnings)  # ... now said
+    assert any("red collar" in w for w in warnings) and any("blue collar" in w for w in warnings)
+    rows = records(gen, ["coat"], {})
+    seen = rows[0]["prompt"]
+    assert rows[1]["prompt"] == seen and red.startswith(seen) and tiny_ldm.count_tokens(seen) <= 12
+    assert [r["prompt_full"] for r in rows] == [red, blue, ""] and rows[2]["prompt"] == "a photo of a coat"
+
+
+def test_template_prompts_keep_within_a_token_limit_when_told_one():
+    from longtail.introspection.keywords import Keyword, KeywordPair
+    from longtail.introspection.prompts import refine_prompts, template_prompt
+
+    words = ["dark", "tall", "tilted left", "blurry"]
+    assert template_prompt("coat", words) == "a photo of a coat that is dark, tall, tilted left and blurry"
+    assert template_prompt("coat", words, max_tokens=12) == "a photo of a coat that is dark and tall"
+    assert template_prompt("coat", words, max_tokens=3) == "a photo of a coat"  # the class phrase stays
+    assert template_prompt("coat", words, 9, count_tokens=lambda p: len(p.split())) == "a photo of a coat that is dark"
+    pair = KeywordPair(0, "a photo of a coat, dark, tall", (Keyword("dark", 1.0), Keyword("tall", 0.9)), 0.95)
+    [llm] = refine_prompts([pair], "coat", lambda _: "A photo of a coat that is very very dark and also tall",
+                           max_tokens=12)
+    assert llm.backend == "template" and llm.prompt == "a photo of a coat that is dark and tall"
+    assert "15 tokens, more than the generator's limit of 12" in llm.error
+
+
+# --- 12. class names that collide as folders ------------------------------------------------------------------
+
+
+def test_class_names_that_share_a_folder_are_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """OLD: `longtail generate` with classes 't shirt' and 't_shirt' wrote both into t_shirt/ and exited 0."""
+    from longtail.config import ConfigError
+    from longtail.data.store import SyntheticStore, check_class_folders
+    from longtail.generate import generate_dataset, plan_jobs
+    from longtail.jobs import generate as job
+    from longtail.jobs.common import ClassifierSpec, GeneratorSpec
+
+    message = r"class names 't shirt' and 't_shirt' would both be written to the folder t_shirt/"
+    with pytest.raises(ValueError, match=message):
+        generate_dataset(None, plan_jobs([1, 1], lambda c, i: "p"), tmp_path / "a", ["t shirt", "t_shirt"], meta={})
+    with pytest.raises(ValueError, match=r"'Coat' and 'coat' would both .* on a case-insensitive file system"):
+        check_class_folders(["Coat", "bag", "coat"])
+    check_class_folders(["T-shirt/top", "Shirt", "ankle boot"])
+    store = SyntheticStore(tmp_path / "b")
+    store.add(np.zeros((1, 4, 4), np.uint8), [{"id": "x", "class_name": "t shirt"}])
+    with pytest.raises(ValueError, match=message):
+        store.add(np.zeros((1, 4, 4), np.uint8), [{"id": "y", "class_name": "t_shirt"}])
+    assert [r["id"] for r in SyntheticStore(tmp_path / "b").rows()] == ["x"]
+
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["t shirt", "t_shirt"]))
+    monkeypatch.setattr(job, "load_generator", lambda *_: (None, None, []))
+    cfg = job.GenerateConfig(out=str(tmp_path / "out"), generator=GeneratorSpec(kind="sd", model="x"),
+                             classifier=ClassifierSpec(class_names=str(names)), device="cpu")
+    with pytest.raises(ConfigError, match=message):
+        job.run_generate(cfg, show=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a").exists()

@@ -316,7 +316,9 @@ def test_introspection_is_a_stage_and_a_condition_of_any_run(world, tmp_path):
     prompts = json.loads((out / "introspection" / "prompts.json").read_text())
     assert set(prompts) == set(CLASSES)
     rows = manifest(out, "introspect")
-    assert len(rows) == 3 and all(r["prompt"] in prompts[r["class_name"]] for r in rows)
+    # prompt: the text the generator's encoder saw; prompt_full: the whole prompt when its token limit cut it
+    assert len(rows) == 3 and all((r["prompt_full"] or r["prompt"]) in prompts[r["class_name"]] for r in rows)
+    assert all((r["prompt_full"] or r["prompt"]).startswith(r["prompt"]) for r in rows)
     assert (out / "introspection" / "keywords.json").is_file()
 
 

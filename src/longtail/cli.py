@@ -221,6 +221,21 @@ def report(
     typer.echo(write_report(run_dir, out))
 
 
+@app.command()
+def verify(
+    out: Path = typer.Argument(..., help="a synthetic store (a directory with manifest.csv) or a run directory"),
+) -> None:
+    """Check a store or a run (every store and round checkpoint under it) and print what a re-run will redo:
+    rows dropped and why, damaged manifest headers, unreadable checkpoints. Exit 0 when all is intact, else 1.
+    Changes nothing."""
+    from .verify import verify as check
+
+    verdict = check(out)
+    for line in verdict.lines:
+        typer.echo(line)
+    raise typer.Exit(0 if verdict.ok else 1)
+
+
 @app.command("distill-decoder")
 def distill_decoder_cmd(
     out: Path = typer.Option(..., help="output directory (surrogate.safetensors + surrogate.json)"),

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data.store import SyntheticStore, to_uint8
+from .data.store import SyntheticStore, check_class_folders, to_uint8
 from .models.ldm import LatentDiffusion
 from .outputs import ClassifierOutput
 from .sampling import GuidanceConfig, SampleResult, initial_latents, sample
@@ -85,6 +85,7 @@ class Generated:
     signal_name: str | None
     seconds: float
     nonfinite: int = 0
+    prompts: list[str] | None = None  # per job, the text the encoder saw (its start, when over the limit)
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -114,6 +115,7 @@ def generate(
     ``guidance.project`` (MPGD manifold projection) gets ``ldm.encode`` as its encoder automatically.
     """
     jobs = list(jobs)
+    seen = getattr(ldm, "prompt_seen", None)  # a LatentDiffusion warns about (and reports) cut prompts
     encode = ldm.encode if guidance is not None and guidance.project else None
     started = time.perf_counter()
     results: list[SampleResult] = []
@@ -143,6 +145,7 @@ def generate(
         signal_name=results[0].signal_name if results else None,
         seconds=time.perf_counter() - started,
         nonfinite=sum(r.nonfinite for r in results),
+        prompts=[seen(j.prompt) for j in jobs] if seen is not None else None,
     )
 
 
@@ -152,13 +155,18 @@ def job_id(job: Job, prefix: str = "") -> str:
 
 
 def records(gen: Generated, class_names: Sequence[str], meta: dict, prefix: str = "") -> list[dict]:
-    """One manifest row per generated image (``longtail.data.store.COLUMNS``)."""
+    """One manifest row per generated image (``longtail.data.store.COLUMNS``).
+
+    ``prompt`` is the text the generator's encoder saw; when its token limit cut the job's prompt,
+    ``prompt_full`` holds the whole prompt (empty otherwise)."""
     rows = []
     per_image = gen.seconds / max(1, len(gen))
     for i, job in enumerate(gen.jobs):
+        seen = gen.prompts[i] if gen.prompts is not None else job.prompt
         rows.append({
             "id": job_id(job, prefix), "class_id": job.class_id, "class_name": class_names[job.class_id],
-            "index": job.index, "seed": job.seed, "prompt": job.prompt, "signal_name": gen.signal_name or "",
+            "index": job.index, "seed": job.seed, "prompt": seen,
+            "prompt_full": job.prompt if seen != job.prompt else "", "signal_name": gen.signal_name or "",
             "signal": f"{float(gen.signal[i]):.6f}" if gen.signal is not None else "",
             "p_class": f"{float(gen.p_class[i]):.6f}" if gen.p_class is not None else "",
             "pred": int(gen.pred[i]) if gen.pred is not None else "", "seconds": f"{per_image:.4f}", **meta,
@@ -185,8 +193,10 @@ def generate_dataset(
     This process takes ``jobs[process_index::num_processes]`` and skips those already in the store; images are
     written ``chunk`` at a time, so a kill loses at most one chunk. With several processes each writes its own
     manifest part; call ``SyntheticStore(out).merge()`` once all are done. ``prefix`` starts every image id
-    (e.g. the mining round).
+    (e.g. the mining round). Class names that would share a folder (``check_class_folders``) are refused
+    before anything is written.
     """
+    check_class_folders(class_names)
     store = SyntheticStore(out, part=process_index if num_processes > 1 else None)
     mine = list(jobs)[process_index::num_processes]
     todo = [j for j in mine if job_id(j, prefix) not in store]

@@ -9,6 +9,10 @@ Two backends (paper section 4.3 / A.2, METHOD.md section 5 step 4):
 
 Every LLM reply is checked by :func:`validate_prompt`; a failed request or an invalid reply falls back to the
 template and the error is recorded, so one bad reply never stops a run.
+
+Told the generator's token limit (``max_tokens``, with its tokenizer's ``count_tokens``), the template keeps
+within it by dropping its last keywords, and an LLM reply over it counts as invalid: the text encoder would
+otherwise cut the prompt silently (``LatentDiffusion.prompt_seen``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,10 +75,31 @@ def join_phrases(phrases: Sequence[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def template_prompt(class_name: str, keywords: Sequence[str]) -> str:
-    """``"a photo of a <class> that is <kw1>, <kw2> and <kw3>"`` (just the class phrase without keywords)."""
-    described = join_phrases(keywords)
-    return f"{class_phrase(class_name)} that is {described}" if described else class_phrase(class_name)
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free token count: words and punctuation marks, plus a start and an end token. Word-piece
+    and BPE tokenizers split rare words further, so pass the generator's own counter where it exists."""
+    return len(re.findall(r"\w+|[^\w\s]", text)) + 2
+
+
+def template_prompt(
+    class_name: str,
+    keywords: Sequence[str],
+    max_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> str:
+    """``"a photo of a <class> that is <kw1>, <kw2> and <kw3>"`` (just the class phrase without keywords).
+
+    With ``max_tokens`` the last keywords are dropped until the prompt has at most that many tokens, counted
+    by ``count_tokens`` (e.g. ``LatentDiffusion.count_tokens``; default :func:`estimate_tokens`). The class
+    phrase itself is always kept.
+    """
+    keywords = [k for k in keywords if k.strip()]
+    while True:
+        described = join_phrases(keywords)
+        prompt = f"{class_phrase(class_name)} that is {described}" if described else class_phrase(class_name)
+        if max_tokens is None or not keywords or (count_tokens or estimate_tokens)(prompt) <= max_tokens:
+            return prompt
+        keywords = keywords[:-1]
 
 
 def _usable(clause: str, max_words: int) -> bool:
@@ -113,12 +138,19 @@ def llm_instruction(pair: KeywordPair, class_name: str, instruction: str = LLM_I
     )
 
 
-def validate_prompt(prompt: str, class_name: str, max_words: int = MAX_WORDS) -> str:
+def validate_prompt(
+    prompt: str,
+    class_name: str,
+    max_words: int = MAX_WORDS,
+    max_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> str:
     """Check and normalise a prompt; returns it as ``"a photo of a/an <class> ..."``.
 
     Quotes, surrounding whitespace and trailing periods are stripped and inner whitespace collapsed. The text
     must be one line, start with "a photo of" + an optional article + the class name (any case), and have
-    at most ``max_words`` words. The head is rewritten to :func:`class_phrase`. Raises :class:`PromptError`.
+    at most ``max_words`` words (and, with ``max_tokens``, at most that many tokens by ``count_tokens``,
+    default :func:`estimate_tokens`). The head is rewritten to :func:`class_phrase`. Raises :class:`PromptError`.
     """
     text = prompt.strip().strip(QUOTES).strip()
     if not text:
@@ -133,7 +165,13 @@ def validate_prompt(prompt: str, class_name: str, max_words: int = MAX_WORDS) ->
     n_words = len(text.split())
     if n_words > max_words:
         raise PromptError(f"prompt has {n_words} words, more than {max_words}: {text[:80]!r}...")
-    return class_phrase(class_name) + text[head.end() :]
+    out = class_phrase(class_name) + text[head.end() :]
+    if max_tokens is not None:
+        n_tokens = (count_tokens or estimate_tokens)(out)
+        if n_tokens > max_tokens:
+            raise PromptError(f"prompt has {n_tokens} tokens, more than the generator's limit of {max_tokens}: "
+                              f"{text[:80]!r}")
+    return out
 
 
 def extract_sentence(reply: str) -> str:
@@ -151,10 +189,12 @@ def llm_prompt(
     chat_fn: ChatFn,
     max_words: int = MAX_WORDS,
     instruction: str = LLM_INSTRUCTION,
+    max_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> str:
     """Ask the LLM for one refined prompt for ``pair`` and validate it. Raises ChatError / PromptError."""
     messages = [{"role": "user", "content": llm_instruction(pair, class_name, instruction)}]
-    return validate_prompt(extract_sentence(chat_fn(messages)), class_name, max_words)
+    return validate_prompt(extract_sentence(chat_fn(messages)), class_name, max_words, max_tokens, count_tokens)
 
 
 def refine_prompts(
@@ -164,23 +204,27 @@ def refine_prompts(
     fallback_to_template: bool = True,
     max_words: int = MAX_WORDS,
     instruction: str = LLM_INSTRUCTION,
+    max_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> list[RefinedPrompt]:
     """One :class:`RefinedPrompt` per pair, in order.
 
     With an LLM backend, any failure of a pair (request error, invalid reply, exception of ``chat_fn``) is
     recorded in ``error``; the pair then gets the template prompt (``fallback_to_template``) or None.
+    ``max_tokens`` (the generator's limit, tokens counted by ``count_tokens``) keeps template prompts within
+    it and makes a longer LLM reply invalid.
     """
     if isinstance(backend, str) and backend != "template":
         raise ValueError(f"backend must be 'template' or a chat function, got {backend!r}")
     out = []
     for pair in pairs:
-        template = template_prompt(class_name, keyword_phrases(pair))
+        template = template_prompt(class_name, keyword_phrases(pair), max_tokens, count_tokens)
         keywords = tuple(pair.words)
         if not callable(backend):
             out.append(RefinedPrompt(template, "template", keywords, pair.caption))
             continue
         try:
-            prompt = llm_prompt(pair, class_name, backend, max_words, instruction)
+            prompt = llm_prompt(pair, class_name, backend, max_words, instruction, max_tokens, count_tokens)
         except Exception as err:  # one bad reply must not end the run; the error is kept
             error = f"{type(err).__name__}: {err}"
             fallback = template if fallback_to_template else None

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from ..config import ConfigError, dump_config, to_dict
+from ..data.store import check_class_folders
 from ..models.classifiers import bridged_classifier
 from ..sampling import GuidanceConfig
 from .common import (
@@ -88,6 +89,10 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device) if cfg.classifier.spec else None
     names = class_list(loaded, known, cfg.classifier.class_names)
+    try:
+        check_class_folders(names)  # one folder per class: names that share one would mix their images
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     check_generator_classes(cfg.generator, known, names)
     guidance = active(cfg.guidance)
     check_guidance(guidance, loaded)

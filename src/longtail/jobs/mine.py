@@ -34,6 +34,7 @@ import torch
 
 from ..conditions import Condition, parse_conditions
 from ..config import ConfigError, dump_config
+from ..data.store import check_class_folders
 from ..evaluation.stats import mean_std, mean_std_cell, number_cell, paired_table
 from ..files import read_json, write_json
 from ..heads import EpistemicClassifier
@@ -290,6 +291,10 @@ def _set_up(cfg: MineConfig, show: bool, log: Log):
     spec_loaded = load_classifier_spec(replace(cfg.classifier, heads=None) if cfg.base.epochs else cfg.classifier,
                                        acc.device)
     source, skipped = make_source(cfg, spec_loaded)
+    try:
+        check_class_folders(source.class_names)  # synthetic images are stored one folder per class name
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     plan = make_plan(cfg, source, skipped)
     log(plan.format())
     ctx = Context(cfg, Path(cfg.out), source, acc, log, show)

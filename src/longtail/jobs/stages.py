@@ -431,7 +431,8 @@ def stage_introspection(ctx: Context, loaded: LoadedClassifier, guidance: Guidan
         keywords[name] = [p.to_dict() for p in pairs]
         stats[name] = [{"word": k.word, "count": k.count, "mean_distance": k.mean_distance}
                        for k in class_keywords(pairs)]
-        refined = refine_prompts(pairs, name, backend=backend)
+        refined = refine_prompts(pairs, name, backend=backend, max_tokens=ctx.ldm.max_length,
+                                 count_tokens=ctx.ldm.count_tokens)
         prompts[name] = prompt_texts(refined, unique=True) or [fallback[c]]
         errors[name] = [r.error for r in refined if r.error]
         top = ", ".join(f"{k['word']} ({k['count']})" for k in stats[name][:4])

@@ -9,11 +9,16 @@ and the embedded default (MiniLM text encoder) are both instances; only their lo
 Components may sit in different dtypes (a bf16 UNet with an fp32 VAE, say): ``denoise``, ``decode`` and
 ``encode`` cast their inputs to the dtype of the module they call. ``latent_size`` overrides the UNet's
 ``sample_size`` so one model can sample other resolutions (``set_image_size``).
+
+A prompt longer than the text encoder's ``max_length`` tokens is cut by the tokenizer; ``prompt_seen`` gives
+the part the encoder sees and the first encoding of each such prompt logs one warning naming it and the limit
+(``longtail.generate.records`` writes both texts to the manifest).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +26,17 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+_warned: set[tuple[int, str]] = set()  # (limit, prompt): each cut prompt is warned about once per process
+
+
+def shorten(text: str, width: int = 80) -> str:
+    """``text`` when it fits in ``width`` characters, else its start and end around an ellipsis."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) * 2 // 3
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 @dataclass
@@ -35,6 +51,7 @@ class LatentDiffusion:
     max_length: int = 77
     latent_size: tuple[int, int] | None = None  # (h, w) of sampled latents; None = the UNet's sample_size
     _prompt_cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _seen_cache: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def scaling_factor(self) -> float:
@@ -111,10 +128,43 @@ class LatentDiffusion:
         z = dist.sample(generator) if sample else dist.mean
         return z * self.scaling_factor
 
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of ``prompt`` as the encoder counts them against ``max_length`` (special tokens included)."""
+        return len(self.tokenizer(prompt, verbose=False)["input_ids"])
+
+    def prompt_seen(self, prompt: str) -> str:
+        """The text the encoder sees of ``prompt``: all of it, or, past ``max_length`` tokens, its start (cut
+        where the last kept token ends). A cut prompt is warned about once, naming it and the limit."""
+        if prompt not in self._seen_cache:
+            self._seen_cache[prompt] = self._cut(prompt)
+        return self._seen_cache[prompt]
+
+    def _cut(self, prompt: str) -> str:
+        n = self.count_tokens(prompt)
+        if n <= self.max_length:
+            return prompt
+        if getattr(self.tokenizer, "is_fast", False):
+            enc = self.tokenizer(prompt, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+            seen = prompt[: max(end for _, end in enc["offset_mapping"])].rstrip()
+        else:  # slow tokenizers have no offsets: the kept tokens as text
+            ids = self.tokenizer(prompt, truncation=True, max_length=self.max_length)["input_ids"]
+            seen = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if (self.max_length, prompt) not in _warned:
+            _warned.add((self.max_length, prompt))
+            what = (f"never sees {shorten(prompt[len(seen):].strip(), 40)!r}" if prompt.startswith(seen)
+                    else f"sees only {shorten(seen)!r}")
+            logger.warning("prompt %r is %d tokens, over the text encoder's limit of %d: the generator %s; shorten "
+                           "it to use all of it", shorten(prompt), n, self.max_length, what)
+        return seen
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
-        """Prompts -> the text encoder's last hidden states ``[B, max_length, D]`` (cached per prompt)."""
+        """Prompts -> the text encoder's last hidden states ``[B, max_length, D]`` (cached per prompt).
+
+        Prompts over ``max_length`` tokens are cut (``prompt_seen``, which warns once per prompt)."""
         missing = sorted({p for p in prompts if p not in self._prompt_cache})
+        for prompt in missing:
+            self.prompt_seen(prompt)
         for start in range(0, len(missing), 256):
             chunk = missing[start : start + 256]
             tokens = self.tokenizer(chunk, padding="max_length", max_length=self.max_length, truncation=True,

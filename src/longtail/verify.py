@@ -1,0 +1,88 @@
+"""``longtail verify``: what a re-run would redo in a store or a run directory, changing nothing.
+
+Every synthetic store under the directory (a folder with ``manifest.csv`` or manifest parts) is read as the
+store reads it (``longtail.data.store.read_manifest``): rows it drops and why, files with a damaged header.
+Every folder with mining rounds (``round_<r>/``) is checked as a resumed ``mine`` checks it
+(``longtail.mining.check_rounds``): unreadable or half-written rounds and the rounds redone after them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .data.store import DAMAGED, MANIFEST, PART_GLOB, read_manifest
+from .mining import check_rounds
+
+ROUND = re.compile(r"round_\d+")
+
+
+@dataclass
+class Verdict:
+    """The lines to print and how many of them are problems (0: everything intact)."""
+
+    lines: list[str] = field(default_factory=list)
+    problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.problems == 0
+
+    def problem(self, line: str) -> None:
+        self.lines.append(line)
+        self.problems += 1
+
+
+def check_store(root: Path, verdict: Verdict) -> None:
+    """One store: a line per dropped row and damaged file, then its count of good images."""
+    files = ([root / MANIFEST] if (root / MANIFEST).is_file() else []) + sorted(root.glob(PART_GLOB))
+    ids: set[str] = set()
+    for path in files:
+        check = read_manifest(path, root)
+        if check.empty:
+            verdict.problem(f"{path}: {check.damaged}; a re-run replaces it")
+        elif check.damaged:
+            verdict.problem(f"{path}: {check.damaged}; a re-run sets it aside as {path.name}{DAMAGED} and makes "
+                            "its images again")
+        for message in check.dropped:
+            verdict.problem(message)
+        ids.update(row["id"] for _, row in check.rows)
+    for old in sorted(root.glob(f"manifest*{DAMAGED}")):
+        verdict.lines.append(f"{old}: set aside earlier (damaged header), not read")
+    verdict.lines.append(f"{root}: {len(ids)} image{'' if len(ids) == 1 else 's'} listed and present")
+
+
+def verify(out: str | Path) -> Verdict:
+    """Check every store and every folder of mining rounds under ``out`` (``out`` itself included)."""
+    out = Path(out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"{out} is not a directory")
+    verdict = Verdict()
+    stores, runs = [], []
+    for folder, dirs, files in os.walk(out):
+        dirs.sort()
+        names = set(files)
+        if MANIFEST in names or any(Path(f).match(PART_GLOB) or (f.endswith(DAMAGED) and f.startswith("manifest"))
+                                    for f in names):
+            stores.append(Path(folder))
+        if any(ROUND.fullmatch(d) for d in dirs):
+            runs.append(Path(folder))
+    for root in stores:
+        check_store(root, verdict)
+    for run in runs:
+        problems = check_rounds(run)
+        for line in problems:
+            verdict.problem(line)
+        if not problems:
+            done = sorted(int(d.name[6:]) for d in run.glob("round_*") if ROUND.fullmatch(d.name) and
+                          (d / "metrics.json").is_file())
+            verdict.lines.append(f"{run}: rounds {', '.join(map(str, done)) or 'none'} intact")
+    if not stores and not runs:
+        verdict.problem(f"{out}: no synthetic store (manifest.csv) and no mining rounds (round_<r>/) found")
+    elif verdict.ok:
+        verdict.lines.append("intact: a re-run redoes nothing")
+    else:
+        verdict.lines.append(f"{verdict.problems} problem(s): a re-run redoes what is listed above")
+    return verdict
