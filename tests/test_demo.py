@@ -246,10 +246,11 @@ def test_efficiency_settings_that_cannot_work_are_named(tmp_path, parts):
     from longtail.config import ConfigError
 
     base = [*overrides(tmp_path / "run", *parts), "conditions=[none, unguided]"]
-    for bad, message in (("efficiency.sizes=[0, 5]", "efficiency.sizes"),
+    for bad, message in (("heads.init=random", "heads.init"), ("heads.epsilon=1.5", "heads.epsilon"),
+                         ("efficiency.sizes=[0, 5]", "efficiency.sizes"),
                          ("efficiency.conditions=[ltg]", "efficiency.conditions"),
                          ("efficiency.epochs=-1", "efficiency.epochs")):
-        extra = [bad] if bad.startswith("efficiency.sizes") else ["efficiency.sizes=[2]", bad]
+        extra = ["efficiency.sizes=[2]", bad] if bad.startswith(("efficiency.conditions", "efficiency.epochs")) else [bad]
         with pytest.raises(ConfigError, match=message):
             run_mine(load_demo_config(overrides=[*base, *extra]), dry_run=True, show=False, log=lambda _m: None)
 
@@ -258,7 +259,8 @@ def test_sweep_compares_guidance_options_at_the_chosen_weight(tmp_path, parts):
     out = tmp_path / "run"
     over = [*overrides(out, *parts), "conditions=[none]", *rounds(1), "trajectory=false", "distances=false",
             "report=false", "sweep.signals=[total]", "sweep.weights=[1.0]",
-            "sweep.options=[{views: 2, view_shift: 0.1}, {lowpass: 1.0}]"]
+            "sweep.options=[{views: 2, view_shift: 0.1}, {lowpass: 1.0}]",
+            "heads.bootstrap=true", "heads.epsilon=0.8"]  # bagged heads (benchmarks/heads_variants.py)
     lines: list[str] = []
     summary = run_mine(load_demo_config(overrides=over), show=False, log=lines.append)
     options = summary["sweep"]["options"]

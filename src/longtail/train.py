@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .augment import BatchAugment, batch_augment, pixel_augment
-from .heads import EpistemicClassifier, oracle_loss
+from .heads import EpistemicClassifier, example_keys, oracle_loss
 from .outputs import ClassifierOutput, as_output
 
 if TYPE_CHECKING:
@@ -237,7 +237,10 @@ def fit(
     Per batch: ``batch_transform(x, y, generator)`` (the data's own augmentation, if any), then the batch baseline
     ``cfg.augment`` names (Cutout, GridMask, CutMix: ``longtail.augment.batch_augment``), then the loss:
     ``cfg.loss`` on the base logits (``base_loss``; weighted per example when the batch has weights) plus, for
-    an ``EpistemicClassifier``, the oracle loss on the head logits (unchanged by ``cfg.loss``). Adam with
+    an ``EpistemicClassifier``, the oracle loss on the head logits (unchanged by ``cfg.loss``), or the model's own
+    ``head_loss`` (``HeadsOnly(wrapped, loss=HeadLoss(...))``: relaxed / annealed / bootstrap), called with the
+    un-augmented batch's ``example_keys`` when it ``needs_keys`` and with the progress ``step / (S - 1)`` through
+    the schedule's ``S`` steps. Adam with
     ``cfg.lr`` / ``cfg.weight_decay``, fresh each call, and the learning rate continuing ``cosine_schedule``
     over ``total_epochs`` (paper A.1).
 
@@ -288,6 +291,8 @@ def fit(
     net, opt, loader = acc.prepare(model, adam, data)
     steps = len(loader)
     sched = cosine_schedule(adam, total_epochs * steps, first_epoch * steps)
+    head_loss = getattr(model, "head_loss", None)  # HeadsOnly's HeadLoss; None: the oracle loss
+    step, last_step = first_epoch * steps, max(total_epochs * steps - 1, 1)
     history: list[float] = []
     net.train()
     for _ in tqdm(range(first_epoch, last_epoch), desc=desc, disable=not (show and acc.is_main_process), leave=False):
@@ -295,6 +300,7 @@ def fit(
         count = torch.zeros((), device=acc.device)
         for batch in loader:
             x, y = batch[0], batch[1]
+            keys = example_keys(x) if head_loss is not None and head_loss.needs_keys else None  # before augmenting
             if batch_transform is not None:
                 x, y = batch_transform(x, y, gen)
             if mix is not None:
@@ -303,11 +309,13 @@ def fit(
             ce = base_loss(out.logits, y, offsets)
             loss = (ce * batch[2]).sum() / batch[2].sum() if len(batch) > 2 else ce.mean()
             if out.head_logits is not None:
-                loss = loss + oracle_loss(out.head_logits, y)
+                loss = loss + (oracle_loss(out.head_logits, y) if head_loss is None
+                               else head_loss(out.head_logits, y, keys=keys, progress=step / last_step))
             opt.zero_grad(set_to_none=True)
             acc.backward(loss)
             opt.step()
             sched.step()
+            step += 1
             total += loss.detach() * len(x)
             count += len(x)
         history.append(float(acc.reduce(total, "sum") / acc.reduce(count, "sum").clamp_min(1)))

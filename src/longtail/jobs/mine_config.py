@@ -67,13 +67,21 @@ class BaseSpec(FinetuneSpec):
 
 @dataclass
 class HeadsSpec:
-    """The Epistemic Head: ``epochs`` > 0 attaches ``num_heads`` copies of the trained head (+ ``init_noise``
-    x std noise) to a classifier that has none and trains only them with the oracle loss (base frozen)."""
+    """The Epistemic Head: ``epochs`` > 0 attaches ``num_heads`` heads to a classifier that has none and trains
+    only them (base frozen). ``init``: ``copy`` (the trained head + ``init_noise`` x std noise) or ``fresh``.
+    Loss (``longtail.heads.HeadLoss``): relaxed winner-takes-all, the losing heads sharing ``epsilon`` (0: the
+    paper's oracle loss; 1 - 1/num_heads: the plain mean), annealed linearly to ``epsilon_end`` if set;
+    ``bootstrap``: each head on its own Poisson(1) resample. Bootstrap + the plain mean is bagging of the last
+    layer (benchmarks/heads_variants.py)."""
 
     num_heads: int = 5
     epochs: int = 0
     init_noise: float = 0.1
     lr: float = 1e-3
+    init: str = "copy"
+    epsilon: float = 0.0
+    epsilon_end: float | None = None
+    bootstrap: bool = False
 
 
 @dataclass
@@ -286,6 +294,7 @@ def check_config(cfg: MineConfig) -> list[Condition]:
         raise ConfigError("seeds must list at least one seed")
     if cfg.base.epochs < 0 or cfg.heads.epochs < 0:
         raise ConfigError("base.epochs and heads.epochs must be >= 0")
+    check_heads(cfg.heads)
     if cfg.base.epochs > 0 and cfg.classifier.checkpoint:
         raise ConfigError("base.epochs > 0 trains the classifier from scratch: drop classifier.checkpoint, or set "
                           "base.epochs: 0 to use the checkpoint as it is")
@@ -298,6 +307,19 @@ def check_config(cfg: MineConfig) -> list[Condition]:
     efficiency_conditions(cfg, conditions)
     check_options(cfg)
     return conditions
+
+
+def check_heads(hs: HeadsSpec) -> None:
+    """``heads.init`` one of ``HEAD_INITS``; ``heads.epsilon`` / ``epsilon_end`` in [0, 1]."""
+    from ..heads import HEAD_INITS
+
+    if hs.init not in HEAD_INITS:
+        raise ConfigError(f"heads.init must be one of {', '.join(HEAD_INITS)}, got {hs.init!r}")
+    for key in ("epsilon", "epsilon_end"):
+        value = getattr(hs, key)
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"heads.{key} must lie in [0, 1] ({1 - 1 / hs.num_heads:g} = 1 - 1/num_heads is the "
+                              f"plain mean), got {value}")
 
 
 def check_options(cfg: MineConfig) -> None:

@@ -19,7 +19,7 @@ from ..data.store import SyntheticStore
 from ..evaluation.metrics import accuracy_report, detection_report, signal_scores
 from ..evaluation.stats import mean_std, number_cell
 from ..files import read_json, write_json
-from ..heads import EpistemicClassifier, HeadsOnly
+from ..heads import EpistemicClassifier, HeadLoss, HeadsOnly
 from ..mining import MiningConfig, mine, save_state
 from ..models.classifiers import LoadedClassifier, bridged_classifier, input_channels
 from ..outputs import ClassifierOutput
@@ -181,9 +181,18 @@ def base_dir_of(run: Path, seed: int) -> Path:
     return run / f"seed_{seed}" / "base"
 
 
+def head_loss_of(hs, seed: int) -> HeadLoss:
+    """The heads' training loss as ``heads`` configures it; ``seed`` fixes each head's bootstrap resample."""
+    return HeadLoss(epsilon=hs.epsilon, epsilon_end=hs.epsilon_end, bootstrap=hs.bootstrap, seed=seed)
+
+
 def load_base(ctx: Context, seed: int) -> LoadedClassifier:
     """The seed's base classifier as the base stage left it (its ``classifier.json``)."""
-    return load_classifier_spec(ClassifierSpec(spec=str(base_dir_of(ctx.run, seed) / "classifier.json")), ctx.acc.device)
+    loaded = load_classifier_spec(ClassifierSpec(spec=str(base_dir_of(ctx.run, seed) / "classifier.json")),
+                                  ctx.acc.device)
+    if isinstance(loaded.model, EpistemicClassifier):
+        loaded.model.head_loss = head_loss_of(ctx.cfg.heads, seed)  # fine-tuning rounds train the heads with it
+    return loaded
 
 
 def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
@@ -229,10 +238,11 @@ def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
 
 
 def attach_heads(ctx: Context, model: nn.Module, seed: int) -> EpistemicClassifier:
-    """K copies of the trained head (+ noise), trained with the oracle loss while the base stays frozen."""
+    """Epistemic Head (copies of the trained head + noise, or fresh), trained with ``heads``' loss, base frozen."""
     hs = ctx.cfg.heads
     wrapped = EpistemicClassifier(model, num_heads=hs.num_heads, head_name=ctx.cfg.classifier.head_name,
-                                  init_noise=hs.init_noise, seed=seed)
+                                  init_noise=hs.init_noise, seed=seed, init=hs.init)
+    wrapped.head_loss = head_loss_of(hs, seed)
     ctx.log(f"training an Epistemic Head ({hs.num_heads} heads) for {hs.epochs} epochs (seed {seed})")
     train_epochs(ctx, HeadsOnly(wrapped), ctx.cfg.finetune, seed=seed, first=0, last=hs.epochs, total=hs.epochs,
                  lr=hs.lr, desc=f"epistemic head (seed {seed})")
