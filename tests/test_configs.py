@@ -10,8 +10,8 @@ from longtail.jobs.generate import GenerateConfig
 from longtail.jobs.mine import MineConfig, load_demo_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-MINE_CONFIGS = ["demo.yaml", "compare.yaml", "fmnist_mine.yaml", "nuisance.yaml", "study/val_recipe.yaml",
-                "study/confirm.yaml", *(f"paper/{p.name}" for p in sorted((CONFIGS / "paper").glob("*.yaml")))]
+MINE_CONFIGS = ["demo.yaml", "compare.yaml", "fmnist_mine.yaml", "clean.yaml", "study/val_recipe.yaml",
+                "study/confirm.yaml", "study/efficiency.yaml", *(f"paper/{p.name}" for p in sorted((CONFIGS / "paper").glob("*.yaml")))]
 
 
 @pytest.mark.parametrize("name", MINE_CONFIGS)
@@ -63,3 +63,14 @@ def test_mine_config_and_its_data_export(tmp_path, monkeypatch):
     assert [train.labels.count(train.class_names.index(c)) for c in FASHION_MNIST_CLASSES] == counts
     assert len(scan_imagefolder(tmp_path / "if" / "val").paths) == 20
     assert module.export(tmp_path / "if", val=20, n_max=20, imbalance=10) == 0  # existing files are kept
+
+
+def test_studies_of_the_clean_testbed_keep_their_testbed():
+    """The demo moved to the nuisance testbed; configs that ran on the clean one pin it."""
+    demo = load_demo_config()
+    assert demo.generator.model == "nuisance" and demo.data.nuisance
+    for name in ("clean.yaml", "compare.yaml", "study/val_recipe.yaml", "study/confirm.yaml"):
+        cfg = load_demo_config(CONFIGS / name)
+        assert cfg.generator.model == "clean" and not cfg.data.nuisance and not cfg.data.nuisance_eval, name
+        assert not cfg.sweep.options and not cfg.introspection.enabled, name
+    assert load_demo_config(CONFIGS / "study/val_recipe.yaml").data.eval_split == "val"

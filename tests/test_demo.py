@@ -33,6 +33,9 @@ def overrides(out: Path, data: Path, gen: Path) -> list[str]:
         "data.many=20", "data.few=5", "seeds=[0]", "base.epochs=2", "generator.num_steps=2",
         "generator.batch_size=16", "sweep.signals=[entropy,total]", "sweep.weights=[0.5,2.0]",
         "sweep.images_per_class=2", *rounds(ROUNDS), f"schedule.per_round={PER_ROUND}",
+        # the demo's nuisance testbed, judge, options and introspection only where a test asks for them
+        "data.nuisance=null", "data.nuisance_eval=[]", "sweep.options=[]", "judge.spec=null", "judge.min_ratio=null",
+        "introspection.enabled=false", "conditions=[none, unguided, ltg]",
     ]
 
 

@@ -431,3 +431,14 @@ def test_generator_class_check_is_shared_by_every_job():
     check_generator_classes(GeneratorSpec(prompt_file="p.json"), known, ["circle"])  # the user's own prompts
     with pytest.raises(ConfigError, match=r"cannot draw \['circle'\]"):
         check_generator_classes(GeneratorSpec(), known, ["bag", "circle"])
+
+
+def test_settings_added_later_or_the_default_generator_by_name_do_not_count_as_other_settings():
+    from longtail.jobs.mine import differs
+
+    old = {"kind": "embedded", "model": None, "num_steps": 20}
+    assert not differs(old, {"kind": "embedded", "model": "clean", "num_steps": 20, "new_key": 1})
+    assert differs(old, {"kind": "embedded", "model": "nuisance", "num_steps": 20})
+    assert differs({"epochs": 6, "lr": 0.002}, {"epochs": 6, "lr": 0.001, "bootstrap": False})
+    assert differs({"a": {"b": 1}}, {"a": {}})  # a key the new settings lack
+    assert not differs({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}})

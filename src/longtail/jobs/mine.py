@@ -262,6 +262,17 @@ RUN_DEFINING = ("data", "classifier", "base", "heads", "generator", "guidance", 
                 "judge", "introspection")
 
 
+def differs(old: object, new: object) -> bool:
+    """Whether a setting of a finished run (``old``, from its config.yaml) differs from ``new``. Keys the run's
+    config does not have were added to the tool later, with defaults that keep earlier behaviour, so they do not
+    count; an embedded generator ``model: null`` is the shipped ``clean`` one."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if old.get("kind") == "embedded" and "model" in old:
+            old, new = {**old, "model": old["model"] or "clean"}, {**new, "model": new.get("model") or "clean"}
+        return any(key not in new or differs(value, new[key]) for key, value in old.items())
+    return old != new
+
+
 def check_same_run(cfg: MineConfig) -> None:
     """Refuse to resume a run directory that was made with other settings (finished stages would be reused
     under the new label); names the sections that differ."""
@@ -273,7 +284,7 @@ def check_same_run(cfg: MineConfig) -> None:
     if not previous.is_file():
         return
     old, new = yaml.safe_load(previous.read_text()) or {}, to_dict(cfg)
-    changed = [key for key in RUN_DEFINING if key in old and old[key] != new[key]]
+    changed = [key for key in RUN_DEFINING if key in old and differs(old[key], new[key])]
     if changed:
         raise ConfigError(f"{cfg.out} holds a run made with other settings ({', '.join(changed)} differ from "
                           f"{previous}); use another out, or the same settings to resume (seeds and conditions "
