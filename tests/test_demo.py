@@ -261,19 +261,21 @@ def test_efficiency_settings_that_cannot_work_are_named(tmp_path, parts):
 def test_sweep_compares_guidance_options_at_the_chosen_weight(tmp_path, parts):
     out = tmp_path / "run"
     over = [*overrides(out, *parts), "conditions=[none]", *rounds(1), "trajectory=false", "distances=false",
-            "report=false", "sweep.signals=[total]", "sweep.weights=[1.0]",
-            "sweep.options=[{views: 2, view_shift: 0.1}, {lowpass: 1.0}]",
+            "report=false", "sweep.signals=[entropy, total]", "sweep.weights=[1.0]", "guidance.signal=total",
+            "sweep.options=[{views: 2, view_shift: 0.1}, {lowpass: 1.0}, {lowpass: 0.0}]",
             "heads.bootstrap=true", "heads.epsilon=0.8"]  # bagged heads (benchmarks/heads_variants.py)
     lines: list[str] = []
     summary = run_mine(load_demo_config(overrides=over), show=False, log=lines.append)
     options = summary["sweep"]["options"]
     assert options["signal"] == "total" and options["weight"] == 1.0
-    assert options["columns"] == ["unguided", "w = 1", "views=2, view_shift=0.1", "lowpass=1"]
-    assert [p["n"] for p in options["points"]] == [20, 20] and all(p["seconds"] > 0 for p in options["points"])
+    assert options["columns"] == ["unguided", "w = 1", "views=2, view_shift=0.1", "lowpass=1", "lowpass=0"]
+    assert [p["n"] for p in options["points"]] == [20] * 3 and all(p["seconds"] > 0 for p in options["points"])
+    plain = next(p for p in summary["sweep"]["points"] if p["signal"] == "total" and p["weight"] == 1.0)
+    assert options["points"][2]["mean_signal"] == plain["mean_signal"]  # an option that changes nothing
     from PIL import Image
 
     width, height = Image.open(out / "sweep" / "grid_options.png").size
-    assert (width, height) == (2 + 2 * (4 * 32 + 2), 2 + 10 * (32 + 2))  # a row per class: 2 tiles of 4 columns
+    assert (width, height) == (2 + 2 * (5 * 32 + 2), 2 + 10 * (32 + 2))  # a row per class: 2 tiles of 5 columns
     assert any("option lowpass=1" in line for line in lines)
     from longtail.config import ConfigError
 

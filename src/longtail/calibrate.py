@@ -204,12 +204,13 @@ def calibrate(
     min_judge_ratio: float | None = None,
     class_names: Sequence[str] | None = None,
     options: Sequence[dict] = (),
+    option_signal: str | None = None,
 ) -> dict:
     """Sweep, choose a weight per signal, and record the evidence in ``out_dir``: a grid per signal.
 
     ``options`` (guidance options of :meth:`GuidanceConfig.with_options`, e.g. ``[{"views": 4},
-    {"lowpass": 1.0}]``): the first signal at its chosen weight (the smallest swept weight when the rule
-    passed none) is generated again with each option; the result gains ``"options"`` (one scored row per
+    {"lowpass": 1.0}]``): ``option_signal`` (default: the first of ``signals``) at its chosen weight (the
+    smallest swept weight when the rule passed none) is generated again with each option; the result gains ``"options"`` (one scored row per
     option, with ``seconds`` for its cost against unguided) and ``grid_options.png`` shows, per class,
     unguided, plain LTG and each option side by side (:func:`compare_options`).
 
@@ -262,7 +263,9 @@ def calibrate(
     result = {"points": [_row(p) for p in points], "choices": choices, "timing": timing,
               "grid_weights": grid_weights}
     if options:
-        sig = signals[0]
+        sig = option_signal or signals[0]
+        if sig not in choices:
+            raise ValueError(f"option_signal {sig!r} is not among the swept signals {list(signals)}")
         weight = choices[sig]["weight"] or min(float(w) for w in weights if w > 0)
         plain = GuidanceConfig(**{**asdict(base or GuidanceConfig()), "signal": sig, "weight": float(weight)})
         result["options"] = compare_options(

@@ -111,8 +111,8 @@ class SweepSpec:
     images_per_class: int = 8
     min_p_ratio: float = 0.5
     choose: bool = True
-    # guidance options (longtail.guidance.GuidanceConfig.with_options) compared at the first signal's chosen
-    # weight, e.g. [{views: 4}, {lowpass: 1.0}]: a row each in sweep.json and a column each in grid_options.png
+    # guidance options (longtail.guidance.GuidanceConfig.with_options) compared at the chosen weight of the guidance
+    # signal (or of the first swept signal when it is not swept), e.g. [{views: 4}, {lowpass: 1.0}]: a row each in sweep.json and a column each in grid_options.png
     options: list[dict] = field(default_factory=list)
 
 

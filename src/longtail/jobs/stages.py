@@ -362,7 +362,8 @@ def stage_sweep(ctx: Context, loaded: LoadedClassifier, judge=None) -> dict | No
                        ctx.run / "sweep", base=replace(ctx.cfg.guidance, weight=0.0), min_p_ratio=sw.min_p_ratio,
                        per_class_in_grid=min(2, sw.images_per_class), log=ctx.log, judge=judge,
                        real_images=real[0], real_labels=real[1], min_judge_ratio=ctx.cfg.judge.min_ratio,
-                       class_names=ctx.source.class_names, options=[dict(o) for o in sw.options])
+                       class_names=ctx.source.class_names, options=[dict(o) for o in sw.options],
+                       option_signal=ctx.cfg.guidance.signal if ctx.cfg.guidance.signal in sw.signals else None)
     if ctx.is_main:
         write_json(path, result)
     return result
