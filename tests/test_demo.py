@@ -189,6 +189,12 @@ def test_validation_split_nuisance_modes_hard_split_and_extra_splits(tmp_path, p
         assert set(summary["splits"]) == {"nuisance:invert", "nuisance:all"}
         assert summary["splits"]["nuisance:invert"][cond]["n"] == 2
     assert summary["paired"]["table"]["none"]["hard"]["n"] == 2
+    # round 0 (the base classifier) is evaluated once per seed and shared; the extra splits only at the end
+    round0 = [json.loads((out / "seed_0" / "mining" / c / "round_0" / "metrics.json").read_text())
+              for c in ("none", "unguided")]
+    assert round0[0] == round0[1] and "splits" not in round0[0]
+    final = json.loads((out / "seed_0" / "mining" / "unguided" / "round_1" / "metrics.json").read_text())
+    assert set(final["splits"]) == {"nuisance:invert", "nuisance:all"}
     shares = summary["mode_shares"]["unguided"]  # the modes seen in the synthetic data, pooled over seeds
     assert set(shares) >= {"all"} and all(0.0 <= v <= 1.0 for v in shares["all"].values())
     assert len(shares["all"]) == 8 and (out / "modes" / "detector" / "classifier.json").is_file()

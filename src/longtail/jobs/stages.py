@@ -4,9 +4,10 @@ and writes only the run directory and resumes from what it finds there."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -99,6 +100,7 @@ class Context:
     guide_decode: object = None
     hard: torch.Tensor | None = None  # [N] bool: evaluation images most base classifiers get wrong
     judge: object = None  # longtail.evaluation.judge.Judge, when the run has one
+    round0: dict = field(default_factory=dict)  # seed -> the base classifier's evaluation (round 0 of mining)
 
     @property
     def is_main(self) -> bool:
@@ -130,9 +132,11 @@ def train_epochs(ctx: Context, model: nn.Module, recipe: FinetuneSpec, *, seed: 
                batch_transform=tensor_augment(tc) if ctx.source.batch_augment else None)
 
 
-def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_path: Path | None = None) -> dict:
+def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_path: Path | None = None,
+             splits: bool = True) -> dict:
     """Accuracy on the evaluation split (top-1, per class, Many / Medium / Few); with ``detection`` also the
-    signals' AUROC for rare and hard examples, and (``scores_path``) every example's signals for ROC curves."""
+    signals' AUROC for rare and hard examples, and (``scores_path``) every example's signals for ROC curves;
+    with ``splits`` the extra evaluation splits (:func:`evaluate_splits`)."""
     from safetensors.torch import save_file
 
     from ..evaluation.stats import accuracy_on
@@ -144,10 +148,8 @@ def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_pat
     report = accuracy_report(preds, labels, groups)
     if ctx.hard is not None:
         report["hard"] = accuracy_on(ctx.hard, preds == labels)
-    for name, loader in ctx.source.extra_eval_loaders().items():
-        extra, extra_labels = predict_loader(model, loader, ctx.acc)
-        split = accuracy_report(extra.logits.argmax(-1), extra_labels, groups)
-        report.setdefault("splits", {})[name] = {k: split[k] for k in ("top1", "many", "medium", "few")}
+    if splits and (extra := evaluate_splits(ctx, model)):
+        report["splits"] = extra
     if detection or out.head_logits is not None:
         report["detection"] = detection_report(out, labels, groups)
     if scores_path is not None and ctx.is_main:
@@ -156,6 +158,18 @@ def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_pat
                        rare=torch.tensor([groups[int(y)] == "few" for y in labels]))
         save_file(tensors, str(scores_path))
     return report
+
+
+def evaluate_splits(ctx: Context, model: nn.Module) -> dict[str, dict]:
+    """Top-1 and Many / Medium / Few on each extra evaluation split (``nuisance:<mode>``); ``{}`` without any."""
+    from ..train import predict_loader
+
+    out = {}
+    for name, loader in ctx.source.extra_eval_loaders().items():
+        extra, extra_labels = predict_loader(model, loader, ctx.acc)
+        split = accuracy_report(extra.logits.argmax(-1), extra_labels, ctx.source.groups)
+        out[name] = {k: split[k] for k in ("top1", "many", "medium", "few")}
+    return out
 
 
 # --- stage: base classifier (+ Epistemic Head) --------------------------------------------------------------
@@ -573,9 +587,26 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
 
     mcfg = MiningConfig(rounds=len(plan.rounds), images_per_round=sum(plan.rounds[0]["counts"]),
                         allocation=cfg.schedule.allocation)
-    history = mine(model, synthesize if cond.synthetic else None, finetune, lambda m: evaluate(ctx, m), mcfg,
+    # every condition of a seed starts from the seed's base classifier: round 0 is evaluated once per seed; the
+    # extra splits only for the final classifier (below), as only its figures are reported
+    pending_round0 = [not (run_dir / "round_0" / "metrics.json").is_file()]
+
+    def evaluate_round(m: nn.Module) -> dict:
+        if pending_round0[0]:
+            pending_round0[0] = False
+            if seed not in ctx.round0:
+                ctx.round0[seed] = evaluate(ctx, m, splits=False)
+            return copy.deepcopy(ctx.round0[seed])
+        return evaluate(ctx, m, splits=False)
+
+    history = mine(model, synthesize if cond.synthetic else None, finetune, evaluate_round, mcfg,
                    plan.real_counts, run_dir, is_main=ctx.is_main, barrier=acc.wait_for_everyone)
     final = history[-1]
+    if ctx.source.extra_eval_loaders() and "splits" not in final:
+        final["splits"] = evaluate_splits(ctx, model)
+        if ctx.is_main:
+            write_json(run_dir / f"round_{len(history) - 1}" / "metrics.json", final)
+        acc.wait_for_everyone()
     ctx.log(f"seed {seed} {cond.text:9s}: top-1 {number_cell(final['top1'])}  few {number_cell(final['few'])}")
     return history
 
