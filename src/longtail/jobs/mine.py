@@ -204,7 +204,7 @@ def format_efficiency(efficiency: dict | None, guidance: dict) -> list[str]:
     for cond in efficiency["table"]:
         diffs = [efficiency.get("paired", {}).get(n, {}).get(cond, {}).get("few", {}) for n in sizes]
         if any(d.get("mean") is not None for d in diffs):
-            label = f"{condition_label(cond, guidance.get(cond))[:14]} - unguided"
+            label = f"  {cond} - unguided (paired)"
             lines.append(f"{label:<26}" + "".join(f"{d['mean']:>+16.3f}" if d.get("mean") is not None else f"{'-':>16}"
                                    for d in diffs))
     return lines
