@@ -148,26 +148,20 @@ def print_tables(rows: dict[str, dict[str, list[float]]], variants: dict, seeds:
     print(f"\nEpistemic Head variants, Fashion-MNIST-LT validation split ({n_eval}), seeds {seeds}, "
           f"mean±std over seeds; {NUM_HEADS} heads, {epochs} epochs, lr {LR}, init noise {INIT_NOISE}")
     w = max(len(n) for n in rows) + 2
-    head = ("AUROC rare", "AUROC hard", "acc>q90", "acc<q90")
-    print(f"\n{'signal / variant':<{w}}" + "".join(f"{h:>15}" for h in ("epi " + head[0], "epi " + head[1],
-                                                                       "tot " + head[0], "tot " + head[1])))
-    for name in ("entropy (base logits)", "energy (base logits)"):
-        r = rows[name]
-        print(f"{name:<{w}}" + f"{cell(r['auroc_rare']):>15}{cell(r['auroc_hard']):>15}")
-    for name in variants:
-        r = rows[name]
-        print(f"{name:<{w}}" + "".join(f"{cell(r[k]):>15}" for k in (
-            "epistemic_auroc_rare", "epistemic_auroc_hard", "total_auroc_rare", "total_auroc_hard")))
-    print(f"\n{'signal / variant':<{w}}" + "".join(f"{h:>15}" for h in (
-        "epi acc>q90", "epi acc<q90", "tot acc>q90", "tot acc<q90", "pair KL", "argmax differ", "one-head acc", "head-avg acc")))
-    for name in ("entropy (base logits)", "energy (base logits)"):
-        r = rows[name]
-        print(f"{name:<{w}}" + f"{cell(r['acc_above_q90']):>15}{cell(r['acc_below_q90']):>15}")
-    for name in variants:
-        r = rows[name]
-        print(f"{name:<{w}}" + "".join(f"{cell(r[k]):>15}" for k in (
-            "epistemic_acc_above_q90", "epistemic_acc_below_q90", "total_acc_above_q90", "total_acc_below_q90",
-            "kl", "argmax_differ", "each_acc", "head_acc")))
+    base_rows = ("entropy (base logits)", "energy (base logits)")
+
+    def table(headers: tuple[str, ...], base_keys: tuple[str, ...], variant_keys: tuple[str, ...]) -> None:
+        print(f"\n{'signal / variant':<{w}}" + "".join(f"{h:>15}" for h in headers))
+        for names, keys in ((base_rows, base_keys), (variants, variant_keys)):
+            for name in names:
+                print(f"{name:<{w}}" + "".join(f"{cell(rows[name][k]):>15}" for k in keys))
+
+    table(("epi AUROC rare", "epi AUROC hard", "tot AUROC rare", "tot AUROC hard"), ("auroc_rare", "auroc_hard"),
+          ("epistemic_auroc_rare", "epistemic_auroc_hard", "total_auroc_rare", "total_auroc_hard"))
+    table(("epi acc>q90", "epi acc<q90", "tot acc>q90", "tot acc<q90", "pair KL", "argmax differ", "one-head acc",
+           "head-avg acc"), ("acc_above_q90", "acc_below_q90"),
+          ("epistemic_acc_above_q90", "epistemic_acc_below_q90", "total_acc_above_q90", "total_acc_below_q90",
+           "kl", "argmax_differ", "each_acc", "head_acc"))
     print("(entropy / energy rows: accuracy above / below their own 90% quantile)")
     print(f"\nwall time {seconds:.0f} s")
 
