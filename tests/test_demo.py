@@ -74,6 +74,11 @@ def test_mini_demo_writes_a_complete_consistent_run(tmp_path, parts):
     for s in ("entropy", "total"):
         assert (out / "sweep" / f"grid_{s}.png").stat().st_size > 0
     assert summary["sweep"]["timing"]["slowdown"] > 0
+    stages = summary["stage_seconds"]  # where the time went, every stage that ran, in order
+    assert list(stages)[:3] == ["base", "judge", "sweep"]
+    assert {"mining none", "mining unguided", "mining ltg"} <= set(stages)
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= summary["seconds"]
+    assert "by stage (s): base " in (out / "summary.txt").read_text()
     weight = summary["ltg"]["weight"]
     assert weight in (0.5, 2.0)
     # mining: three conditions, ROUNDS rounds each, synthetic stores consistent with the rounds

@@ -26,7 +26,8 @@ writes checkpoints and metrics.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,6 +95,22 @@ __all__ = [  # the job's public names, wherever they are defined
 
 Log = Callable[[str], None]
 METRICS = ("top1", "many", "medium", "few")
+
+
+class StageClock:
+    """Wall-clock seconds per stage of one invocation (a resumed stage costs only its loading), summed over
+    repeated entries: ``with clock("sweep"): ...``; ``clock.seconds`` maps stage -> seconds, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
 
 # --- summary ------------------------------------------------------------------------------------------------
@@ -185,6 +202,11 @@ def format_summary(summary: dict) -> str:
     if timing:
         lines += ["", f"generation: unguided {timing['unguided_img_per_s']:.1f} img/s, guided "
                   f"{timing['guided_img_per_s']:.1f} img/s ({timing['slowdown']:.1f}x slower)"]
+    stages = summary.get("stage_seconds")
+    if stages:
+        total = summary.get("seconds") or sum(stages.values())
+        lines += ["", f"compute this invocation: {total:.1f} s; by stage (s): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())]
     return "\n".join(lines)
 
 
@@ -365,6 +387,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
         log(describe_run(cfg, conditions))
         return {"plan": plan.__dict__, "estimate": estimate(ctx, spec_loaded, plan)}
     started = time.perf_counter()
+    clock = StageClock()
     if ctx.is_main:
         run.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run / "config.yaml")
@@ -374,14 +397,17 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
             write_json(run / "skipped_images.json", skipped)
     log(f"real training data: {source.describe()}")
     base, models = {}, {}
-    for seed in cfg.seeds:
-        models[seed], base[seed] = stage_base(ctx, seed)
-    ctx.hard = hard_split(ctx)
+    with clock("base"):
+        for seed in cfg.seeds:
+            models[seed], base[seed] = stage_base(ctx, seed)
+        ctx.hard = hard_split(ctx)
     if ctx.hard is not None:
         log(f"hard split: {int(ctx.hard.sum())} evaluation images that most base classifiers get wrong")
     first = models[cfg.seeds[0]]
-    ctx.judge = stage_judge(ctx) if cfg.sweep.signals or any(c.judge_filter for c in conditions) else None
-    sweep = stage_sweep(ctx, first, ctx.judge)
+    with clock("judge"):
+        ctx.judge = stage_judge(ctx) if cfg.sweep.signals or any(c.judge_filter for c in conditions) else None
+    with clock("sweep"):
+        sweep = stage_sweep(ctx, first, ctx.judge)
     weight = weight_of(cfg, sweep)
     guidance_of = {c.text: {"signal": g.signal, "weight": g.weight} for c in conditions
                    if (g := c.guidance(cfg.guidance, weight)) is not None}
@@ -389,7 +415,8 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     prompts = None
     if cfg.introspection.enabled or any(c.kind == "introspect" for c in conditions):
         log("longtail introspection (keywords of guided vs unguided captions):")
-        prompts = stage_introspection(ctx, first, main_guidance)
+        with clock("introspection"):
+            prompts = stage_introspection(ctx, first, main_guidance)
     def guidance_for(cond: Condition):
         return active(g) if (g := cond.guidance(cfg.guidance, weight)) is not None else None
 
@@ -397,18 +424,24 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     for seed in cfg.seeds:
         mining[seed] = {}
         for cond in conditions:
-            mining[seed][cond.text] = stage_mining(ctx, seed, cond, guidance_for(cond), plan, prompts)
+            with clock(f"mining {cond.text}"):
+                mining[seed][cond.text] = stage_mining(ctx, seed, cond, guidance_for(cond), plan, prompts)
     summary = summarize(ctx, base, mining, conditions, guidance_of, sweep)
     if cfg.efficiency.sizes:
         log(f"data-efficiency curve: {sorted(cfg.efficiency.sizes)} images per class")
-        summary["efficiency"] = stage_efficiency(ctx, conditions, guidance_for, plan, prompts)
+        with clock("efficiency"):
+            summary["efficiency"] = stage_efficiency(ctx, conditions, guidance_for, plan, prompts)
     if cfg.trajectory:
-        summary["trajectory"] = stage_trajectory(ctx, first, main_guidance)
+        with clock("trajectory"):
+            summary["trajectory"] = stage_trajectory(ctx, first, main_guidance)
     if cfg.data.nuisance and any(c.synthetic for c in conditions):
-        modes = stage_modes(ctx, conditions)
+        with clock("modes"):
+            modes = stage_modes(ctx, conditions)
         summary["mode_shares"], summary["mode_detector"] = modes["conditions"], modes.get("detector")
     if cfg.distances and any(c.synthetic for c in conditions):
-        summary["distribution"] = stage_distances(ctx, conditions)["summary"] or None
+        with clock("distances"):
+            summary["distribution"] = stage_distances(ctx, conditions)["summary"] or None
+    summary["stage_seconds"] = clock.seconds
     summary["seconds"] = time.perf_counter() - started
     table = format_summary(summary)
     if ctx.is_main:
