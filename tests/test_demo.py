@@ -79,6 +79,7 @@ def test_mini_demo_writes_a_complete_consistent_run(tmp_path, parts):
     assert {"mining none", "mining unguided", "mining ltg"} <= set(stages)
     assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= summary["seconds"]
     assert "by stage (s): base " in (out / "summary.txt").read_text()
+    assert len(summary["settings_sha256"]) == 64  # the run's identity: a hash of its result-defining settings
     weight = summary["ltg"]["weight"]
     assert weight in (0.5, 2.0)
     # mining: three conditions, ROUNDS rounds each, synthetic stores consistent with the rounds

@@ -138,7 +138,7 @@ def test_settings_that_cannot_work_fail_before_any_output(parts, tmp_path):
                                                   f"classifier.class_names={parts['root'] / 'names.json'}",
                                                   "generator.num_steps=1", "device=cpu"])
     run_generate(cfg, show=False, log=lambda m: None)
-    with pytest.raises(ConfigError, match="different settings"):
+    with pytest.raises(ConfigError, match=r"other settings \(per_class differ"):
         run_generate(load_config(GenerateConfig, overrides=[f"out={cfg.out}", "generator.kind=sd",
                                                             f"generator.model={parts['sd']}", "per_class=2",
                                                             f"classifier.class_names={parts['root'] / 'names.json'}",
@@ -177,6 +177,34 @@ def test_calibrate_records_points_choices_and_grids(parts, tmp_path):
     assert set(result["choices"]) == {"entropy", "energy"} and result["timing"]["slowdown"] > 0
     assert (out / "grid_entropy.png").is_file() and (out / "config.yaml").is_file()
     assert "weight for entropy" in done.stdout
+
+
+def test_calibrate_refuses_a_directory_of_other_settings(parts, tmp_path):
+    from longtail.jobs.calibrate import CalibrateConfig, run_calibrate
+
+    r = parts["root"]
+    def config(*extra: str) -> CalibrateConfig:
+        return load_config(CalibrateConfig, overrides=[
+            f"out={tmp_path / 'cal'}", "generator.kind=sd", f"generator.model={parts['sd']}", "generator.num_steps=1",
+            "classifier.spec=timm:test_resnet", f"classifier.checkpoint={r / 'clf.safetensors'}",
+            f"classifier.class_names={r / 'names.json'}", "classifier.num_classes=3", "signals=[entropy]",
+            "weights=[1.0]", "per_class=1", "device=cpu", *extra])
+
+    first = run_calibrate(config(), show=False, log=lambda m: None)
+    assert len(first["settings_sha256"]) == 64
+    again = run_calibrate(config("generator.batch_size=1"), show=False, log=lambda m: None)  # speed, not results
+    assert again["settings_sha256"] == first["settings_sha256"]
+    before = (tmp_path / "cal" / "calibration.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"other settings \(weights differ"):
+        run_calibrate(config("weights=[2.0]"), show=False, log=lambda m: None)
+    assert (tmp_path / "cal" / "calibration.json").read_bytes() == before  # the earlier results are untouched
+
+
+def test_settings_hash_is_canonical():
+    from longtail.jobs.common import settings_hash
+
+    assert settings_hash({"a": 1, "b": [1, 2]}) == settings_hash({"b": [1, 2], "a": 1})
+    assert settings_hash({"a": 1}) != settings_hash({"a": 1.5})
 
 
 def test_sampling_settings_default_per_generator_kind():

@@ -17,6 +17,7 @@ from .common import (
     GeneratorSpec,
     check_generator_classes,
     check_guidance,
+    check_same_settings,
     class_list,
     load_classifier_spec,
     load_generator,
@@ -43,6 +44,11 @@ class CalibrateConfig:
     device: str = "auto"
 
 
+# the settings that determine a calibration's results (device does not; generator.batch_size is free too)
+CALIBRATION_KEYS = ("generator", "classifier", "guidance", "signals", "weights", "per_class", "classes",
+                    "min_p_ratio", "seed")
+
+
 def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], None] = print) -> dict:
     """Sweep, choose, and record the evidence (``calibration.json``, a grid per signal)."""
     from ..calibrate import calibrate
@@ -51,6 +57,7 @@ def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], 
     cfg = replace(cfg, generator=with_sampling_defaults(cfg.generator))
     device = pick_device(cfg.device)
     out = Path(cfg.out)
+    identity = check_same_settings(out, cfg, CALIBRATION_KEYS, "calibrate")
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device)
     names = class_list(loaded, known, cfg.classifier.class_names)
@@ -74,5 +81,6 @@ def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], 
                        base=cfg.guidance, min_p_ratio=cfg.min_p_ratio, per_class_in_grid=min(2, cfg.per_class),
                        log=log)
     result["class_names"] = names
+    result["settings_sha256"] = identity
     write_json(out / "calibration.json", result)
     return result

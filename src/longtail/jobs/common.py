@@ -6,18 +6,63 @@ Generators are the embedded default or a Stable Diffusion checkpoint; classifier
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..config import ConfigError, to_dict
 from ..files import write_json
 from ..models.classifiers import LoadedClassifier, load_classifier
 from ..models.ldm import LatentDiffusion
 from ..sampling import GuidanceConfig, check_num_steps
+
+
+def settings_hash(settings: dict) -> str:
+    """SHA-256 (hex) of the settings that determine a job's results, as canonical JSON (sorted keys): two
+    configs hash alike exactly when those settings are equal. Settings that do not change results (batch size,
+    device, progress bars) must be left out of ``settings`` by the caller."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+FREE_SETTINGS = ("generator.batch_size",)  # change speed and memory, not results
+
+
+def _drop(settings: dict, dotted: tuple[str, ...]) -> dict:
+    """``settings`` without the nested keys named ``a.b``."""
+    out = json.loads(json.dumps(settings, default=str))
+    for path in dotted:
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def check_same_settings(out: Path, cfg: object, keys: tuple[str, ...], job: str,
+                        free: tuple[str, ...] = FREE_SETTINGS) -> str:
+    """Refuse to write ``job`` results into ``out`` when it holds results of other settings.
+
+    ``out/config.yaml`` (the config of the job that wrote ``out``) is compared with ``cfg`` on ``keys``, the
+    settings that determine results, less the ``free`` ones (dotted paths, e.g. ``generator.batch_size``).
+    Returns the settings' :func:`settings_hash`, which the job stores with its results. Raises ConfigError
+    naming the differing keys; nothing is written here."""
+    new = _drop({k: to_dict(cfg).get(k) for k in keys}, free)
+    previous = out / "config.yaml"
+    if previous.is_file():
+        old = _drop(yaml.safe_load(previous.read_text()) or {}, free)
+        changed = [k for k in keys if old.get(k) != new[k]]
+        if changed:
+            raise ConfigError(f"{out} holds {job} results of other settings ({', '.join(changed)} differ from "
+                              f"{previous}); use another --out, or the same settings")
+    return settings_hash(new)
 
 
 @dataclass

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import ConfigError, dump_config, to_dict
+from ..config import ConfigError, dump_config
 from ..data.store import check_class_folders
 from ..models.classifiers import bridged_classifier
 from ..sampling import GuidanceConfig
@@ -19,6 +18,7 @@ from .common import (
     active,
     check_generator_classes,
     check_guidance,
+    check_same_settings,
     class_list,
     load_classifier_spec,
     load_generator,
@@ -44,19 +44,6 @@ class GenerateConfig:
 
 
 GENERATION_KEYS = ("generator", "classifier", "guidance", "classes", "per_class", "counts_file", "seed")
-
-
-def _check_same_run(out: Path, cfg: GenerateConfig) -> None:
-    """Refuse to mix two different generation settings in one output directory."""
-    previous = out / "config.yaml"
-    if not previous.is_file():
-        return
-    old = yaml.safe_load(previous.read_text()) or {}
-    new = to_dict(cfg)
-    changed = [k for k in GENERATION_KEYS if old.get(k) != new.get(k)]
-    if changed:
-        raise ConfigError(f"{out} was generated with different settings ({', '.join(changed)} differ from "
-                          f"{previous}); use another --out or the same settings to resume")
 
 
 def job_list(cfg: GenerateConfig, class_names: list[str]) -> list:
@@ -85,7 +72,7 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     out = Path(cfg.out)
     if state.is_main_process:
-        _check_same_run(out, cfg)
+        check_same_settings(out, cfg, GENERATION_KEYS, "generate")
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device) if cfg.classifier.spec else None
     names = class_list(loaded, known, cfg.classifier.class_names)

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..conditions import Condition, parse_conditions
-from ..config import ConfigError, dump_config
+from ..config import ConfigError, dump_config, to_dict
 from ..data.store import check_class_folders
 from ..evaluation.stats import mean_std, mean_std_cell, number_cell, paired_table
 from ..files import read_json, write_json
@@ -46,6 +46,7 @@ from .common import (
     check_guidance,
     load_classifier_spec,
     load_generator,
+    settings_hash,
     with_sampling_defaults,
 )
 from .mine_config import (
@@ -300,8 +301,6 @@ def check_same_run(cfg: MineConfig) -> None:
     under the new label); names the sections that differ."""
     import yaml
 
-    from ..config import to_dict
-
     previous = Path(cfg.out) / "config.yaml"
     if not previous.is_file():
         return
@@ -442,6 +441,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
         with clock("distances"):
             summary["distribution"] = stage_distances(ctx, conditions)["summary"] or None
     summary["stage_seconds"] = clock.seconds
+    summary["settings_sha256"] = settings_hash({k: to_dict(cfg).get(k) for k in RUN_DEFINING})
     summary["seconds"] = time.perf_counter() - started
     table = format_summary(summary)
     if ctx.is_main:
