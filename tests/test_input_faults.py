@@ -619,6 +619,22 @@ def test_template_prompts_keep_within_a_token_limit_when_told_one():
     assert "15 tokens, more than the generator's limit of 12" in llm.error
 
 
+def test_generator_training_captions_over_the_limit_are_named_not_cut_silently():
+    from longtail.models.tiny import embed_prompts, load_minilm, prompts_over_limit
+
+    tokenizer, _ = load_minilm()
+    short, long = "a photo of a coat", "a photo of a coat, " + ", ".join(["rotated, faint, blurry"] * 6)
+    assert prompts_over_limit([short, long], 32, tokenizer) == [long]
+    assert prompts_over_limit([short, long], 512, tokenizer) == []
+    said: list[str] = []
+    emb = embed_prompts([short, long], 32, show=False, log=said.append)
+    assert emb.shape == (2, 32, 384)
+    assert len(said) == 1 and "1 of 2 prompts are over the text encoder's limit of 32 tokens" in said[0]
+    said.clear()
+    embed_prompts([short], 32, show=False, log=said.append)
+    assert said == []
+
+
 # --- 12. class names that collide as folders ------------------------------------------------------------------
 
 

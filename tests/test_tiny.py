@@ -77,9 +77,9 @@ def test_train_generator_with_nuisance_modes_shows_and_names_them(tmp_path, monk
         seen["images"] = images.clone()
         return train_vae(images, cfg, show)
 
-    def spy_prompts(prompts, max_tokens, show=True):
+    def spy_prompts(prompts, max_tokens, show=True, log=None):
         seen["prompts"] = list(prompts)
-        return embed_prompts(prompts, max_tokens, show)
+        return embed_prompts(prompts, max_tokens, show, log)
 
     monkeypatch.setattr(tiny, "train_vae", spy_vae)
     monkeypatch.setattr(tiny, "embed_prompts", spy_prompts)

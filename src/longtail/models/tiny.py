@@ -386,10 +386,22 @@ def build_prompt_table(
     return list(table), torch.tensor(rows, dtype=torch.long)
 
 
+def prompts_over_limit(prompts: Sequence[str], max_tokens: int, tokenizer) -> list[str]:
+    """The prompts whose tokens (special tokens included) exceed ``max_tokens``: the encoder sees only their
+    start, so their last words are lost to training and to sampling alike."""
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False)["input_ids"]]
+    return [p for p, n in zip(prompts, lengths, strict=True) if n > max_tokens]
+
+
 @torch.no_grad()
-def embed_prompts(prompts: Sequence[str], max_tokens: int, show: bool = True) -> Tensor:
-    """MiniLM last hidden states ``[P, max_tokens, 384]`` for a list of prompts."""
+def embed_prompts(prompts: Sequence[str], max_tokens: int, show: bool = True,
+                  log: Callable[[str], None] | None = None) -> Tensor:
+    """MiniLM last hidden states ``[P, max_tokens, 384]`` for a list of prompts. Prompts over ``max_tokens``
+    tokens are cut there; ``log`` (when given) is told how many and shown one."""
     tokenizer, encoder = load_minilm()
+    if log is not None and (over := prompts_over_limit(prompts, max_tokens, tokenizer)):
+        log(f"warning: {len(over)} of {len(prompts)} prompts are over the text encoder's limit of {max_tokens} "
+            f"tokens and are cut there (e.g. {over[0]!r}); raise max_tokens to keep their ends")
     out = []
     for start in tqdm(range(0, len(prompts), 256), desc="text", disable=not show):
         tok = tokenizer(list(prompts[start : start + 256]), padding="max_length", max_length=max_tokens,
@@ -499,7 +511,7 @@ def train_generator(
     captions = training_captions(images, names, modes)
     prompts, caption_ids = build_prompt_table(captions, labels.tolist(), FASHION_MNIST_CLASSES)
     _log(log, f"{len(prompts)} distinct prompts, e.g. {captions[0]!r}")
-    text = embed_prompts(prompts, cfg.max_tokens, show)
+    text = embed_prompts(prompts, cfg.max_tokens, show, log=lambda m: _log(log, m))
     unet, unet_stats = train_unet(means * scale, stds * scale, text, caption_ids, cfg, show,
                                   checkpoint_dir=root / "unet_checkpoint")
     stats.update(unet_stats)
