@@ -36,6 +36,7 @@ from longtail.report import (
     shrink_png,
     write_report,
 )
+from longtail.report.cells import fmt_duration
 
 CLASSES = ["alpha", "beta", "gamma", "delta"]
 GROUPS = ["many", "many", "medium", "few"]
@@ -229,6 +230,8 @@ def make_run(
         mining[seed] = _mining(root, seed, rng, start)
     sweep = _sweep(root) if base_stage else None
     summary = _summary(seeds, base, mining, sweep, paired)
+    if optional:
+        summary.update(NUISANCE_KEYS)
     (root / "metrics.json").write_text(json.dumps(summary))
     (root / "summary.txt").write_text(_summary_text(summary))
     if optional:
@@ -264,6 +267,36 @@ EFFICIENCY = {
         "5": {"ltg": {"few": {"mean": 0.03, "ci": [-0.01, 0.07], "wins": 2, "losses": 1, "n": 3, "level": 0.95}}},
         "25": {"ltg": {"few": {"mean": None, "ci": None, "wins": 0, "losses": 0, "n": 0, "level": 0.95}}},
     },
+}
+
+
+def _ms(mean: float, std: float, n: int = 2) -> dict:
+    return {"mean": mean, "std": std, "n": n}
+
+
+# metrics.json's keys from the nuisance testbed (`longtail mine`, data.nuisance / nuisance_eval), and timing
+NUISANCE_KEYS = {
+    "splits": {
+        "nuisance:all": {"none": _ms(0.412, 0.01), "unguided": _ms(0.456, 0.02), "ltg": _ms(0.478, 0.03),
+                         "ltg:entropy@2": _ms(0.401, 0.004)},
+        "nuisance:rotate": {"none": _ms(0.2, 0.01), "unguided": _ms(0.16, 0.02), "ltg": _ms(0.1234, 0.0056),
+                            "ltg:entropy@2": _ms(0.19, 0.02)},
+    },
+    # the mode detector's shares; classes in the order of the synthetic images, not the run's
+    "mode_shares": {
+        "unguided": {"all": {"rotate": 0.0753, "invert": 0.044}, "beta": {"rotate": 0.1, "invert": 0.0},
+                     "alpha": {"rotate": 0.05, "invert": 0.088}},
+        "ltg": {"all": {"rotate": 0.1294, "invert": 0.0421}, "beta": {"rotate": 0.2, "invert": 0.0},
+                "alpha": {"rotate": 0.0588, "invert": 0.0842}},
+    },
+    "mode_detector": {
+        "accuracy": 0.9942,
+        "clean_false_alarm": 0.0024,
+        "recall": {"rotate": 0.9888, "invert": 1.0},
+        "n": 10000,
+    },
+    "stage_seconds": {"base": 60.0, "sweep": 30.0, "mining ltg": 90.0},
+    "seconds": 200.0,
 }
 
 
@@ -729,3 +762,129 @@ def test_grids_section_shows_guidance_options_with_judge_and_cost(full_run, tmp_
     # unguided: 16 images in 0.5 s; views=4 takes 4 s for 16, i.e. 8x the unguided time per image
     assert [r[0] for r in rows] == ["unguided", "LTG w = 0.5", "views=4", "lowpass=1"]
     assert rows[2][3] == "0.875" and rows[2][-1] == "8.0" and rows[3][-1] == "2.0" and rows[0][-1] == "1.0"
+
+
+def _cells(body: str) -> list[tuple[str, ...]]:
+    """The body rows of the first table in ``body``: the texts of their cells, tags (spans) removed."""
+    rows = re.findall(r"<tr>(.*?)</tr>", body.split("<tbody>", 1)[1].split("</tbody>", 1)[0])
+    return [tuple(re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)) for row in rows]
+
+
+def _with_metrics(full_run: Path, root: Path, **changes: object) -> Path:
+    """A copy of ``full_run`` with metrics.json's keys changed (``None``: removed)."""
+    shutil.copytree(full_run, root)
+    summary = json.loads((root / "metrics.json").read_text())
+    summary.update(changes)
+    summary = {k: v for k, v in summary.items() if v is not None}
+    (root / "metrics.json").write_text(json.dumps(summary))
+    return root
+
+
+def _clean(stat: dict) -> str:
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def test_nuisance_section_shows_split_accuracy_next_to_clean(full_run, tmp_path):
+    html = write_report(full_run, tmp_path / "r.html").read_text()
+    body = _section(html, "nuisance")
+    assert "<h2>Nuisance test splits</h2>" in html and 'href="#nuisance"' in html
+    assert "mean over 2 seed(s) ± std" in body and "every mode equally often" in body
+    assert '<table class="compact">' in body
+    assert re.findall(r"<th>([^<]*)</th>", body) == ["condition", "clean", "all", "rotate"]
+    conditions = json.loads((full_run / "metrics.json").read_text())["conditions"]
+    top1 = {c: _clean(m["top1"]) for c, m in conditions.items()}
+    assert _cells(body) == [
+        ("+ fine-tune, no synth", top1["none"], "0.412 ± 0.010", "0.200 ± 0.010"),
+        ("+ unguided synthetic", top1["unguided"], "0.456 ± 0.020", "0.160 ± 0.020"),
+        ("+ LTG (total, w=0.5)", top1["ltg"], "0.478 ± 0.030", "0.123 ± 0.006"),
+        ("+ LTG (entropy, w=2)", top1["ltg:entropy@2"], "0.401 ± 0.004", "0.190 ± 0.020"),
+    ]
+
+
+def test_nuisance_section_puts_base_first_and_dashes_what_is_missing(full_run, tmp_path):
+    splits = {
+        "nuisance:blur": {"unguided": _ms(0.5, 0.1), "base": _ms(0.3, 0.02)},
+        "other:blur": {"unguided": _ms(0.6, 0.0, 1)},  # same short name: full names as headers
+    }
+    root = _with_metrics(full_run, tmp_path / "run", splits=splits)
+    body = _section(build_html(load_run(root), [s for s in SECTIONS if s.id == "nuisance"]), "nuisance")
+    assert re.findall(r"<th>([^<]*)</th>", body) == ["condition", "clean", "nuisance:blur", "other:blur"]
+    base = _clean(json.loads((root / "metrics.json").read_text())["base"]["top1"])
+    rows = _cells(body)
+    assert rows[0] == ("base (long-tailed real data only)", base, "0.300 ± 0.020", "–")
+    assert rows[1][0] == "+ unguided synthetic"
+    assert rows[1][2:] == ("0.500 ± 0.100", "0.600")  # one seed: no ±
+    assert len(rows) == 2
+
+
+def test_modes_section_shows_shares_detector_and_classes(full_run, tmp_path):
+    html = write_report(full_run, tmp_path / "r.html").read_text()
+    body = _section(html, "modes")
+    assert "<h2>Nuisance modes in the synthetic data</h2>" in html
+    assert "as the mode detector sees them" in body and "attribute captioner" not in body
+    assert "(10000 images)" in body and "right 0.994 of the time" in body
+    assert "a mode to 0.002 of the clean" in body
+    table = body.split("<details>", 1)[0]
+    assert re.findall(r"<th>([^<]*)</th>", table) == ["condition", "rotate", "invert"]
+    assert _cells(table) == [
+        ("+ unguided synthetic", "0.075", "0.044"),
+        ("+ LTG (total, w=0.5)", "0.129", "0.042"),
+        ("mode detector: recall on the test set", "0.989", "1.000"),
+    ]
+    blocks = re.findall(r"<details><summary>Per class: ([^<]*)</summary>(.*?)</details>", body, re.S)
+    assert [label for label, _ in blocks] == ["+ unguided synthetic", "+ LTG (total, w=0.5)"]
+    # classes in the run's order (alpha, beta), not metrics.json's
+    assert _cells(blocks[1][1]) == [("alpha", "0.059", "0.084"), ("beta", "0.200", "0.000")]
+
+
+def test_modes_section_by_the_captioner_reads_against_the_configured_rates(full_run, tmp_path):
+    shares = {"ltg": {"all": {"rotate": 0.25, "cutoff": 0.125}, "gamma": {"rotate": 0.25}}, "bad": None}
+    root = _with_metrics(full_run, tmp_path / "run", mode_shares=shares, mode_detector=None)
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["data"] = {"nuisance": {"rotate": 0.03, "invert": 0.03}}
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    body = _section(build_html(load_run(root), [s for s in SECTIONS if s.id == "modes"]), "modes")
+    assert "as the attribute captioner sees them" in body and "mode detector sees" not in body
+    assert _cells(body.split("<details>", 1)[0]) == [
+        ("+ LTG (total, w=0.5)", "0.250", "0.125"),
+        ("real training data: rate set in data.nuisance", "0.030", "–"),
+    ]
+    assert "recall" not in body and _cells(body.split("<details>", 1)[1]) == [("gamma", "0.250", "–")]
+
+
+def test_overview_shows_compute_time_by_stage(full_run, tmp_path):
+    body = _section(write_report(full_run, tmp_path / "r.html").read_text(), "overview")
+    timing = body.split("<h3>Compute time</h3>", 1)[1]
+    assert "3 min 20 s of wall-clock time" in timing
+    assert _cells(timing) == [
+        ("base", "60.0", "30%"),
+        ("sweep", "30.0", "15%"),
+        ("mining ltg", "90.0", "45%"),
+        ("other (set-up, loading, summary)", "20.0", "10%"),
+        ("total", "200.0", "100%"),
+    ]
+
+
+def test_runs_without_the_nuisance_keys_leave_them_out(full_run, tmp_path):
+    root = make_run(tmp_path / "old", seeds=(0,), optional=False)
+    html = write_report(root).read_text()
+    assert '<section id="overview">' in html and '<section id="accuracy">' in html
+    for gone in ('<section id="nuisance">', 'href="#nuisance"', '<section id="modes">', "Compute time"):
+        assert gone not in html, gone
+    assert 'class="note error"' not in html and 'class="note missing"' not in html
+    # an older run with keys but no data, and its total time only (no stage_seconds)
+    root = _with_metrics(full_run, tmp_path / "empty", splits={}, mode_shares={"ltg": {"all": "?"}},
+                         mode_detector=None, stage_seconds=None, seconds=1244.26)
+    html = write_report(root).read_text()
+    assert '<section id="nuisance">' not in html and '<section id="modes">' not in html
+    timing = _section(html, "overview").split("<h3>Compute time</h3>", 1)[1]
+    assert "20 min 44 s of wall-clock time" in timing and "<table" not in timing.split("</div>", 1)[0]
+    assert 'class="note error"' not in html
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(42.04, "42.0 s"), (1244.26, "20 min 44 s"), (7500.0, "2 h 05 min"), (3599.7, "1 h 00 min")],
+)
+def test_durations_read_as_time(seconds, text):
+    assert fmt_duration(seconds) == text

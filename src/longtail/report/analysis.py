@@ -1,5 +1,5 @@
-"""Optional sections, left out when their file is absent: synthetic vs real distribution, the denoising
-trajectory, longtail introspection."""
+"""Optional sections, left out when their file or key is absent: nuisance modes in the synthetic data,
+synthetic vs real distribution, the denoising trajectory, longtail introspection."""
 
 from __future__ import annotations
 
@@ -7,12 +7,69 @@ from functools import reduce
 from math import nan
 from operator import getitem
 
-from .cells import Cell, Table, fmt, fmt_ms, image, json_text, num
+from .cells import Cell, Table, fmt, fmt_ms, image, json_text, num, numf
 from .load import RunData
 from .plots import plot_distribution, plot_trajectory
 
 METRICS = {"fid": "FID", "precision": "precision", "recall": "recall"}
 BETWEEN = ("fid_mean", "fid_min", "precision_mean", "recall_mean")
+DETECTOR_KEYS = ("accuracy", "clean_false_alarm", "n")
+RATES_ROW = "real training data: rate set in data.nuisance"
+RECALL_ROW = "mode detector: recall on the test set"
+
+
+def _shares_row(label: str | Cell, shares: object, modes: list[str]) -> list:
+    """``label`` and ``shares[mode]`` (3 decimals; a dash when absent) for each of ``modes``."""
+    shares = shares if isinstance(shares, dict) else {}
+    return [label, *[numf(shares.get(m), ".3f") for m in modes]]
+
+
+def _class_order(run: RunData, names: list[str]) -> list[str]:
+    """``names`` in the run's class order; names it does not know last, as given."""
+    known = {n: i for i, n in enumerate(run.class_names)}
+    return sorted(names, key=lambda n: known.get(n, len(known)))
+
+
+def _mode_classes(run: RunData, label: str, shares: dict, modes: list[str]) -> dict:
+    """One condition's shares per class (class x mode)."""
+    classes = _class_order(run, [k for k, v in shares.items() if k != "all" and isinstance(v, dict)])
+    return {
+        "label": label,
+        "table": Table(["class", *modes], [_shares_row(c, shares[c], modes) for c in classes]),
+    }
+
+
+def _reference_rows(run: RunData, detector: dict | None, modes: list[str]) -> list[list]:
+    """Rows to read the shares against: the real training data's configured rates (``data.nuisance``) and the
+    mode detector's recall on the test set."""
+    rates = ((run.config or {}).get("data") or {}).get("nuisance")
+    rows = []
+    if isinstance(rates, dict) and rates:
+        rows.append(_shares_row(Cell(RATES_ROW, span="meta"), rates, modes))
+    if detector is not None:
+        rows.append(_shares_row(Cell(RECALL_ROW, span="meta"), detector.get("recall"), modes))
+    return rows
+
+
+def section_modes(run: RunData) -> dict | None:
+    """``metrics.json``'s ``mode_shares`` (``{condition: {"all" | class name: {mode: share}}}``): how often
+    each nuisance mode shows in each condition's synthetic data (all seeds pooled), as ``mode_detector`` (its
+    ``{"accuracy", "clean_false_alarm", "recall", "n"}``) or, without one, the attribute captioner sees it."""
+    metrics = run.metrics or {}
+    raw = metrics.get("mode_shares")
+    raw = raw if isinstance(raw, dict) else {}
+    shares = {c: s for c, s in raw.items() if isinstance(s, dict) and isinstance(s.get("all"), dict)}
+    if not shares:
+        return None
+    detector = metrics.get("mode_detector") if isinstance(metrics.get("mode_detector"), dict) else None
+    modes = list(dict.fromkeys(str(m) for s in shares.values() for m in s["all"]))
+    labels = {c: run.condition_label(c) for c in shares}
+    rows = [_shares_row(labels[c], s["all"], modes) for c, s in shares.items()]
+    return {
+        "detector": {k: fmt(detector.get(k)) for k in DETECTOR_KEYS} if detector else None,
+        "table": Table(["condition", *modes], [*rows, *_reference_rows(run, detector, modes)]),
+        "per_class": [_mode_classes(run, labels[c], s, modes) for c, s in shares.items()],
+    }
 
 
 def distribution_reports(data: dict) -> dict[str, list[dict]]:

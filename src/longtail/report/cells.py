@@ -58,6 +58,17 @@ def fmt_stat(stat: object) -> Cell:
     return num(f"{fmt(mean)} ± {fmt(std)}" if isinstance(n, int) and n > 1 and mean is not None else fmt(mean))
 
 
+def fmt_duration(seconds: float) -> str:
+    """Seconds as ``42.0 s``, ``20 min 44 s`` or ``2 h 05 min``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    minutes = whole // 60
+    if minutes < 60:
+        return f"{minutes} min {whole % 60:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def mean_of(values: Sequence[float | None]) -> float | None:
     """The mean of the finite values, ``None`` when there are none."""
     return mean_std(values)["mean"]

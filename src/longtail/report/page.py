@@ -15,13 +15,14 @@ from typing import Any
 import jinja2
 from markupsafe import Markup, escape
 
-from .analysis import section_distribution, section_introspection, section_trajectory
+from .analysis import section_distribution, section_introspection, section_modes, section_trajectory
 from .cells import DASH
 from .load import KINDS, RunData, load_run
 from .results import (
     section_accuracy,
     section_detection,
     section_efficiency,
+    section_nuisance,
     section_overview,
     section_paired,
     section_rounds,
@@ -73,6 +74,7 @@ SECTIONS: list[Section] = [
     _section("overview", "Run", section_overview, KINDS),
     _section("accuracy", "Accuracy by condition and group", section_accuracy),
     _section("paired", "Paired differences against the baseline", section_paired),
+    _section("nuisance", "Nuisance test splits", section_nuisance),
     _section("efficiency", "Data efficiency (synthetic images per class)", section_efficiency),
     _section("rounds", "Accuracy per mining round", section_rounds),
     _section("detection", "Detecting rare and hard examples (Figures 5, 11)", section_detection),
@@ -80,6 +82,7 @@ SECTIONS: list[Section] = [
     _section("sweep", "Signal and P(class) against the guidance weight (Figure 2)", section_sweep, SWEEP),
     _section("grids", "Unguided vs guided samples (Figure 6)", section_grids, SWEEP),
     _section("synthetic", "Mined synthetic data", section_synthetic),
+    _section("modes", "Nuisance modes in the synthetic data", section_modes),
     _section("generated", "Generated set", section_generated, ("generate",)),
     _section("distribution", "Synthetic vs real distribution (section 3.1)", section_distribution),
     _section("trajectory", "Along the denoising trajectory (Figure 15)", section_trajectory),

@@ -1,11 +1,11 @@
-"""Sections on a run's classifiers: overview, accuracy by group, paired differences, the data-efficiency curve,
-accuracy per round, detection."""
+"""Sections on a run's classifiers: overview (with compute time by stage), accuracy by group, paired
+differences, the nuisance test splits, the data-efficiency curve, accuracy per round, detection."""
 
 from __future__ import annotations
 
 import math
 
-from .cells import DASH, Cell, Table, fmt_ms, fmt_stat, image, num
+from .cells import DASH, Cell, Table, fmt_duration, fmt_ms, fmt_stat, image, num, numf
 from .load import RunData
 from .plots import GROUP_KEYS, GROUP_LABELS, Rows, plot_accuracy_bars, plot_efficiency, plot_roc, plot_rounds
 
@@ -46,22 +46,61 @@ def _stages(run: RunData) -> list[list[Cell]]:
     return rows
 
 
+def _seconds(value: object) -> float | None:
+    """A finite, non-negative number of seconds, else ``None``."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok and value >= 0 else None
+
+
+def _timing_rows(stages: dict[str, float], total: float | None) -> list[list[Cell]]:
+    """``stage, seconds, share of the total`` per stage, then the rest of the total (set-up...), then it."""
+    whole = total if total is not None else sum(stages.values())
+    rest = total - sum(stages.values()) if total is not None else 0.0
+    shown = {**stages, **({"other (set-up, loading, summary)": rest} if rest >= 0.05 else {})}
+
+    def share(v: float) -> Cell:
+        return num(f"{100 * v / whole:.0f}%") if whole > 0 else num(DASH)
+
+    rows = [[Cell(name), numf(v), share(v)] for name, v in shown.items()]
+    return [*rows, [Cell("total"), numf(whole), share(whole)]]
+
+
+def compute_time(metrics: dict | None) -> dict | None:
+    """``metrics.json``'s ``seconds`` (the invocation that wrote it) and ``stage_seconds`` (stage -> seconds,
+    newer runs): ``{"total": "20 min 44 s" | None, "table": Table | None}``; ``None`` without either."""
+    metrics = metrics or {}
+    total = _seconds(metrics.get("seconds"))
+    raw = metrics.get("stage_seconds")
+    raw = raw if isinstance(raw, dict) else {}
+    stages = {str(k): v for k, x in raw.items() if (v := _seconds(x)) is not None}
+    if total is None and not stages:
+        return None
+    table = Table(["stage", "seconds", "share"], _timing_rows(stages, total), "narrow") if stages else None
+    return {"total": fmt_duration(total if total is not None else sum(stages.values())), "table": table}
+
+
 def section_overview(run: RunData) -> dict:
-    """The printed summary (mine runs) next to the stages found and the resolved config."""
+    """The printed summary (mine runs) next to the stages found, the compute time and the resolved config."""
     return {
         "show_summary": run.kind == "mine",
         "summary": run.summary_text.rstrip() if run.summary_text else None,
         "config": run.config_text.rstrip() if run.config_text else None,
         "stages": Table(["stage", "status"], _stages(run), "narrow"),
+        "timing": compute_time(run.metrics) if run.kind == "mine" else None,
         "problems": list(run.problems),
     }
 
 
-def accuracy_rows(run: RunData) -> Rows:
-    """``(key, label, final metrics per seed)``: the base classifier (trained or given), each condition."""
+def base_label(run: RunData) -> str:
+    """The base classifier's label: trained on the long-tailed real data, or given (``base.epochs: 0``)."""
     base = (run.config or {}).get("base")
     given = isinstance(base, dict) and base.get("epochs") == 0
-    label = "base (the given classifier)" if given else "base (long-tailed real data only)"
+    return "base (the given classifier)" if given else "base (long-tailed real data only)"
+
+
+def accuracy_rows(run: RunData) -> Rows:
+    """``(key, label, final metrics per seed)``: the base classifier (trained or given), each condition."""
+    label = base_label(run)
     rows = [("base", label, [run.base[s] for s in sorted(run.base)])] if run.base else []
     rows += [(c, run.condition_label(c), [h[-1] for h in run.histories(c)]) for c in run.conditions]
     return [r for r in rows if any(k in f for f in r[2] for k in GROUP_KEYS)]
@@ -147,6 +186,42 @@ def _level_text(diffs: list[dict]) -> str:
     level = next(iter(levels)) if len(levels) == 1 else None
     finite = isinstance(level, int | float) and math.isfinite(level)
     return f"{100 * level:g}%" if finite else "confidence"
+
+
+def split_headers(names: list[str]) -> list[str]:
+    """Headers of extra splits: ``nuisance:rotate`` -> ``rotate`` (full names when that is ambiguous)."""
+    short = [n.split(":", 1)[-1] for n in names]
+    return short if len(set(short)) == len(short) else list(names)
+
+
+def _clean_top1(metrics: dict, cond: str) -> object:
+    """The ``mean_std`` of top-1 on the clean evaluation set: ``base`` or ``conditions[cond]``."""
+    row = metrics.get("base") if cond == "base" else (metrics.get("conditions") or {}).get(cond)
+    return row.get("top1") if isinstance(row, dict) else None
+
+
+def section_nuisance(run: RunData) -> dict | None:
+    """``metrics.json``'s ``splits`` (``{split: {condition: mean_std of top-1}}``): accuracy on each nuisance
+    test split per condition (base too when present), next to the clean test set's."""
+    metrics = run.metrics or {}
+    raw = metrics.get("splits")
+    raw = raw if isinstance(raw, dict) else {}
+    splits = {n: per for n, per in raw.items() if isinstance(per, dict) and per}
+    if not splits:
+        return None
+    conds = list(dict.fromkeys(c for per in splits.values() for c in per))
+    conds = sorted(conds, key=lambda c: c != "base")  # stable: base first, then the run's order
+    body = [
+        [base_label(run) if c == "base" else run.condition_label(c), fmt_stat(_clean_top1(metrics, c)),
+         *[fmt_stat(per.get(c)) for per in splits.values()]]
+        for c in conds
+    ]
+    counts = [s.get("n") for per in splits.values() for s in per.values() if isinstance(s, dict)]
+    return {
+        "n_seeds": max((n for n in counts if isinstance(n, int)), default=0),
+        "evaluated_on": metrics.get("evaluated_on"),
+        "table": Table(["condition", "clean", *split_headers(list(splits))], body, "compact"),
+    }
 
 
 def section_efficiency(run: RunData) -> dict | None:
