@@ -16,6 +16,13 @@ the file and line; the next run regenerates its image. A file whose header is da
 row) is ignored on read and set aside as ``<name>.damaged`` by the next write, never appended to. Before
 appending, the writer rewrites its own file (atomically) without the dropped rows, so nothing is glued to a
 cut row. ``longtail verify`` reports all of this without changing anything.
+
+``merge()`` also writes ``metadata.csv`` (atomically, after ``manifest.csv``): the metadata file of Hugging Face
+``datasets``' imagefolder loader, so ``load_dataset("imagefolder", data_dir=<root>)`` reads the store with every
+manifest column. Its rows are the merged manifest's, plus ``file_name`` (the image path relative to the root) and
+``label`` (the class folder: with a metadata file the loader takes labels from it, not from the folders). It is
+derived, never read here; a kill before it is replaced leaves the previous one (a subset of the rows, each
+image complete) until the next merge.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.csv"
+HF_METADATA = "metadata.csv"  # Hugging Face datasets' imagefolder metadata, rewritten by merge()
 PART_GLOB = "manifest.part-*.csv"
 DAMAGED = ".damaged"  # suffix of a manifest set aside because its header is damaged
 COLUMNS = (
@@ -209,16 +217,25 @@ def _warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def _write_atomic(path: Path, rows: Iterable[dict[str, object]]) -> None:
-    """``COLUMNS`` header plus ``rows`` to a temporary file, synced, then renamed over ``path``."""
+def _write_atomic(path: Path, rows: Iterable[dict[str, object]], columns: Sequence[str] = COLUMNS) -> None:
+    """``columns`` header plus ``rows`` to a temporary file, synced, then renamed over ``path``."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+HF_COLUMNS = ("file_name", "label", *COLUMNS)
+
+
+def hf_metadata_rows(rows: Iterable[dict[str, str]]) -> list[dict[str, str]]:
+    """Manifest rows as rows of ``metadata.csv``: ``file_name`` (``path``, relative to the store root) and
+    ``label`` (its class folder, what the imagefolder loader would infer without a metadata file) first."""
+    return [{"file_name": row["path"], "label": PurePosixPath(row["path"]).parts[0], **row} for row in rows]
 
 
 def set_aside(path: Path) -> Path:
@@ -295,6 +312,7 @@ class SyntheticStore:
         parts = sorted(self.root.glob(PART_GLOB))
         self.root.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.manifest, rows)
+        _write_atomic(self.root / HF_METADATA, hf_metadata_rows(rows), HF_COLUMNS)
         for part in parts:
             part.unlink()
         self._ready = self.writes_to == self.manifest

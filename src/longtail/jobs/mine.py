@@ -40,6 +40,7 @@ from ..evaluation.stats import mean_std, mean_std_cell, number_cell, paired_tabl
 from ..files import read_json, write_json
 from ..heads import EpistemicClassifier
 from ..models.classifiers import LoadedClassifier, bridged_classifier
+from . import tracking
 from .common import (
     active,
     check_generator_classes,
@@ -264,7 +265,8 @@ def _accelerator(cfg: MineConfig):
     # split_batches: each global batch is divided over the processes, so the optimisation is the same as on one
     # device up to floating-point order (BatchNorm statistics aside, which are per process)
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    return Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    return Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True),
+                       **tracking.accelerator_kwargs(cfg.track, cfg.out))
 
 
 def _load_generator(cfg: MineConfig, device: torch.device, log: Log):
@@ -394,6 +396,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
         write_json(run / "class_names.json", source.class_names)
         if skipped:
             write_json(run / "skipped_images.json", skipped)
+    tracker = tracking.start(cfg, ctx.acc)
     log(f"real training data: {source.describe()}")
     base, models = {}, {}
     with clock("base"):
@@ -407,6 +410,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
         ctx.judge = stage_judge(ctx) if cfg.sweep.signals or any(c.judge_filter for c in conditions) else None
     with clock("sweep"):
         sweep = stage_sweep(ctx, first, ctx.judge)
+    tracker.sweep(sweep, run / "sweep")
     weight = weight_of(cfg, sweep)
     guidance_of = {c.text: {"signal": g.signal, "weight": g.weight} for c in conditions
                    if (g := c.guidance(cfg.guidance, weight)) is not None}
@@ -425,6 +429,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
         for cond in conditions:
             with clock(f"mining {cond.text}"):
                 mining[seed][cond.text] = stage_mining(ctx, seed, cond, guidance_for(cond), plan, prompts)
+            tracker.rounds(seed, cond.text, mining[seed][cond.text])
     summary = summarize(ctx, base, mining, conditions, guidance_of, sweep)
     if cfg.efficiency.sizes:
         log(f"data-efficiency curve: {sorted(cfg.efficiency.sizes)} images per class")
@@ -447,6 +452,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
     if ctx.is_main:
         write_json(run / "metrics.json", summary)
         (run / "summary.txt").write_text(table + "\n")
+    tracker.finish(summary)
     log(table)
     if cfg.report and ctx.is_main:
         from ..report import write_report

@@ -13,6 +13,7 @@ from ..data.sources import DataSource, Recipe
 from ..mining import allocate
 from ..sampling import GuidanceConfig
 from .common import ClassifierSpec, GeneratorSpec
+from .tracking import check_track
 
 # --- config ------------------------------------------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class MineConfig:
     trajectory: bool = False  # the A.7 trajectory analysis
     distances: bool = True  # FID / precision / recall of each condition's synthetic data vs real
     report: bool = True
+    track: str = "none"  # experiment tracking (accelerate): none | tensorboard | wandb | mlflow -> <out>/tracking/
     device: str = "auto"
     threads: int = 0  # torch CPU threads (0: leave torch's default)
 
@@ -292,6 +294,7 @@ def check_config(cfg: MineConfig) -> list[Condition]:
         raise ConfigError(f"data.source must be 'imagefolder' or 'fashion_mnist_lt', got {cfg.data.source!r}")
     if not cfg.seeds:
         raise ConfigError("seeds must list at least one seed")
+    check_track(cfg.track)  # a known tracker, its package installed
     if cfg.base.epochs < 0 or cfg.heads.epochs < 0:
         raise ConfigError("base.epochs and heads.epochs must be >= 0")
     check_heads(cfg.heads)
