@@ -15,23 +15,88 @@ heads_app = typer.Typer(no_args_is_help=True, help="Epistemic Head utilities.")
 app.add_typer(heads_app, name="heads")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"longtail {version('longtail')}")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            from . import __version__
+
+            typer.echo(f"longtail {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the installed version and exit")) -> None:
+    pass
+
+
 @heads_app.command("overhead")
 def heads_overhead(
     arch: str = typer.Option("vit_b_16", help="torchvision name (vit_b_16, resnet50 ...) or timm:<name>"),
     num_classes: int = typer.Option(1000, help="number of classes C"),
     heads: int = typer.Option(5, help="number of heads K"),
     head_name: str | None = typer.Option(None, help="module path of the head, if it is not found automatically"),
+    time: bool = typer.Option(True, "--time/--no-time", help="also time forward and forward+backward, base vs "
+                              "base + heads"),
+    batch_size: int = typer.Option(8, help="batch size of the timed passes"),
+    image_size: int | None = typer.Option(None, help="input side of the timed passes (default: the "
+                                          "architecture's)"),
+    repeats: int = typer.Option(3, help="timed repeats (the median is printed), after one warm-up"),
+    device: str = typer.Option("auto", help="where to time: auto | cpu | cuda"),
 ) -> None:
-    """Parameters an Epistemic Head adds to an architecture (random weights, nothing downloaded)."""
-    from .heads import parameter_overhead
-    from .models.classifiers import build_model
+    """Parameters (and time) an Epistemic Head adds to an architecture (random weights, nothing downloaded)."""
+    from .jobs.heads import run_heads_overhead
 
-    stats = parameter_overhead(build_model(arch, num_classes), heads, head_name)
-    typer.echo(f"architecture {arch}: C={stats['num_classes']} classes, d_model={stats['d_model']}, K={heads} heads")
-    typer.echo(f"base parameters:  {stats['base_params']:,}")
-    extra = stats["added_with_bias"] - stats["added_params"]
-    typer.echo(f"added parameters: {stats['added_params']:,} (K x d x C) + {extra:,} biases")
-    typer.echo(f"overhead: {stats['percent']:.2f}%")
+    run_heads_overhead(arch, num_classes, heads, head_name, measure_time=time, batch_size=batch_size,
+                       image_size=image_size, repeats=repeats, device=device, log=typer.echo)
+
+
+@heads_app.command("train")
+def heads_train(
+    classifier: str = typer.Option(..., help="your trained classifier: torchvision name, timm:<name>, "
+                                   "module:function, or a classifier.json"),
+    data: str = typer.Option(..., help="training ImageFolder (<dir>/<class>/<image>)"),
+    out: str = typer.Option(..., help="output directory: heads.safetensors, classifier.json, heads.json "
+                            "(+ report.json with --val)"),
+    checkpoint: str | None = typer.Option(None, help="the classifier's weights (.safetensors or a weights-only "
+                                          "torch file)"),
+    val: str | None = typer.Option(None, help="validation ImageFolder: detection report of every signal"),
+    num_heads: int = typer.Option(5, help="number of heads K (>= 2)"),
+    epochs: int = typer.Option(5, help="training epochs of the heads"),
+    epsilon: float = typer.Option(0.0, help="relaxed oracle loss: the losing heads' share, in [0, 1) (0: the "
+                                  "paper's oracle loss)"),
+    bootstrap: bool = typer.Option(False, "--bootstrap", help="each head trains on its own Poisson(1) resample"),
+    init: str = typer.Option("copy", help="copy (the trained head + noise) | fresh"),
+    head_name: str | None = typer.Option(None, help="module path of the classification head, if it is not "
+                                         "found automatically"),
+    num_classes: int | None = typer.Option(None, help="the classifier's number of classes (to build it)"),
+    class_names: str | None = typer.Option(None, help="class-name file (JSON list or one per line); else the "
+                                           "sorted folder names"),
+    image_size: int | None = typer.Option(None, help="input side (resize + center crop; the classifier's "
+                                          "normalisation stays); needed when its preprocessing gives none"),
+    batch_size: int = typer.Option(128, help="images per step"),
+    lr: float = typer.Option(1e-3, help="learning rate (Adam, cosine schedule)"),
+    seed: int = typer.Option(0, help="seed of the head initialisation, bootstrap and data order"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace heads already in --out"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Attach an Epistemic Head to your trained classifier and train only the heads on an ImageFolder (base
+    frozen: its weights and logits stay bit-identical); with --val, a detection report per signal."""
+    from .jobs.common import ClassifierSpec
+    from .jobs.heads import HeadsSpec, HeadsTrainConfig, run_heads_train
+
+    cfg = HeadsTrainConfig(
+        classifier=ClassifierSpec(spec=classifier, checkpoint=checkpoint, num_classes=num_classes,
+                                  class_names=class_names, head_name=head_name),
+        data=data, out=out, val=val, batch_size=batch_size, image_size=image_size, seed=seed, device=device,
+        overwrite=overwrite,
+        heads=HeadsSpec(num_heads=num_heads, epochs=epochs, lr=lr, init=init, epsilon=epsilon, bootstrap=bootstrap))
+    run_heads_train(cfg, show=progress, log=typer.echo)
 
 
 @app.command()

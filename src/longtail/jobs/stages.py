@@ -32,7 +32,7 @@ from .common import (
     resolve_classifier_spec,
     write_classifier_json,
 )
-from .mine_config import FinetuneSpec, IntrospectionSpec, MineConfig, Plan, check_captioner
+from .mine_config import FinetuneSpec, HeadsSpec, IntrospectionSpec, MineConfig, Plan, check_captioner
 
 Log = Callable[[str], None]
 
@@ -122,14 +122,23 @@ def train_epochs(ctx: Context, model: nn.Module, recipe: FinetuneSpec, *, seed: 
                  total: int, rows=(), store_root: Path | None = None, lr: float | None = None,
                  desc: str = "train") -> list[float]:
     """Epochs ``[first, last)`` of a cosine schedule over ``total`` on real (+ synthetic) data."""
+    return train_on(ctx.source, model, recipe, accelerator=ctx.acc, seed=seed, first=first, last=last, total=total,
+                    rows=rows, store_root=store_root, lr=lr, desc=desc, show=ctx.show)
+
+
+def train_on(source: DataSource, model: nn.Module, recipe: FinetuneSpec, *, accelerator, seed: int, first: int,
+             last: int, total: int, rows=(), store_root: Path | None = None, lr: float | None = None,
+             desc: str = "train", show: bool = True) -> list[float]:
+    """Epochs ``[first, last)`` of a cosine schedule over ``total`` on ``source``'s real (+ synthetic ``rows``)
+    data, with ``recipe`` (``lr`` overrides its learning rate) under ``accelerator``; returns the mean loss per
+    epoch (``longtail.train.fit``, whose errors it raises)."""
     from ..train import fit, tensor_augment
 
-    loader = ctx.source.train_loader(recipe, seed, rows, store_root)
+    loader = source.train_loader(recipe, seed, rows, store_root)
     tc = train_config(recipe, lr, total, seed)
-    return fit(model, loader, tc, accelerator=ctx.acc, first_epoch=first, last_epoch=last, total_epochs=total,
-               num_classes=len(ctx.source.class_names), desc=desc, show=ctx.show,
-               class_counts=ctx.source.class_counts(rows),
-               batch_transform=tensor_augment(tc) if ctx.source.batch_augment else None)
+    return fit(model, loader, tc, accelerator=accelerator, first_epoch=first, last_epoch=last, total_epochs=total,
+               num_classes=len(source.class_names), desc=desc, show=show, class_counts=source.class_counts(rows),
+               batch_transform=tensor_augment(tc) if source.batch_augment else None)
 
 
 def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_path: Path | None = None,
@@ -254,12 +263,23 @@ def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
 def attach_heads(ctx: Context, model: nn.Module, seed: int) -> EpistemicClassifier:
     """Epistemic Head (copies of the trained head + noise, or fresh), trained with ``heads``' loss, base frozen."""
     hs = ctx.cfg.heads
-    wrapped = EpistemicClassifier(model, num_heads=hs.num_heads, head_name=ctx.cfg.classifier.head_name,
-                                  init_noise=hs.init_noise, seed=seed, init=hs.init)
-    wrapped.head_loss = head_loss_of(hs, seed)
     ctx.log(f"training an Epistemic Head ({hs.num_heads} heads) for {hs.epochs} epochs (seed {seed})")
-    train_epochs(ctx, HeadsOnly(wrapped), ctx.cfg.finetune, seed=seed, first=0, last=hs.epochs, total=hs.epochs,
-                 lr=hs.lr, desc=f"epistemic head (seed {seed})")
+    return train_heads(model, hs, ctx.source, ctx.cfg.finetune, accelerator=ctx.acc, seed=seed,
+                       head_name=ctx.cfg.classifier.head_name, show=ctx.show)
+
+
+def train_heads(model: nn.Module, hs: HeadsSpec, source: DataSource, recipe: FinetuneSpec, *, accelerator,
+                seed: int, head_name: str | None = None, show: bool = True) -> EpistemicClassifier:
+    """Attach ``hs.num_heads`` heads to ``model`` (``EpistemicClassifier``, ``hs.init`` / ``hs.init_noise``, seeded)
+    and train only them (``HeadsOnly``: base in eval mode, out of the optimizer, so its weights and logits stay
+    bit-identical) for ``hs.epochs`` epochs of ``source``'s training data with ``recipe`` at ``hs.lr``, under
+    ``hs``' loss (``head_loss_of``). The one head-training routine of ``longtail mine`` and ``longtail heads
+    train``. Raises ``ValueError`` when no linear head is found (``find_head``) or for a bad ``hs``."""
+    wrapped = EpistemicClassifier(model, num_heads=hs.num_heads, head_name=head_name, init_noise=hs.init_noise,
+                                  seed=seed, init=hs.init)
+    wrapped.head_loss = head_loss_of(hs, seed)
+    train_on(source, HeadsOnly(wrapped), recipe, accelerator=accelerator, seed=seed, first=0, last=hs.epochs,
+             total=hs.epochs, lr=hs.lr, desc=f"epistemic head (seed {seed})", show=show)
     return wrapped
 
 
