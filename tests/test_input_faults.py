@@ -666,3 +666,16 @@ def test_class_names_that_share_a_folder_are_refused_before_anything_is_written(
     with pytest.raises(ConfigError, match=message):
         job.run_generate(cfg, show=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "a").exists()
+
+
+def test_paths_given_beside_a_classifier_json_stay_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from longtail.jobs.common import ClassifierSpec, resolve_classifier_spec
+
+    root = tmp_path / "clf"
+    root.mkdir()
+    (root / "classifier.json").write_text(json.dumps({"spec": "m:f", "checkpoint": "w.safetensors",
+                                                      "heads": "h.safetensors"}))
+    monkeypatch.chdir(tmp_path)
+    spec = resolve_classifier_spec(ClassifierSpec(spec="clf/classifier.json", heads="other/h2.safetensors"))
+    assert spec.checkpoint == str(Path("clf") / "w.safetensors")  # the file's own path: relative to the file
+    assert spec.heads == "other/h2.safetensors"  # the given one: relative to where the user is, not clf/

@@ -166,10 +166,11 @@ def resolve_classifier_spec(cs: ClassifierSpec) -> ClassifierSpec:
     if not path.is_file():
         raise ConfigError(f"classifier description {path} does not exist")
     data = json.loads(path.read_text())
+    for key in ("checkpoint", "heads", "class_names"):  # the file's own paths are relative to it
+        if data.get(key) and not Path(data[key]).is_absolute():
+            data[key] = str(path.parent / data[key])
+    # given settings win; a path given with them (command line, config) stays relative to the working directory
     merged = {**data, **{k: v for k, v in to_dict(cs).items() if k != "spec" and v not in (None, {}, [])}}
-    for key in ("checkpoint", "heads", "class_names"):
-        if merged.get(key) and not Path(merged[key]).is_absolute():
-            merged[key] = str(path.parent / merged[key])
     unknown = set(merged) - set(ClassifierSpec.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
