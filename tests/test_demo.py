@@ -178,9 +178,34 @@ def test_judge_trained_once_and_its_columns_in_the_sweep(tmp_path, parts):
             assert chosen["judge_accuracy"] >= 0.9 * choice["baseline_judge_accuracy"] - 1e-9
 
 
-def test_validation_split_nuisance_modes_hard_split_and_extra_splits(tmp_path, parts):
+def test_the_shipped_judge_is_copied_into_the_run_not_trained(tmp_path, parts):
+    """judge.spec=shipped with the shipped nuisance generator: the run holds the shipped judge's very bytes."""
+    from longtail.evaluation.judge import shipped_judge_dir
+
+    out = tmp_path / "run"
+    over = [*overrides(out, *parts), "generator.model=nuisance", "conditions=[none]", *rounds(1),
+            "trajectory=false", "distances=false", "sweep.signals=[total]", "sweep.weights=[1.0]",
+            "sweep.images_per_class=1", "judge.spec=shipped", "judge.min_ratio=0.9", "judge.real_per_class=2"]
+    said: list[str] = []
+    summary = run_mine(load_demo_config(overrides=over), show=False, log=said.append)
+    shipped = shipped_judge_dir("nuisance")
+    for name in ("classifier.safetensors", "classifier.json", "class_names.json"):
+        assert (out / "judge" / name).read_bytes() == (shipped / name).read_bytes()
+    assert any("the shipped one for the nuisance generator" in m for m in said)
+    assert not any("training the judge" in m for m in said)
+    assert all("judge_accuracy" in p for p in summary["sweep"]["points"])
+
+
+@pytest.mark.parametrize("shipped_detector", [True, False])
+def test_validation_split_nuisance_modes_hard_split_and_extra_splits(tmp_path, parts, monkeypatch, shipped_detector):
     """Settings chosen on a validation split of unused training images; rare modes inside classes; the hard
-    split (what most base classifiers get wrong) and the nuisance splits reported per condition."""
+    split (what most base classifiers get wrong) and the nuisance splits reported per condition. The mode
+    detector is the shipped one, copied, or (without it) trained in the run."""
+    import longtail.evaluation.modes as modes
+
+    shipped = (modes.SHIPPED_DETECTOR / "classifier.safetensors").read_bytes()
+    if not shipped_detector:
+        monkeypatch.setattr(modes, "SHIPPED_DETECTOR", tmp_path / "none")
     out = tmp_path / "run"
     over = [*overrides(out, *parts), "data.n_max=20", "seeds=[0, 1]", "conditions=[none, unguided]", *rounds(1),
             "trajectory=false", "distances=false", "sweep.signals=[total]", "sweep.weights=[1.0]",
@@ -207,6 +232,9 @@ def test_validation_split_nuisance_modes_hard_split_and_extra_splits(tmp_path, p
     detector = summary["mode_detector"]  # measured on the test set with modes applied
     assert set(detector["recall"]) == set(shares["all"]) and 0.0 <= detector["clean_false_alarm"] <= 1.0
     text = "\n".join(lines)
+    copied = (out / "modes" / "detector" / "classifier.safetensors").read_bytes()
+    assert (copied == shipped) is shipped_detector
+    assert ("training the nuisance-mode detector" in text) is not shipped_detector
     assert "hard split" in text and "extra splits" in text and "paired difference to unguided" in text
     assert "nuisance modes in the synthetic data" in text and "detector recall" in text
 

@@ -442,3 +442,9 @@ def test_settings_added_later_or_the_default_generator_by_name_do_not_count_as_o
     assert differs({"epochs": 6, "lr": 0.002}, {"epochs": 6, "lr": 0.001, "bootstrap": False})
     assert differs({"a": {"b": 1}}, {"a": {}})  # a key the new settings lack
     assert not differs({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}})
+    # the shipped judge is the one `train` makes in 3 epochs: a run made with either resumes with the other
+    trained = {"spec": "train", "epochs": 3, "min_ratio": 0.9, "real_per_class": 100}
+    assert not differs(trained, {**trained, "spec": "shipped"})
+    assert not differs({**trained, "spec": "shipped"}, trained)
+    assert differs({**trained, "epochs": 1}, {**trained, "spec": "shipped"})
+    assert differs({**trained, "spec": "shipped"}, {**trained, "spec": "clip:/x"})

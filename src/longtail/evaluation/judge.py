@@ -296,6 +296,42 @@ def save_judge(
                                  num_classes=len(class_names), class_names=list(class_names), preprocess=preprocess)
 
 
+# Judges that ship with the package, one per shipped embedded generator (``judge.spec: shipped``): a SmallCNN
+# (width 32) trained for 3 epochs, seed 10000, on the full balanced Fashion-MNIST training set as that generator
+# saw it (its nuisance modes included), exactly as ``judge.spec: train`` trains one: the same weights bit for bit
+# (float32 safetensors; the training is deterministic on the CPU).
+# Rebuilt by scripts/ship_detectors.py.
+SHIPPED_JUDGES = {"clean": "judge-clean", "nuisance": "judge-nuisance"}
+
+
+def shipped_judge_dir(generator_model: str | None) -> Path:
+    """The shipped judge for a shipped embedded generator (``None`` = ``clean``). Raises ``ConfigError`` for
+    any other generator (train one with ``judge.spec: train``, or give a directory)."""
+    from ..config import ConfigError
+    from ..models.tiny import ASSETS_ROOT
+
+    name = generator_model or "clean"
+    if name not in SHIPPED_JUDGES:
+        raise ConfigError(f"judge.spec: shipped exists only for the shipped generators {sorted(SHIPPED_JUDGES)}, "
+                          f"not generator.model={generator_model!r}: use judge.spec: train or a judge directory")
+    return ASSETS_ROOT / SHIPPED_JUDGES[name]
+
+
+def copy_judge(source: str | Path, directory: str | Path) -> Path:
+    """Copy a saved judge (``classifier.json``, its weights and class names) into ``directory``, atomically
+    (a temporary sibling renamed into place), so a run directory holds every model it used. Returns it."""
+    import shutil
+
+    source, directory = Path(source), Path(directory)
+    if not (source / "classifier.json").is_file():
+        raise FileNotFoundError(f"no judge at {source} (classifier.json missing)")
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    partial.replace(directory)
+    return directory
+
+
 def load_judge(directory: str | Path, device: str | torch.device = "cpu", name: str | None = None) -> Judge:
     """A judge from a directory with ``classifier.json`` (``save_judge``, or a run's ``seed_*/base``).
 

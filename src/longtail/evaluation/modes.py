@@ -16,6 +16,7 @@ not absolute values). Occlusion, blur and upside-down have no phrase and are not
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -25,6 +26,9 @@ from ..data.nuisance import MODE_NAMES, assign_modes, with_modes
 MEASURED = ("invert", "low_contrast", "corner", "cutoff", "rotate")
 DETECTOR_CLASSES = ("clean", *MODE_NAMES)
 DETECTOR_CLEAN_SHARE = 0.5  # clean images in the detector's training data; the rest split evenly over the modes
+# the detector as the mine job trains it (train_mode_detector, 3 epochs, on the full training set), shipped
+# (float32, the same weights) so a run copies it instead of training it (scripts/ship_detectors.py rebuilds it)
+SHIPPED_DETECTOR = Path(__file__).resolve().parent.parent / "assets" / "mode-detector"
 
 
 def modes_in(phrases: Sequence[str]) -> set[str]:

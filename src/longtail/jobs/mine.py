@@ -287,11 +287,19 @@ RUN_DEFINING = ("data", "classifier", "base", "heads", "generator", "guidance", 
                 "judge", "introspection")
 
 
+def _judge_as_trained(judge: dict) -> dict:
+    """``judge.spec: shipped`` as the ``train`` spec it equals bit for bit (scripts/ship_detectors.py)."""
+    return {**judge, "spec": "train", "epochs": 3} if judge.get("spec") == "shipped" else judge
+
+
 def differs(old: object, new: object) -> bool:
     """Whether a setting of a finished run (``old``, from its config.yaml) differs from ``new``. Keys the run's
     config does not have were added to the tool later, with defaults that keep earlier behaviour, so they do not
-    count; an embedded generator ``model: null`` is the shipped ``clean`` one."""
+    count; an embedded generator ``model: null`` is the shipped ``clean`` one, and ``judge.spec: shipped`` is
+    ``train`` with 3 epochs (the shipped judges are those weights)."""
     if isinstance(old, dict) and isinstance(new, dict):
+        if "spec" in old and "min_ratio" in old:  # a judge: the shipped one is what `train` (3 epochs) makes
+            old, new = _judge_as_trained(old), _judge_as_trained(new)
         if old.get("kind") == "embedded" and "model" in old:
             old, new = {**old, "model": old["model"] or "clean"}, {**new, "model": new.get("model") or "clean"}
         return any(key not in new or differs(value, new[key]) for key, value in old.items())

@@ -122,7 +122,8 @@ class JudgeSpec:
     """A judge: a classifier that is not the guided one, to tell "hard" from "broken" (its accuracy and
     P(class) on generated images, and its features for realism). ``spec``: ``None`` (no judge), ``train`` (the
     embedded default: a SmallCNN trained once on the full balanced Fashion-MNIST training set, the generator's
-    data, ``epochs`` epochs, kept in ``<run>/judge/``), a directory with a ``classifier.json``, or
+    data, ``epochs`` epochs, kept in ``<run>/judge/``), ``shipped`` (that judge, trained once and shipped for
+    each shipped embedded generator, copied into ``<run>/judge/``), a directory with a ``classifier.json``, or
     ``clip:<local CLIP directory>`` (zero-shot with the class prompts). ``min_ratio``: the weight rule also needs
     judge accuracy >= ``min_ratio`` x unguided's (None: the paper's rule alone). ``real_per_class``: real
     evaluation images per class for the judge's precision / recall."""
@@ -389,8 +390,17 @@ def check_judge(cfg: MineConfig, conditions: list[Condition]) -> None:
     if j.spec == "train" and cfg.data.source != "fashion_mnist_lt":
         raise ConfigError("judge.spec=train trains on the full balanced Fashion-MNIST set (data.source: "
                           "fashion_mnist_lt); for your data give a judge directory (classifier.json) or clip:<dir>")
-    if j.spec not in (None, "train") and not j.spec.startswith("clip:") and not Path(j.spec).expanduser().exists():
-        raise ConfigError(f"judge.spec: {j.spec} does not exist (train | <dir with classifier.json> | clip:<dir>)")
+    if j.spec == "shipped":
+        if cfg.generator.kind != "embedded" or cfg.data.source != "fashion_mnist_lt":
+            raise ConfigError("judge.spec=shipped is the embedded Fashion-MNIST default's judge (generator.kind: "
+                              "embedded, data.source: fashion_mnist_lt); for your data give a judge directory "
+                              "(classifier.json) or clip:<dir>")
+        from ..evaluation.judge import shipped_judge_dir
+
+        shipped_judge_dir(cfg.generator.model)  # a generator without a shipped judge is named here
+    elif j.spec not in (None, "train") and not j.spec.startswith("clip:") and not Path(j.spec).expanduser().exists():
+        raise ConfigError(f"judge.spec: {j.spec} does not exist (shipped | train | <dir with classifier.json> | "
+                          "clip:<dir>)")
     if j.min_ratio is not None and not 0 < j.min_ratio <= 1:
         raise ConfigError(f"judge.min_ratio must lie in (0, 1], got {j.min_ratio}")
     if j.spec is None and any(c.judge_filter for c in conditions):

@@ -341,13 +341,29 @@ def generator_nuisance(cfg: MineConfig) -> tuple[dict, int] | None:
 
 def stage_judge(ctx: Context):
     """The run's judge (``judge.spec``), trained once and kept in ``<run>/judge/`` when asked; None without one."""
-    from ..evaluation.judge import clip_judge, fashion_mnist_train, load_judge, save_judge, train_judge
+    from ..evaluation.judge import (
+        clip_judge,
+        copy_judge,
+        fashion_mnist_train,
+        load_judge,
+        save_judge,
+        shipped_judge_dir,
+        train_judge,
+    )
 
     spec, names = ctx.cfg.judge.spec, ctx.source.class_names
     if spec is None:
         return None
     if spec.startswith("clip:"):
         judge = clip_judge(spec[5:], names, device=ctx.acc.device)
+    elif spec == "shipped":
+        folder = ctx.run / "judge"
+        if not (folder / "classifier.json").is_file() and ctx.is_main:
+            source = shipped_judge_dir(ctx.cfg.generator.model)
+            ctx.log(f"judge: the shipped one for the {ctx.cfg.generator.model or 'clean'} generator ({source.name})")
+            copy_judge(source, folder)
+        ctx.acc.wait_for_everyone()
+        judge = load_judge(folder, ctx.acc.device)
     elif spec == "train":
         folder = ctx.run / "judge"
         if not (folder / "classifier.json").is_file():
@@ -776,10 +792,15 @@ def stage_modes(ctx: Context, conditions: list[Condition]) -> dict:
 def mode_detector(ctx: Context):
     """The run's nuisance-mode detector (trained once, ``<run>/modes/detector``) and its test-set report."""
     from ..data.datasets import load_fashion_mnist, to_model_range
-    from ..evaluation.judge import fashion_mnist_train, load_judge, save_judge
-    from ..evaluation.modes import DETECTOR_CLASSES, detector_report, train_mode_detector
+    from ..evaluation.judge import copy_judge, fashion_mnist_train, load_judge, save_judge
+    from ..evaluation.modes import DETECTOR_CLASSES, SHIPPED_DETECTOR, detector_report, train_mode_detector
 
     folder = ctx.run / "modes" / "detector"
+    if not (folder / "classifier.json").is_file() and (SHIPPED_DETECTOR / "classifier.json").is_file():
+        if ctx.is_main:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            copy_judge(SHIPPED_DETECTOR, folder)  # the shipped one, trained as below (scripts/ship_detectors.py)
+        ctx.acc.wait_for_everyone()
     if not (folder / "classifier.json").is_file():
         ctx.log("training the nuisance-mode detector on the full Fashion-MNIST training set")
         images, _ = fashion_mnist_train(ctx.cfg.data.data_dir)
