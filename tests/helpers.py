@@ -40,8 +40,9 @@ def fake_fashion_mnist(root: Path, per_class_train: int = 30, per_class_test: in
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def chromium_dom(page: Path, profile: Path) -> str | None:
-    """The DOM of ``page`` as headless Chromium renders it (no network), or None when Chromium is not installed."""
+def chromium_dom(page: Path, profile: Path, fragment: str = "") -> str | None:
+    """The DOM of ``page`` (opened at ``#fragment`` when given) as headless Chromium renders it (no network), or
+    None when Chromium is not installed."""
     import subprocess
 
     if not CHROMIUM.exists():
@@ -49,7 +50,8 @@ def chromium_dom(page: Path, profile: Path) -> str | None:
     flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}"]
-    done = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
+    uri = page.as_uri() + (f"#{fragment}" if fragment else "")
+    done = subprocess.run([*flags, "--dump-dom", uri], capture_output=True, text=True, timeout=180)
     return done.stdout
 
 

@@ -9,7 +9,9 @@ import json
 import re
 import shutil
 import subprocess
+from html import unescape as html_unescape
 from pathlib import Path
+from urllib.parse import unquote
 
 import jinja2
 import numpy as np
@@ -19,6 +21,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from helpers import chromium_dom
 from longtail.calibrate import save_grid
 from longtail.conditions import condition_label
 from longtail.data.store import SyntheticStore
@@ -37,6 +40,7 @@ from longtail.report import (
     write_report,
 )
 from longtail.report.cells import fmt_duration
+from longtail.report.gallery import build_gallery, gallery_data
 
 CLASSES = ["alpha", "beta", "gamma", "delta"]
 GROUPS = ["many", "many", "medium", "few"]
@@ -888,3 +892,159 @@ def test_runs_without_the_nuisance_keys_leave_them_out(full_run, tmp_path):
 )
 def test_durations_read_as_time(seconds, text):
     assert fmt_duration(seconds) == text
+
+
+# --- the gallery (gallery.html next to the report) ---------------------------------------------------------
+
+GALLERY_CLASSES = ["coat", "shirt"]
+GALLERY_CONDITIONS = {"unguided": 0.0, "ltg": 1.0}  # condition -> guidance weight
+MISCLASSIFIED = "ltg r2 coat#2"  # recorded as classified a shirt
+
+
+def _gallery_id(cond: str, r: int, name: str, i: int) -> str:
+    """The LTG store's ids hold a space and a '#', which its image URLs must quote."""
+    return f"ltg r{r} {name}#{i}" if cond == "ltg" else f"u_r{r}_{name}_{i}"
+
+
+def make_gallery_run(root: Path) -> Path:
+    """A mine run (seed 0) with only mining rounds and synthetic data: 2 conditions x 2 classes x 2 rounds x
+    3 small PNGs, each image with its own signal and P(class)."""
+    rng = np.random.default_rng(3)
+    config = {"out": str(root), "seeds": [0], "mining": {"conditions": list(GALLERY_CONDITIONS), "rounds": 2}}
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    signals = iter((rng.permutation(24) + 1) / 8)
+    for cond, weight in GALLERY_CONDITIONS.items():
+        folder = root / "seed_0" / "mining" / cond
+        for r in (1, 2):
+            (folder / f"round_{r}").mkdir(parents=True)
+            (folder / f"round_{r}" / "metrics.json").write_text(json.dumps({"round": r, "top1": 0.5}))
+        records = [
+            {"id": (ident := _gallery_id(cond, r, name, i)), "class_id": c, "class_name": name, "round": r,
+             "weight": weight, "signal_name": "total", "signal": next(signals), "p_class": rng.uniform(0.2, 0.9),
+             "pred": 1 - c if ident == MISCLASSIFIED else c, "seed": 100 + i}
+            for r in (1, 2)
+            for c, name in enumerate(GALLERY_CLASSES)
+            for i in range(3)
+        ]
+        SyntheticStore(folder / "synthetic").add(rng.integers(0, 255, (len(records), 8, 8), dtype=np.uint8), records)
+    return root
+
+
+def _gallery_manifest(root: Path) -> dict[str, dict[str, str]]:
+    """Every manifest row of the run, by id, with its condition."""
+    return {row["id"]: {**row, "condition": cond} for cond in GALLERY_CONDITIONS
+            for row in SyntheticStore(root / "seed_0" / "mining" / cond / "synthetic").rows()}
+
+
+def _gallery_rows(html: str) -> dict:
+    found = re.search(r'<script type="application/json" id="rows">(.*?)</script>', html, re.S)
+    assert found, "no embedded rows"
+    return json.loads(found[1])
+
+
+def test_gallery_is_written_next_to_the_report_and_linked(tmp_path):
+    root = make_gallery_run(tmp_path / "run")
+    report = write_report(root).read_text()
+    gallery = root / "gallery.html"
+    assert gallery.is_file()
+    assert '<a href="gallery.html">Browse all 24 images in the gallery</a>' in _section(report, "synthetic")
+    html = gallery.read_text()
+    assert '<a href="report.html">' in html and "data:image" not in html  # images by path, not inlined
+    data = _gallery_rows(html)
+    col = {k: i for i, k in enumerate(data["columns"])}
+    assert data["stores"] == ["seed_0/mining/unguided/synthetic/", "seed_0/mining/ltg/synthetic/"]
+    assert [c for c, _ in data["conditions"]] == ["unguided", "ltg"] and data["signals"] == ["total"]
+    manifest = _gallery_manifest(root)
+    assert sorted(row[col["id"]] for row in data["rows"]) == sorted(manifest)
+    for row in data["rows"]:
+        src = data["stores"][row[col["store"]]] + row[col["path"]]
+        assert (root / unquote(src)).is_file(), src  # relative to the gallery, quoted
+        if " " in row[col["id"]]:
+            assert "%20" in src and "%23" in src and "#" not in src
+        m = manifest[row[col["id"]]]
+        assert data["classes"][str(row[col["class"]])] == m["class_name"]
+        assert data["conditions"][row[col["condition"]]][0] == m["condition"]
+        assert (row[col["seed"]], row[col["round"]], row[col["image_seed"]]) == (0, int(m["round"]), int(m["seed"]))
+        assert (row[col["weight"]], row[col["signal"]], row[col["p_class"]]) == pytest.approx(
+            (float(m["weight"]), float(m["signal"]), float(m["p_class"])))
+    for key, values in (("class", ["coat", "shirt"]), ("condition", ["unguided", "ltg"]), ("round", ["1", "2"]),
+                        ("weight", ["0", "1"])):
+        select = re.search(rf'<select name="{key}">(.*?)</select>', html, re.S)[1]
+        assert re.findall(r'<option value="([^"]+)">', select) == values, key
+    assert '<label hidden>seed <select name="seed">' in html  # one seed: no filter to choose
+    # past max_rows, one row in k is kept (a uniform sample) and the page says so
+    thinned = gallery_data(load_run(root), root, max_rows=10)
+    assert (thinned["total"], thinned["step"], len(thinned["data"]["rows"])) == (24, 3, 8)
+    assert "24 synthetic images, 8 of them here (one in 3" in build_gallery(load_run(root), root, max_rows=10)
+    # a report written elsewhere links its own gallery, whose paths lead back into the run
+    elsewhere = write_report(root, tmp_path / "out" / "r.html")
+    data = _gallery_rows((tmp_path / "out" / "gallery.html").read_text())
+    assert data["stores"][0] == "../run/seed_0/mining/unguided/synthetic/"
+    assert '<a href="gallery.html">' in elsewhere.read_text()
+
+
+def test_gallery_of_a_generate_store_and_without_images(tmp_path):
+    root = make_generate_output(tmp_path / "gen")
+    report = write_report(root).read_text()
+    assert '<a href="gallery.html">Browse all 12 images in the gallery</a>' in _section(report, "generated")
+    html = (root / "gallery.html").read_text()
+    assert "<b>x</b>" not in html  # the class name "<b>x</b>" is escaped in the options and in the JSON
+    assert '<option value="&lt;b&gt;x&lt;/b&gt;">' in html and r"\u003cb\u003ex\u003c/b\u003e" in html
+    data = _gallery_rows(html)
+    col = {k: i for i, k in enumerate(data["columns"])}
+    assert data["stores"] == ["./"] and data["conditions"] == [["generated", "generated"]]
+    assert len(data["rows"]) == 12 and {row[col["seed"]] for row in data["rows"]} == {None}
+    assert all((root / unquote(row[col["path"]])).is_file() for row in data["rows"])
+    assert re.findall(r'<option value="([^"]+)">', re.search(r'<select name="weight">(.*?)</select>', html, re.S)[1]) \
+        == ["0", "2"]
+    # a run without synthetic images has no gallery, and no link to one
+    bare = make_run(tmp_path / "bare", seeds=(0,), optional=False)
+    shutil.rmtree(bare / "seed_0" / "mining")
+    assert "gallery.html" not in write_report(bare).read_text() and not (bare / "gallery.html").exists()
+
+
+def _figures(dom: str) -> list[dict[str, str]]:
+    """The gallery's thumbnails in the rendered DOM: the figure's attributes, its <img>'s and caption lines."""
+    out = []
+    for attrs, body in re.findall(r"<figure ([^>]*)>(.*?)</figure>", dom, re.S):
+        fig = dict(re.findall(r'([\w-]+)="([^"]*)"', attrs))
+        fig["img"] = re.search(r"<img [^>]*>", body)[0]
+        fig["lines"] = re.findall(r"<div[^>]*>([^<]*)</div>", body)
+        out.append(fig)
+    return out
+
+
+def test_gallery_filters_sorts_and_loads_in_headless_chromium(tmp_path):
+    root = make_gallery_run(tmp_path / "run")
+    write_report(root)
+    page = root / "gallery.html"
+    # lazy=0: eager images delay the load event, after which --dump-dom serialises the page; lazy ones would not,
+    # so whether they had loaded by the dump would be a race
+    dom = chromium_dom(page, tmp_path / "profile", "class=coat&sort=signal&lazy=0")
+    if dom is None:
+        pytest.skip(f"{CHROMIUM} is not installed (CI installs it via apt)")
+    manifest = _gallery_manifest(root)
+    coats = sorted((r for r in manifest.values() if r["class_name"] == "coat"), key=lambda r: -float(r["signal"]))
+    figures = _figures(dom)
+    assert [html_unescape(f["data-id"]) for f in figures] == [r["id"] for r in coats]
+    assert all(f["data-state"] == "loaded" for f in figures), [f.get("data-state") for f in figures]
+    assert all(f["lines"][0] == "coat" and "loading=" not in f["img"] for f in figures)
+    first = coats[0]
+    label = "LTG (total, w=1)" if first["condition"] == "ltg" else "unguided"
+    assert figures[0]["lines"][1:4] == [
+        label, f"seed 0 · round {first['round']} · w {float(first['weight']):g}",
+        f"total {float(first['signal']):.3f} · P {float(first['p_class']):.3f}"]
+    flagged = [f["lines"][-1] for f in figures if html_unescape(f["data-id"]) == MISCLASSIFIED]
+    assert flagged == ["classified shirt"]
+    assert "12 of 24 images match; showing 12" in dom
+
+    # another view: condition and round, P(class) from the lowest, a page of 4 lazy thumbnails and "show more"
+    dom = chromium_dom(page, tmp_path / "profile", "condition=ltg&round=2&sort=p_class&order=asc&n=4")
+    wanted = sorted((r for r in manifest.values() if r["condition"] == "ltg" and r["round"] == "2"),
+                    key=lambda r: float(r["p_class"]))
+    figures = _figures(dom)
+    assert [html_unescape(f["data-id"]) for f in figures] == [r["id"] for r in wanted[:4]]
+    assert all('loading="lazy"' in f["img"] for f in figures)
+    assert "6 of 24 images match; showing 4" in dom
+    assert re.search(r'<button id="more" type="button">show more</button>', dom)  # not hidden: 2 more to show

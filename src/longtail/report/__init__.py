@@ -4,15 +4,18 @@ each ``Section`` of ``page`` draws a part; figures are inlined PNGs, so the file
 from __future__ import annotations
 
 from .cells import shrink_png
+from .gallery import GALLERY, build_gallery, write_gallery
 from .load import KINDS, RunData, load_run, run_kind
 from .page import SECTIONS, Section, build_html, render_section, write_report
 from .plots import grid_geometry, plot_distribution, plot_roc
 
 __all__ = [
+    "GALLERY",
     "KINDS",
     "SECTIONS",
     "RunData",
     "Section",
+    "build_gallery",
     "build_html",
     "grid_geometry",
     "load_run",
@@ -21,5 +24,6 @@ __all__ = [
     "render_section",
     "run_kind",
     "shrink_png",
+    "write_gallery",
     "write_report",
 ]

@@ -47,6 +47,7 @@ class RunData:
     class_names: list[str] = field(default_factory=list)
     manifest: list[dict[str, str]] = field(default_factory=list)  # generate: rows of <root>/manifest.csv
     problems: list[str] = field(default_factory=list)  # files that exist but could not be read
+    gallery: str | None = None  # the gallery page (gallery.py), relative to the report; set by write_report
 
     @property
     def seeds(self) -> list[int]:

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 from markupsafe import Markup, escape
 
 from .analysis import section_distribution, section_introspection, section_modes, section_trajectory
 from .cells import DASH
+from .gallery import GALLERY, write_gallery
 from .load import KINDS, RunData, load_run
 from .results import (
     section_accuracy,
@@ -155,10 +157,16 @@ def build_html(run: RunData, sections: Sequence[Section] | None = None) -> str:
 def write_report(
     run_dir: str | Path, out: str | Path | None = None, sections: Sequence[Section] | None = None
 ) -> Path:
-    """Write the report of ``run_dir`` to ``out`` (default ``<run_dir>/report.html``); returns its path."""
+    """Write the report of ``run_dir`` to ``out`` (default ``<run_dir>/report.html``); returns its path.
+
+    When the run has synthetic images, ``gallery.html`` (``gallery.py``) is written next to the report first,
+    and the report's synthetic-data section links to it."""
     run = load_run(run_dir)
     path = Path(out) if out is not None else run.root / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
+    gallery = path.with_name(GALLERY) if path.name != GALLERY else path.with_name(f"{path.stem}.gallery.html")
+    if write_gallery(run, gallery, report=quote(path.name)) is not None:
+        run.gallery = quote(gallery.name)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(build_html(run, sections), encoding="utf-8")
     tmp.replace(path)

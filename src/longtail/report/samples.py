@@ -173,6 +173,8 @@ def section_synthetic(run: RunData) -> dict | None:
         "table": Table(["seed", "condition", "round", "images", "signal", "weight", *SCORED], body),
         "seed": seed,
         "montage": _montage_image(montages, run.class_names, "synthetic samples"),
+        "gallery": run.gallery,
+        "n": sum(len(rows) for rows in found.values()),
     }
 
 
@@ -197,6 +199,7 @@ def section_generated(run: RunData) -> dict | None:
         "weights": Table(["weight", "signal", "images", *SCORED, "img/s"], weights),
         "plot": _weight_plot(rows),
         "montage": _generated_montage(run, rows),
+        "gallery": run.gallery,
     }
 
 
