@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from longtail.data.nuisance import MODE_NAMES
 from longtail.data.sources import FashionMNISTLT, Recipe
 from longtail.evaluation.metrics import detection_report
 from longtail.heads import EpistemicClassifier, HeadLoss, HeadsOnly
@@ -99,11 +100,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", nargs="*", default=None, help="a subset of the variant names")
     ap.add_argument("--epochs", type=int, default=EPOCHS, help="head training epochs (the demo's: 6)")
+    ap.add_argument("--split", choices=("val", "test"), default="val",
+                    help="val: choose (the default); test: confirm a choice, once, on seeds no choice used")
+    ap.add_argument("--nuisance", action="store_true", help="the run is on the nuisance testbed (configs/demo.yaml's modes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     variants = {n: v for n, v in VARIANTS.items() if args.variants is None or n in args.variants}
-    source = FashionMNISTLT(None, 1000, 100.0, 0, 100, 20, eval_split="val", val_per_class=500)
+    nuisance = dict.fromkeys(MODE_NAMES, 0.03) if args.nuisance else None
+    source = FashionMNISTLT(None, 1000, 100.0, 0, 100, 20, eval_split=args.split, val_per_class=500,
+                            nuisance=nuisance)
     recipe = Recipe()  # the fine-tuning recipe's feed: batch 128, rotation 15, shift 2, flips, uniform sampling
     rows: dict[str, dict[str, list[float]]] = {}
     for seed in args.seeds:
@@ -139,13 +145,13 @@ def main() -> None:
                 row.setdefault(key, []).append(value)
             print(f"seed {seed} {name}: epistemic AUROC rare {report['epistemic']['auroc_rare']:.3f} hard "
                   f"{report['epistemic']['auroc_hard']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print_tables(rows, variants, args.seeds, args.epochs, time.perf_counter() - started)
+    print_tables(rows, variants, args.seeds, args.epochs, time.perf_counter() - started, args.split)
 
 
 def print_tables(rows: dict[str, dict[str, list[float]]], variants: dict, seeds: list[int], epochs: int,
-                 seconds: float) -> None:
-    n_eval = "5000 validation images"
-    print(f"\nEpistemic Head variants, Fashion-MNIST-LT validation split ({n_eval}), seeds {seeds}, "
+                 seconds: float, split: str = "val") -> None:
+    n_eval = "5000 validation images" if split == "val" else "10000 test images"
+    print(f"\nEpistemic Head variants, Fashion-MNIST-LT {'validation' if split == 'val' else 'test'} split ({n_eval}), seeds {seeds}, "
           f"mean±std over seeds; {NUM_HEADS} heads, {epochs} epochs, lr {LR}, init noise {INIT_NOISE}")
     w = max(len(n) for n in rows) + 2
     base_rows = ("entropy (base logits)", "energy (base logits)")
