@@ -36,6 +36,7 @@ def overrides(out: Path, data: Path, gen: Path) -> list[str]:
         # the demo's nuisance testbed, judge, options and introspection only where a test asks for them
         "data.nuisance=null", "data.nuisance_eval=[]", "sweep.options=[]", "judge.spec=null", "judge.min_ratio=null",
         "introspection.enabled=false", "conditions=[none, unguided, ltg]",
+        "generator_check.per_class=0",  # a random-weight generator draws no class (tests/test_generator_check.py)
     ]
 
 

@@ -45,6 +45,7 @@ def cli_args(parts, out: Path, per_class: int = 3, batch: int = 1, extra: tuple[
             "--checkpoint", str(r / "clf.safetensors"), "--class-names", str(r / "names.json"),
             "--set", "classifier.num_classes=3", "--per-class", str(per_class), "--steps", "2", "--weight", "5",
             "--signal", "entropy", "--batch-size", str(batch), "--set", "chunk=2", "--device", "cpu",
+            "--set", "generator_check.per_class=0",  # random weights draw no class (test_generator_check.py)
             "--no-progress", *extra]
 
 
@@ -169,7 +170,7 @@ def test_calibrate_records_points_choices_and_grids(parts, tmp_path):
                            "--classifier", "timm:test_resnet", "--checkpoint", str(r / "clf.safetensors"),
                            "--class-names", str(r / "names.json"), "--set", "classifier.num_classes=3",
                            "--signals", "entropy,energy", "--weights", "1,50", "--per-class", "1", "--steps", "2",
-                           "--device", "cpu", "--no-progress"], env=ENV, capture_output=True, text=True)
+                           "--set", "generator_check.per_class=0", "--device", "cpu", "--no-progress"], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((out / "calibration.json").read_text())
     assert sorted((p["signal"], p["weight"]) for p in result["points"]) == [
@@ -188,7 +189,7 @@ def test_calibrate_refuses_a_directory_of_other_settings(parts, tmp_path):
             f"out={tmp_path / 'cal'}", "generator.kind=sd", f"generator.model={parts['sd']}", "generator.num_steps=1",
             "classifier.spec=timm:test_resnet", f"classifier.checkpoint={r / 'clf.safetensors'}",
             f"classifier.class_names={r / 'names.json'}", "classifier.num_classes=3", "signals=[entropy]",
-            "weights=[1.0]", "per_class=1", "device=cpu", *extra])
+            "weights=[1.0]", "per_class=1", "device=cpu", "generator_check.per_class=0", *extra])
 
     first = run_calibrate(config(), show=False, log=lambda m: None)
     assert len(first["settings_sha256"]) == 64

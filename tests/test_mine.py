@@ -75,7 +75,8 @@ def base_overrides(world, out: Path) -> list[str]:
             "classifier.preprocess={size: 32, in_channels: 1}", "generator.kind=embedded", f"generator.model={world['gen']}",
             "generator.num_steps=2", "generator.cfg_scale=2.0", "generator.batch_size=2", "guidance.signal=total",
             "guidance.weight=1.0", "schedule.epochs=4", "schedule.every=2", "schedule.per_round=6",
-            "schedule.allocation=even", "finetune.batch_size=8", "finetune.num_workers=0", "device=cpu"]
+            "schedule.allocation=even", "finetune.batch_size=8", "finetune.num_workers=0", "device=cpu",
+            "generator_check.per_class=0"]  # a random-weight generator draws no class (test_generator_check.py)
 
 
 def mining_dir(run: Path, cond: str = "ltg", seed: int = 0) -> Path:

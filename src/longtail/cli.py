@@ -158,6 +158,8 @@ def generate(
     steps: int | None = typer.Option(None, help="sampling steps"),
     batch_size: int | None = typer.Option(None, help="images per sampler batch"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:1 ..."),
+    force: bool = typer.Option(False, "--force", help="run even when the generator check finds classes the "
+                               "generator does not draw (a warning instead of an error)"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set generator.cfg_scale=5"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
@@ -169,7 +171,7 @@ def generate(
                  classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
                  classifier__class_names=class_names, per_class=per_class, counts_file=counts_file,
                  guidance__signal=signal, guidance__weight=weight, seed=seed, generator__num_steps=steps,
-                 generator__batch_size=batch_size, device=device)
+                 generator__batch_size=batch_size, device=device, generator_check__force=force or None)
     run_generate(load_config(GenerateConfig, config, set_, top=top), show=progress)
 
 
@@ -188,6 +190,8 @@ def calibrate(
     per_class: int | None = typer.Option(None, help="images per class and weight"),
     steps: int | None = typer.Option(None, help="sampling steps"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    force: bool = typer.Option(False, "--force", help="run even when the generator check finds classes the "
+                               "generator does not draw (a warning instead of an error)"),
     set_: list[str] = typer.Option([], "--set", help="any config key"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
@@ -198,7 +202,8 @@ def calibrate(
     top = _layer(out=out, generator__kind="sd" if sd else None, generator__model=sd or generator,
                  classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
                  classifier__class_names=class_names, signals=_split(signals), weights=_split(weights),
-                 per_class=per_class, generator__num_steps=steps, device=device)
+                 per_class=per_class, generator__num_steps=steps, device=device,
+                 generator_check__force=force or None)
     run_calibrate(load_config(CalibrateConfig, config, set_, top=top), show=progress)
 
 
@@ -215,6 +220,8 @@ def mine(
     allow_corrupt: bool = typer.Option(False, "--allow-corrupt", help="skip unreadable images (reported by path)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate paths, classes and the schedule, print the plan "
                                  "and an estimated generation time, generate nothing"),
+    force: bool = typer.Option(False, "--force", help="run even when the generator check finds classes the "
+                               "generator does not draw (a warning instead of an error)"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set schedule.every=2"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
@@ -226,7 +233,8 @@ def mine(
 
     top = _layer(out=out, data__train=train, data__val=val, classifier__spec=classifier,
                  classifier__checkpoint=checkpoint, generator__kind="sd" if sd else None, generator__model=sd,
-                 guidance__weight=weight, data__allow_corrupt=True if allow_corrupt else None)
+                 guidance__weight=weight, data__allow_corrupt=True if allow_corrupt else None,
+                 generator_check__force=force or None)
     run_mine(load_config(MineConfig, config, set_, top=top), dry_run=dry_run, show=progress)
 
 

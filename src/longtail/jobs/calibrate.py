@@ -25,6 +25,7 @@ from .common import (
     with_sampling_defaults,
 )
 from .generate import GenerateConfig, job_list
+from .generator_check import GeneratorCheckSpec, job_generator_check
 
 
 @dataclass
@@ -42,6 +43,7 @@ class CalibrateConfig:
     min_p_ratio: float = 0.5
     seed: int = 1234
     device: str = "auto"
+    generator_check: GeneratorCheckSpec = field(default_factory=GeneratorCheckSpec)
 
 
 # the settings that determine a calibration's results (device does not; generator.batch_size is free too)
@@ -66,6 +68,8 @@ def run_calibrate(cfg: CalibrateConfig, show: bool = True, log: Callable[[str], 
         check_guidance(GuidanceConfig(s, 1.0), loaded)
     gen_cfg = GenerateConfig(generator=cfg.generator, classes=cfg.classes, per_class=cfg.per_class, seed=cfg.seed)
     jobs = job_list(gen_cfg, names)
+    # the generator check: does the generator draw these classes at all? (before any long work)
+    job_generator_check(cfg, out, ldm, names, loaded, jobs, show=show, log=log)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     classifier = bridged_classifier(loaded)

@@ -25,6 +25,7 @@ from .common import (
     read_counts,
     with_sampling_defaults,
 )
+from .generator_check import GeneratorCheckSpec, job_generator_check
 
 
 @dataclass
@@ -41,6 +42,7 @@ class GenerateConfig:
     seed: int = 0
     device: str = "auto"
     chunk: int = 64  # images written per step of the resumable loop
+    generator_check: GeneratorCheckSpec = field(default_factory=GeneratorCheckSpec)
 
 
 GENERATION_KEYS = ("generator", "classifier", "guidance", "classes", "per_class", "counts_file", "seed")
@@ -84,6 +86,8 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     guidance = active(cfg.guidance)
     check_guidance(guidance, loaded)
     jobs = job_list(cfg, names)
+    # the generator check: does the generator draw these classes at all? (before any long work)
+    job_generator_check(cfg, out, ldm, names, loaded, jobs, is_main=state.is_main_process, show=show, log=log)
     if state.is_main_process:  # only once everything loaded and checked: a failed start leaves no config behind
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")

@@ -50,6 +50,7 @@ from .common import (
     settings_hash,
     with_sampling_defaults,
 )
+from .generator_check import stage_generator_check
 from .mine_config import (
     BaseSpec,
     DataSpec,
@@ -375,6 +376,7 @@ def describe_run(cfg: MineConfig, conditions: list[Condition]) -> str:
     gs = cfg.generator
     stages = [name for name, on in (
         ("base classifier (trained)" if cfg.base.epochs else "base classifier (as given)", True),
+        (f"generator check ({cfg.generator_check.per_class} images per class)", cfg.generator_check.per_class > 0),
         (f"Epistemic Head ({cfg.heads.epochs} epochs)", cfg.heads.epochs > 0),
         (f"sweep {list(cfg.sweep.signals)}", bool(cfg.sweep.signals)), (f"judge ({cfg.judge.spec})", bool(cfg.judge.spec)),
         ("introspection", cfg.introspection.enabled or any(c.kind == "introspect" for c in conditions)),
@@ -406,16 +408,21 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
             write_json(run / "skipped_images.json", skipped)
     tracker = tracking.start(cfg, ctx.acc)
     log(f"real training data: {source.describe()}")
-    base, models = {}, {}
-    with clock("base"):
-        for seed in cfg.seeds:
+    base, models, generator_check = {}, {}, None
+    for seed in cfg.seeds:
+        with clock("base"):
             models[seed], base[seed] = stage_base(ctx, seed)
+        if seed == cfg.seeds[0] and cfg.generator_check.per_class > 0:  # before any other long work
+            with clock("generator check"):
+                generator_check = stage_generator_check(ctx, models[seed], base[seed])
+    with clock("base"):
         ctx.hard = hard_split(ctx)
     if ctx.hard is not None:
         log(f"hard split: {int(ctx.hard.sum())} evaluation images that most base classifiers get wrong")
     first = models[cfg.seeds[0]]
     with clock("judge"):
-        ctx.judge = stage_judge(ctx) if cfg.sweep.signals or any(c.judge_filter for c in conditions) else None
+        uses_judge = cfg.sweep.signals or any(c.judge_filter for c in conditions)
+        ctx.judge = (ctx.judge or stage_judge(ctx)) if uses_judge else None  # the generator check may have it
     with clock("sweep"):
         sweep = stage_sweep(ctx, first, ctx.judge)
     tracker.sweep(sweep, run / "sweep")
@@ -439,6 +446,7 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
                 mining[seed][cond.text] = stage_mining(ctx, seed, cond, guidance_for(cond), plan, prompts)
             tracker.rounds(seed, cond.text, mining[seed][cond.text])
     summary = summarize(ctx, base, mining, conditions, guidance_of, sweep)
+    summary["generator_check"] = generator_check
     if cfg.efficiency.sizes:
         log(f"data-efficiency curve: {sorted(cfg.efficiency.sizes)} images per class")
         with clock("efficiency"):

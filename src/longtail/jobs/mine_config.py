@@ -13,6 +13,7 @@ from ..data.sources import DataSource, Recipe
 from ..mining import allocate
 from ..sampling import GuidanceConfig
 from .common import ClassifierSpec, GeneratorSpec
+from .generator_check import GeneratorCheckSpec
 from .tracking import check_track
 
 # --- config ------------------------------------------------------------------------------------------------
@@ -188,6 +189,7 @@ class MineConfig:
     introspection: IntrospectionSpec = field(default_factory=IntrospectionSpec)
     judge: JudgeSpec = field(default_factory=JudgeSpec)
     efficiency: EfficiencySpec = field(default_factory=EfficiencySpec)
+    generator_check: GeneratorCheckSpec = field(default_factory=GeneratorCheckSpec)
     conditions: list[str] = field(default_factory=lambda: ["ltg"])
     seeds: list[int] = field(default_factory=lambda: [0])
     trajectory: bool = False  # the A.7 trajectory analysis
