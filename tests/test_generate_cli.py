@@ -139,6 +139,8 @@ def test_settings_that_cannot_work_fail_before_any_output(parts, tmp_path):
                                                   f"classifier.class_names={parts['root'] / 'names.json'}",
                                                   "generator.num_steps=1", "device=cpu"])
     run_generate(cfg, show=False, log=lambda m: None)
+    identity = json.loads((Path(cfg.out) / "settings.json").read_text())
+    assert len(identity["settings_sha256"]) == 64 and "per_class" in identity["keys"]
     with pytest.raises(ConfigError, match=r"other settings \(per_class differ"):
         run_generate(load_config(GenerateConfig, overrides=[f"out={cfg.out}", "generator.kind=sd",
                                                             f"generator.model={parts['sd']}", "per_class=2",

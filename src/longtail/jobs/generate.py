@@ -10,6 +10,7 @@ import torch
 
 from ..config import ConfigError, dump_config
 from ..data.store import check_class_folders
+from ..files import write_json
 from ..models.classifiers import bridged_classifier
 from ..sampling import GuidanceConfig
 from .common import (
@@ -74,7 +75,7 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     out = Path(cfg.out)
     if state.is_main_process:
-        check_same_settings(out, cfg, GENERATION_KEYS, "generate")
+        identity = check_same_settings(out, cfg, GENERATION_KEYS, "generate")
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device) if cfg.classifier.spec else None
     names = class_list(loaded, known, cfg.classifier.class_names)
@@ -91,6 +92,7 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     if state.is_main_process:  # only once everything loaded and checked: a failed start leaves no config behind
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
+        write_json(out / "settings.json", {"settings_sha256": identity, "keys": list(GENERATION_KEYS)})
     state.wait_for_everyone()
     gs = cfg.generator
     meta = {"weight": cfg.guidance.weight if guidance else 0.0,
