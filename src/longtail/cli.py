@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import typer
 
+EXIT_CODES = ("Exit codes: 0 ok; 2 bad input (an unknown option or command, or a flag, config key, path, file or "
+              "data the job cannot use, or classes the generator check refuses: one line on stderr, no traceback, "
+              "LONGTAIL_DEBUG=1 shows it); 1 failure (anything else, with its traceback; `longtail verify` when "
+              "something needs redoing).")
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Longtail Guidance: mine a classifier's longtail.")
+                  help=f"Longtail Guidance: mine a classifier's longtail.\n\n{EXIT_CODES}")
 heads_app = typer.Typer(no_args_is_help=True, help="Epistemic Head utilities.")
 app.add_typer(heads_app, name="heads")
 
@@ -26,6 +32,23 @@ def _version(value: bool) -> None:
 
             typer.echo(f"longtail {__version__}")
         raise typer.Exit()
+
+
+JSON_HELP = ("print the result as one strict JSON object on stdout (an undefined figure is null) instead of "
+             "the table; log lines go to stderr")
+
+
+def _emit(job: Callable[[], Any], as_json: bool) -> Any:
+    """Run ``job``. With ``as_json`` whatever it prints goes to stderr and its result is printed on stdout as
+    one strict JSON object (``files.to_json``), so that stdout parses."""
+    if not as_json:
+        return job()
+    from .files import to_json
+
+    with contextlib.redirect_stdout(sys.stderr):
+        result = job()
+    typer.echo(to_json(result))
+    return result
 
 
 @app.callback()
@@ -47,12 +70,14 @@ def heads_overhead(
                                           "architecture's)"),
     repeats: int = typer.Option(3, help="timed repeats (the median is printed), after one warm-up"),
     device: str = typer.Option("auto", help="where to time: auto | cpu | cuda"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Parameters (and time) an Epistemic Head adds to an architecture (random weights, nothing downloaded)."""
     from .jobs.heads import run_heads_overhead
 
-    run_heads_overhead(arch, num_classes, heads, head_name, measure_time=time, batch_size=batch_size,
-                       image_size=image_size, repeats=repeats, device=device, log=typer.echo)
+    _emit(lambda: run_heads_overhead(arch, num_classes, heads, head_name, measure_time=time, batch_size=batch_size,
+                                     image_size=image_size, repeats=repeats, device=device, log=typer.echo),
+          as_json)
 
 
 @heads_app.command("train")
@@ -86,6 +111,7 @@ def heads_train(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace heads already in --out"),
     progress: bool = typer.Option(True, help="progress bars"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Attach an Epistemic Head to your trained classifier and train only the heads on an ImageFolder (base
     frozen: its weights and logits stay bit-identical); with --val, a detection report per signal."""
@@ -98,7 +124,7 @@ def heads_train(
         data=data, out=out, val=val, batch_size=batch_size, image_size=image_size, seed=seed, device=device,
         overwrite=overwrite,
         heads=HeadsSpec(num_heads=num_heads, epochs=epochs, lr=lr, init=init, epsilon=epsilon, bootstrap=bootstrap))
-    run_heads_train(cfg, show=progress, log=typer.echo)
+    _emit(lambda: run_heads_train(cfg, show=progress, log=typer.echo), as_json)
 
 
 @app.command()
@@ -109,13 +135,15 @@ def demo(
     seeds: str | None = typer.Option(None, help="comma-separated seeds, e.g. 0,1,2"),
     set_: list[str] = typer.Option([], "--set", help="override any config key: --set schedule.per_round=100"),
     progress: bool = typer.Option(True, help="progress bars"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (the summary: metrics.json)"),
 ) -> None:
     """The embedded default end to end: `longtail mine` with configs/demo.yaml (resumable)."""
     from .jobs.mine import load_demo_config, quick_overrides, run_mine
 
     top = _layer(quick_overrides() if quick else {}, seeds=_split(seeds),
                  out=out or ("runs/demo-quick" if quick else None))
-    run_mine(load_demo_config(config, set_, top=top), show=progress)
+    cfg = load_demo_config(config, set_, top=top)
+    _emit(lambda: run_mine(cfg, show=progress), as_json)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -196,6 +224,7 @@ def calibrate(
                                "generator does not draw (a warning instead of an error)"),
     set_: list[str] = typer.Option([], "--set", help="any config key"),
     progress: bool = typer.Option(True, help="progress bars"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (calibration.json)"),
 ) -> None:
     """Choose the guidance weight: sweep, apply the paper's rule (3.1), record the evidence."""
     from .config import load_config
@@ -206,7 +235,8 @@ def calibrate(
                  classifier__class_names=class_names, signals=_split(signals), weights=_split(weights),
                  per_class=per_class, generator__num_steps=steps, device=device,
                  generator_check__force=force or None)
-    run_calibrate(load_config(CalibrateConfig, config, set_, top=top), show=progress)
+    cfg = load_config(CalibrateConfig, config, set_, top=top)
+    _emit(lambda: run_calibrate(cfg, show=progress), as_json)
 
 
 @app.command()
@@ -226,6 +256,8 @@ def mine(
                                "generator does not draw (a warning instead of an error)"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set schedule.every=2"),
     progress: bool = typer.Option(True, help="progress bars"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (the summary: metrics.json; with --dry-run "
+                                 "the plan and the time estimate)"),
 ) -> None:
     """Every stage of a run on your data, classifier and generator: base classifier, Epistemic Head, sweep,
     introspection, mining per condition and seed, distances, summary, report (resumable; `accelerate launch -m
@@ -237,7 +269,8 @@ def mine(
                  classifier__checkpoint=checkpoint, generator__kind="sd" if sd else None, generator__model=sd,
                  guidance__weight=weight, data__allow_corrupt=True if allow_corrupt else None,
                  generator_check__force=force or None)
-    run_mine(load_config(MineConfig, config, set_, top=top), dry_run=dry_run, show=progress)
+    cfg = load_config(MineConfig, config, set_, top=top)
+    _emit(lambda: run_mine(cfg, dry_run=dry_run, show=progress), as_json)
 
 
 @app.command()
@@ -253,6 +286,7 @@ def evaluate(
     out: str | None = typer.Option(None, help="write evaluate.json (+ config.yaml) here"),
     config: Path | None = typer.Option(None, help="YAML with EvaluateConfig keys"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set many=50"),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP + " (the report evaluate.json holds)"),
 ) -> None:
     """Accuracy (Many/Medium/Few), detection AUROC per signal, per-weight signal and P(class) of a generated
     set, FID / precision / recall against real data."""
@@ -261,7 +295,8 @@ def evaluate(
 
     top = _layer(data=data, classifier__spec=classifier, classifier__checkpoint=checkpoint,
                  classifier__heads=heads, train=train, real=real, ensemble=_split(ensemble), out=out)
-    run_evaluate(load_config(EvaluateConfig, config, set_, top=top))
+    cfg = load_config(EvaluateConfig, config, set_, top=top)
+    _emit(lambda: run_evaluate(cfg), as_json)
 
 
 @app.command()
@@ -393,9 +428,9 @@ def parse_rates(text: str | None) -> dict[str, float] | None:
 
 def main() -> None:
     """Entry point: user errors (bad config, data or paths) print one clear line and exit 2, no traceback
-    (set LONGTAIL_DEBUG=1 to see it)."""
+    (set LONGTAIL_DEBUG=1 to see it); any other exception ends the process with its traceback and exit code 1
+    (``EXIT_CODES``)."""
     import os
-    import sys
 
     from .config import ConfigError
     from .data.datasets import DataError

@@ -394,7 +394,8 @@ def run_heads_overhead(arch: str, num_classes: int, num_heads: int, head_name: s
                        repeats: int = 3, warmup: int = 1, device: str = "cpu", log: Log = print) -> dict:
     """Parameter overhead of ``num_heads`` heads on ``arch`` (random weights, nothing downloaded) and, with
     ``measure_time``, ``time_overhead`` at ``batch_size`` on the architecture's input size; printed through
-    ``log`` (``overhead_lines``). Returns ``{"params": ..., "time": ... | None}``. Raises ``ConfigError`` for
+    ``log`` (``overhead_lines``). Returns ``{"arch", "num_heads", "params": ..., "time": ... | None,
+    "time_setup": {"batch_size", "input_shape", "device", "repeats", "warmup"} | None}``. Raises ``ConfigError`` for
     K < 2 or an unknown input size, ``ValueError`` when no linear head is found."""
     from ..models.classifiers import build_model
     from .common import pick_device
@@ -403,7 +404,7 @@ def run_heads_overhead(arch: str, num_classes: int, num_heads: int, head_name: s
         raise ConfigError(f"--heads must be at least 2, got {num_heads}")
     model = build_model(arch, num_classes)
     params = parameter_overhead(model, num_heads, head_name)
-    timing, setting = None, ""
+    timing, setting, setup = None, "", None
     if measure_time:
         dev = pick_device(device)
         shape = input_shape(arch, model, image_size)
@@ -411,6 +412,8 @@ def run_heads_overhead(arch: str, num_classes: int, num_heads: int, head_name: s
                                warmup=warmup, repeats=repeats)
         setting = (f"batch {batch_size} x {'x'.join(map(str, shape))} on {dev}, random weights, median of "
                    f"{repeats} after {warmup} warm-up")
+        setup = {"batch_size": batch_size, "input_shape": list(shape), "device": str(dev), "repeats": repeats,
+                 "warmup": warmup}
     for line in overhead_lines(arch, num_heads, params, timing, setting):
         log(line)
-    return {"params": params, "time": timing}
+    return {"arch": arch, "num_heads": num_heads, "params": params, "time": timing, "time_setup": setup}
