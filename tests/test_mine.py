@@ -449,3 +449,13 @@ def test_settings_added_later_or_the_default_generator_by_name_do_not_count_as_o
     assert not differs({**trained, "spec": "shipped"}, trained)
     assert differs({**trained, "epochs": 1}, {**trained, "spec": "shipped"})
     assert differs({**trained, "spec": "shipped"}, {**trained, "spec": "clip:/x"})
+
+
+def test_heads_settings_that_cannot_work_are_named_before_any_work(tmp_path):
+    from longtail.jobs.mine import load_demo_config
+    from longtail.jobs.mine_config import check_config
+
+    with pytest.raises(ConfigError, match=r"heads\.num_heads must be >= 2 .*got 1"):
+        check_config(load_demo_config(overrides=[f"out={tmp_path}", "heads.num_heads=1"]))
+    with pytest.raises(ConfigError, match=r"heads\.num_heads must be >= 2"):  # no division by zero on the way
+        check_config(load_demo_config(overrides=[f"out={tmp_path}", "heads.num_heads=0", "heads.epsilon=1.5"]))

@@ -1048,3 +1048,16 @@ def test_gallery_filters_sorts_and_loads_in_headless_chromium(tmp_path):
     assert all('loading="lazy"' in f["img"] for f in figures)
     assert "6 of 24 images match; showing 4" in dom
     assert re.search(r'<button id="more" type="button">show more</button>', dom)  # not hidden: 2 more to show
+
+
+def test_run_json_reads_a_path_already_under_a_relative_root(tmp_path, monkeypatch):
+    """A run opened by a relative path (``longtail report runs/demo``) reads files given as ``root / x`` too."""
+    from longtail.report.load import load_run
+
+    (tmp_path / "run" / "introspection").mkdir(parents=True)
+    (tmp_path / "run" / "introspection" / "keywords.json").write_text('{"coat": ["tilted"]}')
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    run = load_run("run")
+    assert run.json(run.root / "introspection" / "keywords.json") == {"coat": ["tilted"]}
+    assert run.json("introspection/keywords.json") == {"coat": ["tilted"]}

@@ -322,13 +322,15 @@ def check_heads(hs: HeadsSpec) -> None:
     """``heads.init`` one of ``HEAD_INITS``; ``heads.epsilon`` / ``epsilon_end`` in [0, 1]."""
     from ..heads import HEAD_INITS
 
+    if hs.epochs > 0 and hs.num_heads < 2:
+        raise ConfigError(f"heads.num_heads must be >= 2 (their disagreement is the epistemic signal), got "
+                          f"{hs.num_heads}")
     if hs.init not in HEAD_INITS:
         raise ConfigError(f"heads.init must be one of {', '.join(HEAD_INITS)}, got {hs.init!r}")
     for key in ("epsilon", "epsilon_end"):
         value = getattr(hs, key)
         if value is not None and not 0 <= value <= 1:
-            raise ConfigError(f"heads.{key} must lie in [0, 1] ({1 - 1 / hs.num_heads:g} = 1 - 1/num_heads is the "
-                              f"plain mean), got {value}")
+            raise ConfigError(f"heads.{key} must lie in [0, 1] (1 - 1/num_heads is the plain mean), got {value}")
 
 
 def check_options(cfg: MineConfig) -> None:

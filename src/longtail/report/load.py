@@ -98,8 +98,11 @@ class RunData:
         return self.class_names[c] if c < len(self.class_names) else f"class {c}"
 
     def json(self, path: str | Path) -> Any:
-        """A JSON file under the run, ``None`` when absent or unreadable (noted in ``problems``)."""
-        path = self.root / path
+        """A JSON file under the run (``path`` relative to the run, or already joined to ``root``), ``None`` when
+        absent or unreadable (noted in ``problems``)."""
+        path = Path(path)
+        if not path.is_absolute() and path.parts[: len(self.root.parts)] != self.root.parts:
+            path = self.root / path  # a relative root is not joined twice (runs/demo/runs/demo/...)
         try:
             return read_json(path)
         except (OSError, ValueError) as err:
