@@ -20,7 +20,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import load_file
 
@@ -78,7 +77,6 @@ def main() -> None:
                         help="copy a run's judge (and detector) instead of training; may repeat")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST files (default: the Debian package)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.from_run:
         for run in args.from_run:
             from_run(run)

@@ -14,15 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from longtail import cli
 from longtail.jobs.common import write_classifier_json
 from longtail.train import SmallCNN
+from test_heads_cli import CLASSES, write_folder
 
-CLASSES = ("bag", "coat", "sandal")
 SPEC = "longtail.train:SmallCNN"
 TABLE_COMMANDS = (("evaluate",), ("heads", "overhead"), ("heads", "train"), ("calibrate",), ("mine",), ("demo",))
 
@@ -43,22 +42,6 @@ def invoke(*args: str):
         raise result.exception
     assert result.exit_code == 0, (result.stdout, result.stderr)
     return result
-
-
-def write_folder(root: Path, per_class: int, seed: int, classes=CLASSES) -> Path:
-    """Grayscale 20x20 PNGs: a square whose size depends on the class."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(CLASSES):
-        if name not in classes:
-            continue
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = np.zeros((20, 20), np.uint8)
-            size = 4 + 4 * c
-            y, x = rng.integers(0, 20 - size, 2)
-            img[y : y + size, x : x + size] = 200
-            Image.fromarray(img, "L").save(root / name / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,12 @@ SPEC = "longtail.train:SmallCNN"
 
 
 def write_folder(root: Path, per_class: int, seed: int, classes=CLASSES) -> Path:
-    """Grayscale 20x20 PNGs: a square whose size depends on the class."""
+    """Grayscale 20x20 PNGs of the ``classes`` among :data:`CLASSES`: a square whose size depends on the class's
+    place in :data:`CLASSES`, so a folder with some classes draws them as a folder with all does."""
     rng = np.random.default_rng(seed)
-    for c, name in enumerate(classes):
+    for c, name in enumerate(CLASSES):
+        if name not in classes:
+            continue
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             img = np.zeros((20, 20), np.uint8)
