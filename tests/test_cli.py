@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from longtail import cli
+from longtail import cli, cli_generator
 from longtail.config import ConfigError
 
 
@@ -111,9 +111,9 @@ def test_introspect_takes_a_run_directory(calls: list[Any], tmp_path) -> None:
 def test_nuisance_rates_for_the_generator() -> None:
     from longtail.data.nuisance import DEFAULT_RATES
 
-    assert cli.parse_rates("default") == DEFAULT_RATES and cli.parse_rates(None) is None
-    assert cli.parse_rates("rotate=0.05, invert=0.01") == {"rotate": 0.05, "invert": 0.01}
+    assert cli_generator.parse_rates("default") == DEFAULT_RATES and cli_generator.parse_rates(None) is None
+    assert cli_generator.parse_rates("rotate=0.05, invert=0.01") == {"rotate": 0.05, "invert": 0.01}
     with pytest.raises(ConfigError, match="unknown modes"):
-        cli.parse_rates("spin=0.1")
+        cli_generator.parse_rates("spin=0.1")
     with pytest.raises(ConfigError, match="not mode=rate"):
-        cli.parse_rates("rotate")
+        cli_generator.parse_rates("rotate")

@@ -346,84 +346,9 @@ def verify(
     raise typer.Exit(0 if verdict.ok else 1)
 
 
-@app.command("distill-decoder")
-def distill_decoder_cmd(
-    out: Path = typer.Option(..., help="output directory (surrogate.safetensors + surrogate.json)"),
-    images: str = typer.Option(..., help="an ImageFolder of your images (or 'fashion-mnist' for the embedded default)"),
-    sd: str | None = typer.Option(None, help="a Stable Diffusion directory or hub id (else the embedded generator)"),
-    generator: str | None = typer.Option(None, help="an embedded generator directory"),
-    steps: int = typer.Option(1000, help="training steps"),
-    batch_size: int = typer.Option(16, help="latents per step"),
-    channels: int = typer.Option(32, help="surrogate width"),
-    limit: int = typer.Option(2000, help="at most this many images are encoded"),
-    size: int | None = typer.Option(None, help="image size fed to the VAE (default: the generator's)"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    progress: bool = typer.Option(True, help="progress bars"),
-) -> None:
-    """Distil a small decoder from the generator's VAE for cheap guidance (`--set generator.guide_decoder=OUT`)."""
-    import torch
+from .cli_generator import register  # noqa: E402
 
-    from .jobs.common import GeneratorSpec, load_generator, pick_device
-    from .models.surrogate import distill_decoder, save_surrogate
-
-    dev = pick_device(device)
-    spec = GeneratorSpec(kind="sd" if sd else "embedded", model=sd or generator)
-    ldm, _, _ = load_generator(spec, dev)
-    if images == "fashion-mnist":
-        from .data.datasets import load_fashion_mnist, to_model_range
-
-        x = to_model_range(load_fashion_mnist("train")[0][:limit])
-    else:
-        from .data.imagefolder import ImageListDataset, Preprocess, eval_transform, scan_imagefolder
-
-        index = scan_imagefolder(images)
-        channels_in = ldm.vae.config.in_channels
-        pre = Preprocess(size=size or ldm.image_size[0], mean=(0.5,) * channels_in, std=(0.5,) * channels_in,
-                         channels=channels_in, crop_pct=1.0)
-        ds = ImageListDataset(index.paths[:limit], index.labels[:limit], eval_transform(pre), pre.mode)
-        x = torch.stack([ds[i][0] for i in range(len(ds))])
-    module = distill_decoder(ldm, x.to(dev), steps=steps, batch_size=batch_size, channels=channels, show=progress)
-    typer.echo(f"{save_surrogate(module, out)}: {module.stats}")
-
-
-@app.command("train-generator")
-def train_generator_cmd(
-    out: Path = typer.Option(..., help="output directory (diffusers layout + longtail_generator.json)"),
-    config: Path | None = typer.Option(None, help="YAML with TinyGeneratorConfig keys"),
-    set_: list[str] = typer.Option([], "--set", help="override a key: --set unet_steps=2000"),
-    data_dir: Path | None = typer.Option(None, help="Fashion-MNIST directory (default: the Debian package's)"),
-    nuisance: str | None = typer.Option(None, help="rare modes inside classes: 'default' (3% each) or "
-                                        "'mode=rate,...' (longtail.data.nuisance); captions name them"),
-    progress: bool = typer.Option(True, help="progress bars"),
-) -> None:
-    """Train the embedded text-conditioned latent diffusion model on full Fashion-MNIST (resumable)."""
-    from .config import load_config
-    from .models.tiny import TinyGeneratorConfig, train_generator
-
-    cfg = load_config(TinyGeneratorConfig, config, set_)
-    train_generator(out, cfg, data_dir=data_dir, show=progress, nuisance=parse_rates(nuisance))
-
-
-def parse_rates(text: str | None) -> dict[str, float] | None:
-    """``default`` -> ``DEFAULT_RATES``; ``rotate=0.03,invert=0.02`` -> that mapping; None -> None."""
-    from .config import ConfigError
-    from .data.nuisance import DEFAULT_RATES, MODE_NAMES
-
-    if not text:
-        return None
-    if text == "default":
-        return dict(DEFAULT_RATES)
-    rates = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        try:
-            rates[name.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"--nuisance: {part!r} is not mode=rate") from None
-    unknown = sorted(set(rates) - set(MODE_NAMES))
-    if unknown:
-        raise ConfigError(f"--nuisance: unknown modes {unknown}; known: {list(MODE_NAMES)}")
-    return rates
+register(app)
 
 
 def main() -> None:
