@@ -91,6 +91,7 @@ def test_train_writes_loadable_heads_a_report_and_leaves_the_base_bit_identical(
             "--device", "cpu", "--no-progress"]
     result = invoke(*args, "--lr", "0.01")
     assert result.exit_code == 0, (result.output, result.exception)
+    assert "warning" not in result.output  # trained weights given: no untrained-base warning
     assert hashlib.sha256(world["ckpt"].read_bytes()).hexdigest() == checkpoint  # the user's file untouched
 
     # the base inside the trained model: every tensor bit-identical to the checkpoint, logits too
@@ -149,8 +150,8 @@ def _out_is_a_file(world, tmp_path) -> tuple[list[str], str]:
 
 BAD = {
     "one head": lambda w, t: (["--num-heads", "1"], r"--num-heads must be at least 2 .*got 1"),
-    "epsilon 1": lambda w, t: (["--epsilon", "1.0"], r"--epsilon must lie in \[0, 1\).*got 1\.0"),
-    "epsilon < 0": lambda w, t: (["--epsilon", "-0.1"], r"--epsilon must lie in \[0, 1\).*got -0\.1"),
+    "epsilon > 1": lambda w, t: (["--epsilon", "1.5"], r"--epsilon must lie in \[0, 1\].*got 1\.5"),
+    "epsilon < 0": lambda w, t: (["--epsilon", "-0.1"], r"--epsilon must lie in \[0, 1\].*got -0\.1"),
     "missing data": lambda w, t: (["--data", str(t / "nowhere")], r"--data: image folder .*nowhere does not exist"),
     "missing val": lambda w, t: (["--val", str(t / "noval")], r"--val: image folder .*noval does not exist"),
     "class names": _mismatched_names,
@@ -211,3 +212,13 @@ def test_overhead_times_forward_and_backward_and_prints_the_ratios():
     assert untimed.exit_code == 0 and not _ratios(untimed.output)
     assert untimed.output.strip().splitlines()[-1] == "overhead: 0.23%"
     assert "25,600 (K x d x C)" in untimed.output
+
+
+def test_a_named_architecture_without_checkpoint_is_flagged_as_untrained():
+    from longtail.jobs.heads import untrained_base
+
+    assert untrained_base(ClassifierSpec(spec="resnet18"))
+    assert untrained_base(ClassifierSpec(spec="timm:vit_tiny_patch16_224"))
+    assert not untrained_base(ClassifierSpec(spec="resnet18", checkpoint="w.safetensors"))
+    assert not untrained_base(ClassifierSpec(spec=SPEC))  # an entry point may load its own weights
+    assert not untrained_base(ClassifierSpec(spec="hf:/models/vit"))  # a Hugging Face directory holds weights

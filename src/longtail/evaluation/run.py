@@ -119,6 +119,9 @@ def run_evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dic
             report["accuracy"].pop(g, None)
             report["accuracy"].pop(f"{g}_reason", None)
     report["detection"] = detection_report(out, labels, groups)
+    if counts is None:  # no class is known to be rare: say so instead of "only one class present"
+        for d in report["detection"].values():
+            d["auroc_rare"], d["auroc_rare_reason"] = None, NO_COUNTS
     if cfg.ensemble:
         members = []
         for path in cfg.ensemble:
@@ -141,6 +144,10 @@ def run_evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dic
         dump_config(cfg, path / "config.yaml")
         write_json(path / "evaluate.json", report)  # strict JSON: an undefined figure is null
     return report
+
+
+NO_COUNTS = ("no training counts given (--train or counts_file), so no class is known to be rare; "
+             "Many / Medium / Few are not reported either")
 
 
 def _scan(root: str, names: list[str] | None, num_classes: int | None, log: Callable[[str], None],

@@ -86,13 +86,13 @@ class HeadsTrainConfig:
 
 def check_heads_config(cfg: HeadsTrainConfig) -> None:
     """Raise ``ConfigError`` naming the option (``--num-heads`` ...) for a value the training cannot use:
-    K < 2, epsilon outside [0, 1), epochs / batch size / image size < 1, lr <= 0, an unknown init."""
+    K < 2, epsilon outside [0, 1] (as ``mine``'s ``heads.epsilon``), epochs / batch size / image size < 1, lr <= 0, an unknown init."""
     hs = cfg.heads
     if not isinstance(hs.num_heads, int) or hs.num_heads < 2:
         raise ConfigError(f"--num-heads must be at least 2 (heads can only disagree if there are two), "
                           f"got {hs.num_heads!r}")
-    if not (isinstance(hs.epsilon, int | float) and 0.0 <= hs.epsilon < 1.0):
-        raise ConfigError(f"--epsilon must lie in [0, 1) (the losing heads' share of the relaxed oracle loss), "
+    if not (isinstance(hs.epsilon, int | float) and 0.0 <= hs.epsilon <= 1.0):
+        raise ConfigError(f"--epsilon must lie in [0, 1] (the losing heads' share of the relaxed oracle loss), "
                           f"got {hs.epsilon!r}")
     if hs.init not in HEAD_INITS:
         raise ConfigError(f"--init must be one of {', '.join(HEAD_INITS)}, got {hs.init!r}")
@@ -133,6 +133,15 @@ def load_base(cfg: HeadsTrainConfig, device: torch.device) -> tuple[LoadedClassi
         raise ConfigError(f"the input size of classifier {cs.spec} is unknown: pass --image-size (or a "
                           "classifier.json whose preprocess gives size)")
     return loaded, cs
+
+
+def untrained_base(cs: ClassifierSpec) -> bool:
+    """True when the base classifier comes from a torchvision or ``timm:`` name with no checkpoint: those are
+    built with random weights here (nothing is downloaded). Entry points (``module:callable``) and other specs
+    may load their own weights, so they are not flagged."""
+    spec = cs.spec or ""
+    return cs.checkpoint is None and (spec.startswith("timm:") or (":" not in spec and "/" not in spec
+                                                                    and not spec.endswith(".json")))
 
 
 def scan_data(root: str, flag: str, class_names: list[str] | None, num_classes: int | None) -> ImageIndex:
@@ -191,6 +200,10 @@ def run_heads_train(cfg: HeadsTrainConfig, show: bool = True, log: Log = print) 
     started = time.perf_counter()
     acc = _accelerator(cfg.device)
     loaded, cs = load_base(cfg, acc.device)
+    if untrained_base(cs):
+        log(f"warning: --classifier {cs.spec} has no --checkpoint, so its weights are the architecture's fresh "
+            "random initialisation; heads on an untrained network measure nothing useful (give the trained "
+            "weights with --checkpoint)")
     train = scan_data(cfg.data, "--data", loaded.class_names, loaded.num_classes)
     val = scan_data(cfg.val, "--val", train.class_names, None) if cfg.val else None
     source = ImageFolderSource(train, val or train, preprocess_for(loaded), eval_name=f"--val {cfg.val}")
