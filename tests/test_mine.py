@@ -115,7 +115,7 @@ def test_mini_mining_run_end_to_end(world, tmp_path):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(result))
     # the same directory with another weight would relabel old images: refused, naming what differs
-    with pytest.raises(ConfigError, match=r"other settings \(guidance differ"):
+    with pytest.raises(ConfigError, match=r"other settings \(guidance\.weight: 1\.0 -> 5\.0; the run's are in "):
         run_mine(load_config(MineConfig, overrides=[*base_overrides(world, out), "guidance.weight=5"]), show=False,
                  log=lambda m: None)
     dom = chromium_dom(out / "report.html", tmp_path / "profile")
@@ -443,6 +443,10 @@ def test_settings_added_later_or_the_default_generator_by_name_do_not_count_as_o
     assert differs({"epochs": 6, "lr": 0.002}, {"epochs": 6, "lr": 0.001, "bootstrap": False})
     assert differs({"a": {"b": 1}}, {"a": {}})  # a key the new settings lack
     assert not differs({"a": {"b": 1}}, {"a": {"b": 1, "c": 2}})
+    from longtail.jobs.mine import differing_keys
+
+    assert differing_keys({"heads": {"epsilon": 0.0, "k": 5}, "x": 1}, {"heads": {"epsilon": 0.8, "k": 5}, "x": 2}) \
+        == ["heads.epsilon", "x"]
     # the shipped judge is the one `train` makes in 3 epochs: a run made with either resumes with the other
     trained = {"spec": "train", "epochs": 3, "min_ratio": 0.9, "real_per_class": 100}
     assert not differs(trained, {**trained, "spec": "shipped"})

@@ -294,31 +294,49 @@ def _judge_as_trained(judge: dict) -> dict:
 
 
 def differs(old: object, new: object) -> bool:
-    """Whether a setting of a finished run (``old``, from its config.yaml) differs from ``new``. Keys the run's
-    config does not have were added to the tool later, with defaults that keep earlier behaviour, so they do not
-    count; an embedded generator ``model: null`` is the shipped ``clean`` one, and ``judge.spec: shipped`` is
-    ``train`` with 3 epochs (the shipped judges are those weights)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        if "spec" in old and "min_ratio" in old:  # a judge: the shipped one is what `train` (3 epochs) makes
-            old, new = _judge_as_trained(old), _judge_as_trained(new)
-        if old.get("kind") == "embedded" and "model" in old:
-            old, new = {**old, "model": old["model"] or "clean"}, {**new, "model": new.get("model") or "clean"}
-        return any(key not in new or differs(value, new[key]) for key, value in old.items())
-    return old != new
+    """Whether a setting of a finished run (``old``, from its config.yaml) differs from ``new``
+    (``differing_keys`` is not empty)."""
+    return bool(differing_keys(old, new))
+
+
+def differing_keys(old: object, new: object, prefix: str = "") -> list[str]:
+    """The dotted keys (``heads.epsilon``) at which a finished run's setting ``old`` differs from ``new``. Keys
+    the run's config does not have were added to the tool later, with defaults that keep earlier behaviour, so
+    they do not count; an embedded generator ``model: null`` is the shipped ``clean`` one, and
+    ``judge.spec: shipped`` is ``train`` with 3 epochs (the shipped judges are those weights)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix] if old != new else []
+    if "spec" in old and "min_ratio" in old:  # a judge: the shipped one is what `train` (3 epochs) makes
+        old, new = _judge_as_trained(old), _judge_as_trained(new)
+    if old.get("kind") == "embedded" and "model" in old:
+        old, new = {**old, "model": old["model"] or "clean"}, {**new, "model": new.get("model") or "clean"}
+    keys: list[str] = []
+    for key, value in old.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        keys += [name] if key not in new else differing_keys(value, new[key], name)
+    return keys
+
+
+def _lookup(settings: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        settings = settings.get(part, "(absent)") if isinstance(settings, dict) else "(absent)"
+    return settings
 
 
 def check_same_run(cfg: MineConfig) -> None:
     """Refuse to resume a run directory that was made with other settings (finished stages would be reused
-    under the new label); names the sections that differ."""
+    under the new label); names each key that differs, the run's value -> the new one."""
     import yaml
 
     previous = Path(cfg.out) / "config.yaml"
     if not previous.is_file():
         return
     old, new = yaml.safe_load(previous.read_text()) or {}, to_dict(cfg)
-    changed = [key for key in RUN_DEFINING if key in old and differs(old[key], new[key])]
+    changed = [k for key in RUN_DEFINING if key in old for k in differing_keys(old[key], new[key], key)]
     if changed:
-        raise ConfigError(f"{cfg.out} holds a run made with other settings ({', '.join(changed)} differ from "
+        shown = "; ".join(f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in changed[:6])
+        more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(f"{cfg.out} holds a run made with other settings ({shown}{more}; the run's are in "
                           f"{previous}); use another out, or the same settings to resume (seeds and conditions "
                           "may be added)")
 
