@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from longtail.config import ConfigError, dump_config, load_config
 from longtail.jobs.calibrate import CalibrateConfig
@@ -63,6 +65,24 @@ def test_mine_config_and_its_data_export(tmp_path, monkeypatch):
     assert [train.labels.count(train.class_names.index(c)) for c in FASHION_MNIST_CLASSES] == counts
     assert len(scan_imagefolder(tmp_path / "if" / "val").paths) == 20
     assert module.export(tmp_path / "if", val=20, n_max=20, imbalance=10) == 0  # existing files are kept
+    # the clean export is the raw images, padded to 32 px: the [-1, 1] round trip is exact on 8-bit images
+    from longtail.data.datasets import load_fashion_mnist, longtail_indices
+    from longtail.data.sources import FashionMNISTLT
+
+    clean = FashionMNISTLT(n_max=20, imbalance=10)
+    raw, labels = load_fashion_mnist("train")
+    idx = longtail_indices(labels, counts, 0)
+    for i, path in enumerate(_pngs(tmp_path / "if" / "train", clean)):
+        saved = np.asarray(Image.open(path))
+        assert saved.shape == (32, 32) and np.array_equal(saved[2:30, 2:30], raw[idx[i]].numpy()), path
+    # with rare modes (the demo's data, here invert at 50%): exactly the images given a mode differ
+    assert module.demo_nuisance() == load_demo_config().data.nuisance
+    module.export(tmp_path / "nu", val=0, n_max=20, imbalance=10, nuisance={"invert": 0.5})
+    modes = FashionMNISTLT(n_max=20, imbalance=10, nuisance={"invert": 0.5}).train_modes
+    changed = [not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+               for a, b in zip(_pngs(tmp_path / "if" / "train", clean), _pngs(tmp_path / "nu" / "train", clean),
+                               strict=True)]
+    assert changed == (modes > 0).tolist() and 0 < sum(changed) < len(changed)
 
 
 def test_studies_of_the_clean_testbed_keep_their_testbed():
@@ -74,3 +94,10 @@ def test_studies_of_the_clean_testbed_keep_their_testbed():
         assert cfg.generator.model == "clean" and not cfg.data.nuisance and not cfg.data.nuisance_eval, name
         assert not cfg.sweep.options and not cfg.introspection.enabled, name
     assert load_demo_config(CONFIGS / "study/val_recipe.yaml").data.eval_split == "val"
+
+
+def _pngs(root, source) -> list:
+    """The exported training PNGs in the source's order (``<class>/<i>.png``, i counting over all images)."""
+    from longtail.data.datasets import FASHION_MNIST_CLASSES
+
+    return [root / FASHION_MNIST_CLASSES[label] / f"{i}.png" for i, label in enumerate(source.train_y.tolist())]
