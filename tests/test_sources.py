@@ -125,3 +125,27 @@ def test_imagefolder_counts_and_class_balanced_loader(tmp_path):
     with pytest.raises(ValueError, match="'fox' is not one of"):
         source.train_loader(Recipe(), seed=0, rows=[{"id": "x", "class_name": "fox", "path": "x.png"}],
                             store_root=tmp_path)
+
+
+def test_the_judges_real_reference_from_an_imagefolder_is_in_the_decoder_range(tmp_path):
+    """An ImageFolder's evaluation images come in the classifier's normalisation (here ImageNet's); the judge
+    takes [-1, 1], so the sweep's real reference is mapped back: pixel p -> p / 127.5 - 1, exactly."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from longtail.data.imagefolder import Preprocess, scan_imagefolder
+    from longtail.data.sources import ImageFolderSource
+    from longtail.jobs.stages import real_reference
+
+    values = {"a": (0, 64, 128), "b": (200, 255, 30)}
+    for name, rgb in values.items():
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / name / "0.png")
+    index = scan_imagefolder(tmp_path)
+    source = ImageFolderSource(index, index, Preprocess(size=8, crop_pct=1.0))
+    images, labels = real_reference(SimpleNamespace(source=source), per_class=1)
+    assert labels.tolist() == [0, 1]
+    for i, name in enumerate(("a", "b")):
+        expected = torch.tensor(values[name], dtype=torch.float32) / 127.5 - 1
+        assert torch.allclose(images[i].mean(dim=(1, 2)), expected, atol=1e-5), name

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -384,10 +384,19 @@ def stage_judge(ctx: Context):
 
 
 def real_reference(ctx: Context, per_class: int):
-    """Up to ``per_class`` evaluation images of each class (the first ones): ``[N, C, H, W]`` and labels."""
+    """Up to ``per_class`` evaluation images of each class (the first ones): ``[N, C, H, W]`` in [-1, 1] (the
+    decoder's range, which the judge takes) and labels ``[N]``."""
     images, labels = ctx.source.eval_inputs()
     keep = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(len(ctx.source.class_names))])
-    return images[keep], labels[keep]
+    pre = getattr(ctx.source, "pre", None)  # an ImageFolder's images come in the classifier's normalisation
+    return (to_decoder_range(images[keep], pre.mean, pre.std) if pre is not None else images[keep]), labels[keep]
+
+
+def to_decoder_range(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Classifier input ``[N, C, H, W]`` normalised with per-channel ``mean`` / ``std`` -> [-1, 1]
+    (``(x * std + mean) * 2 - 1``), the range of decoded images."""
+    shape = (1, -1, 1, 1)
+    return (images * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)) * 2 - 1
 
 
 def stage_sweep(ctx: Context, loaded: LoadedClassifier, judge=None) -> dict | None:
