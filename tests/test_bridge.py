@@ -53,3 +53,31 @@ def test_channel_rule():
     out = bridge(rgb * 2 - 1)
     assert out.shape == (2, 1, 8, 8)
     assert torch.allclose(out, (rgb.mean(dim=1, keepdim=True) - 0.5) / 0.2, atol=1e-5)
+
+
+def test_crop_offset_and_per_pass_clamp():
+    from longtail.models.bridge import center_crop, resize_passes, straight_through_clamp
+
+    x = torch.arange(7.0).view(1, 1, 1, 7).expand(1, 1, 7, 7)  # column index as value
+    assert center_crop(x, (4, 4))[0, 0, 0].tolist() == [2.0, 3.0, 4.0, 5.0]  # round(1.5) = 2, torchvision
+    assert center_crop(x, (4, 4), "floor")[0, 0, 0].tolist() == [1.0, 2.0, 3.0, 4.0]  # transformers
+    with pytest.raises(ValueError, match="crop_offset"):
+        BridgeConfig(crop_offset="ceil")
+    # forward clamps, backward is the identity
+    v = torch.tensor([-0.5, 0.5, 1.5], requires_grad=True)
+    out = straight_through_clamp(v)
+    out.sum().backward()
+    assert out.tolist() == [0.0, 0.5, 1.0] and v.grad.tolist() == [1.0, 1.0, 1.0]
+    # a hard edge: bicubic overshoots; the clamped passes stay in [0, 1] and equal the joint resize elsewhere
+    edge = torch.zeros(1, 1, 8, 8)
+    edge[..., 4:] = 1.0
+    joint = resize_passes(edge, (12, 12), "bicubic", clamp=False)
+    passes = resize_passes(edge, (12, 12), "bicubic", clamp=True)
+    assert joint.min() < 0 and joint.max() > 1 and passes.min() == 0 and passes.max() == 1
+    assert torch.allclose(passes, joint.clamp(0, 1), atol=1e-6)  # an edge along one axis: one clamp suffices
+    grads = []
+    for clamp in (True, False):  # straight-through: the clamped passes have the unclamped resize's gradient
+        y = edge.clone().requires_grad_(True)
+        (resize_passes(y, (12, 12), "bicubic", clamp=clamp) * torch.arange(144.0).view(12, 12)).sum().backward()
+        grads.append(y.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-4) and grads[0].abs().min() > 0

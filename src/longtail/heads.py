@@ -1,7 +1,8 @@
 """The Epistemic Head: K copies of a classifier's last linear layer, trained behind a stop-gradient.
 
 METHOD.md section 2. ``EpistemicClassifier(model, num_heads=5)`` finds the model's classification head
-(timm ``get_classifier``, the torchvision families, or a module name you give), hooks the features that
+(timm ``get_classifier``, the torchvision families, a Hugging Face model's ``classifier``
+through ``models.hf.HFImageClassifier``, or a module name you give), hooks the features that
 enter it, and evaluates K head copies on those features *detached*. One forward pass returns the base
 logits, untouched, and the head logits ``[B, K, C]`` that every head signal reads.
 
@@ -48,7 +49,8 @@ _TORCHVISION_HEAD_PATHS = (
 def find_head(model: nn.Module, head_name: str | None = None) -> tuple[str, nn.Linear]:
     """Return ``(module path, nn.Linear)`` of the model's classification head.
 
-    Order: an explicit ``head_name``; timm's ``get_classifier()``; torchvision's known head paths.
+    Order: an explicit ``head_name``; ``get_classifier()`` (timm models, and ``models.hf.HFImageClassifier``,
+    whose ``classifier`` layer it returns); torchvision's known head paths.
     Raises ``ValueError`` naming the model class when none is a ``nn.Linear``.
     """
     modules = dict(model.named_modules())
@@ -354,9 +356,12 @@ class EpistemicClassifier(nn.Module):
         return any(p.requires_grad for p in self.base.parameters())
 
     def forward(self, x: Tensor) -> ClassifierOutput:
-        """x ``[B, ...]`` -> ``ClassifierOutput(logits [B, C], head_logits [B, K, C], features [B, D])``."""
+        """x ``[B, ...]`` -> ``ClassifierOutput(logits [B, C], head_logits [B, K, C], features [B, D])``; a base
+        returning an output object with ``.logits`` (a bare transformers model) gives those logits."""
         self._features = None
         logits = self.base(x)
+        if not isinstance(logits, Tensor) and isinstance(getattr(logits, "logits", None), Tensor):
+            logits = logits.logits  # a transformers model's output object (e.g. ImageClassifierOutput)
         features = self._features
         self._features = None
         if features is None:

@@ -1,8 +1,8 @@
 """The decoder -> classifier bridge: decoded images into the classifier's own preprocessing, differentiably.
 
 ``ClassifierBridge`` maps decoded images (``[B, 3, H, W]`` in [-1, 1]) into a classifier's input convention
-(channels, resize, center crop, mean/std; ``BridgeConfig``, read from timm's data config or torchvision's
-weights transforms) with differentiable ops only, so the longtail gradient flows from the classifier back to
+(channels, resize, center crop, mean/std; ``BridgeConfig``, read from timm's data config, torchvision's
+weights transforms or a transformers image processor) with differentiable ops only, so the longtail gradient flows from the classifier back to
 the latent. ``BridgedClassifier`` is ``classifier(bridge(x))``, the callable ``generate`` / ``sample`` take.
 """
 
@@ -27,7 +27,11 @@ class BridgeConfig:
     center crop to ``size`` (``(H, W)``); ``None`` skips the step. The image is scaled to [0, 1] and
     normalised by ``mean``/``std``. The defaults (no resize, mean = std = 0.5) pass the decoder's [-1, 1]
     images unchanged. ``in_channels``: what the classifier reads; ``None`` keeps the decoder's channels (rule:
-    ``match_channels``).
+    ``match_channels``). ``crop_offset``: where the center crop starts, ``round((H - h) / 2)`` as torchvision
+    and timm do, or ``floor((H - h) / 2)`` as transformers' image processors do (they differ for odd margins).
+    ``clamp_resize``: resize as 8-bit resizers do (PIL, torchvision on uint8 tensors, hence transformers' image
+    processors): two separable passes, width then height, each clamped to [0, 1]; bicubic overshoot at sharp edges
+    is cut after the first pass (``resize_passes``). The clamp is straight-through, so the gradient is kept.
     """
 
     size: tuple[int, int] | None = None
@@ -37,10 +41,15 @@ class BridgeConfig:
     interpolation: str = "bilinear"
     in_channels: int | None = None
     source: str = "explicit"
+    crop_offset: str = "round"
+    clamp_resize: bool = False
 
     def __post_init__(self) -> None:
         if self.interpolation not in ("bilinear", "bicubic", "nearest", "area", "nearest-exact"):
             raise ValueError(f"unsupported interpolation {self.interpolation!r}")
+        if self.crop_offset not in ("round", "floor"):
+            raise ValueError(f"crop_offset must be 'round' (torchvision) or 'floor' (transformers), "
+                             f"got {self.crop_offset!r}")
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} differ in length")
 
@@ -101,6 +110,14 @@ class BridgeConfig:
         )
 
     @classmethod
+    def from_transformers(cls, processor: object, in_channels: int | None = None) -> BridgeConfig:
+        """From a transformers image processor (``ViTImageProcessor``, ``ConvNextImageProcessor`` incl. its
+        ``crop_pct`` rule, ...): ``models.hf.bridge_from_processor``, which documents the rules and errors."""
+        from .hf import bridge_from_processor
+
+        return bridge_from_processor(processor, in_channels)
+
+    @classmethod
     def from_torchvision(cls, weights: object, in_channels: int = 3) -> BridgeConfig:
         """From torchvision weights, their name (``"ResNet50_Weights.IMAGENET1K_V2"``) or ``transforms()``.
 
@@ -151,8 +168,9 @@ def _resized_size(h: int, w: int, resize: int | tuple[int, int]) -> tuple[int, i
     return (int(resize * h / w), resize)
 
 
-def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """torchvision's ``center_crop`` (same rounding; zero padding when the crop is larger than the image)."""
+def center_crop(x: Tensor, size: tuple[int, int], offset: str = "round") -> Tensor:
+    """torchvision's ``center_crop`` (zero padding when the crop is larger than the image); the crop starts at
+    ``round(margin / 2)`` (torchvision, ``offset="round"``) or ``floor(margin / 2)`` (transformers, ``"floor"``)."""
     ch, cw = size
     h, w = x.shape[-2:]
     if ch > h or cw > w:
@@ -164,8 +182,33 @@ def center_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
         ]
         x = F.pad(x, pad, value=0.0)
         h, w = x.shape[-2:]
-    top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)
+    if offset == "floor":
+        top, left = (h - ch) // 2, (w - cw) // 2
+    else:
+        top, left = round((h - ch) / 2.0), round((w - cw) / 2.0)
     return x[..., top : top + ch, left : left + cw]
+
+
+def straight_through_clamp(x: Tensor, low: float = 0.0, high: float = 1.0) -> Tensor:
+    """``x.clamp(low, high)`` in the forward pass, the identity in the backward pass (a straight-through
+    estimator), so saturated pixels keep their gradient. Any shape."""
+    return x + (x.clamp(low, high) - x).detach()
+
+
+def resize_passes(x: Tensor, size: tuple[int, int], mode: str, clamp: bool) -> Tensor:
+    """``F.interpolate`` of ``[B, C, H, W]`` to ``size`` (antialiased for bilinear / bicubic, as torchvision and
+    PIL are). With ``clamp``: width first, then height, each pass clamped to [0, 1] (``straight_through_clamp``),
+    as PIL and torchvision's uint8 path do; antialiased separable kernels make one pass per axis equal to the joint
+    resize up to that clamp."""
+    smooth = mode in ("bilinear", "bicubic")
+    kwargs = {"mode": mode, "antialias": smooth, "align_corners": False if smooth else None}
+    if not clamp:
+        return F.interpolate(x, size=size, **kwargs)
+    if size[1] != x.shape[-1]:
+        x = straight_through_clamp(F.interpolate(x, size=(x.shape[-2], size[1]), **kwargs))
+    if size[0] != x.shape[-2]:
+        x = straight_through_clamp(F.interpolate(x, size=size, **kwargs))
+    return x
 
 
 class ClassifierBridge(nn.Module):
@@ -173,7 +216,8 @@ class ClassifierBridge(nn.Module):
 
     ``[B, C, H, W]`` in [-1, 1] -> ``[B, C', h, w]`` float32: channels matched (``match_channels``), scaled to
     [0, 1], resized (``F.interpolate``, antialiased for bilinear/bicubic, as torchvision does on tensors),
-    center cropped, normalised by mean/std. No clamping, so out-of-range pixels keep their gradient.
+    center cropped, normalised by mean/std. No clamping (``clamp_resize`` clamps straight-through), so
+    out-of-range pixels keep their gradient.
     """
 
     def __init__(self, config: BridgeConfig | None = None, **overrides: object) -> None:
@@ -208,16 +252,9 @@ class ClassifierBridge(nn.Module):
         if cfg.resize is not None:
             size = _resized_size(x.shape[-2], x.shape[-1], cfg.resize)
             if size != tuple(x.shape[-2:]):
-                smooth = cfg.interpolation in ("bilinear", "bicubic")
-                x = F.interpolate(
-                    x,
-                    size=size,
-                    mode=cfg.interpolation,
-                    antialias=smooth,
-                    align_corners=False if smooth else None,
-                )
+                x = resize_passes(x, size, cfg.interpolation, cfg.clamp_resize)
         if cfg.size is not None:
-            x = center_crop(x, cfg.size)
+            x = center_crop(x, cfg.size, cfg.crop_offset)
         return self._normalise(x)
 
     def extra_repr(self) -> str:

@@ -4,6 +4,9 @@
 
 * a torchvision name (``resnet50``), built with random weights (nothing is downloaded);
 * ``timm:<name>`` (``timm:vit_base_patch16_224``), likewise;
+* ``hf:<dir>``: a Hugging Face ``AutoModelForImageClassification`` saved with ``save_pretrained`` in a local
+  directory, with its weights (``models.hf``: offline; the module returns the logits tensor; class names from
+  ``id2label``; the preprocessing from the image processor saved beside it);
 * a Python entry point ``package.module:function`` or ``path/to/file.py:function`` returning an ``nn.Module``
   (called with ``num_classes=`` when given and the function accepts it, plus ``model_kwargs``).
 
@@ -13,7 +16,8 @@ Weights come from ``checkpoint``: ``.safetensors`` through safetensors, anything
 when every key carries them. Missing or unexpected keys are an error that lists them.
 
 The preprocessing the classifier expects (``BridgeConfig``) is resolved at load time: timm's data config, the
-default weights' transforms of a torchvision architecture, or ``preprocess`` given explicitly.
+default weights' transforms of a torchvision architecture, a Hugging Face image processor
+(``preprocessor_config.json``), or ``preprocess`` given explicitly.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch import Tensor, nn
 from .. import files
 from ..data.imagefolder import read_class_names
 from ..heads import EpistemicClassifier, find_head
+from . import hf
 from .bridge import BridgeConfig, BridgedClassifier, ClassifierBridge
 
 STRIP_PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -123,8 +128,11 @@ def _load_entry_point(spec: str) -> object:
 
 
 def build_model(spec: str, num_classes: int | None = None, model_kwargs: Mapping | None = None) -> nn.Module:
-    """The architecture of ``spec`` with random weights (see the module docstring for the forms)."""
+    """The architecture of ``spec`` with random weights, or for ``hf:<dir>`` with the directory's weights (see
+    the module docstring for the forms; ``models.hf.load_hf_classifier`` for the errors of ``hf:``)."""
     kwargs = dict(model_kwargs or {})
+    if hf.is_hf_spec(spec):
+        return hf.load_hf_classifier(spec, num_classes, kwargs)
     if spec.startswith("timm:"):
         import timm
 
@@ -147,8 +155,11 @@ def build_model(spec: str, num_classes: int | None = None, model_kwargs: Mapping
 
 
 def default_bridge(spec: str, model: nn.Module) -> BridgeConfig:
-    """The preprocessing a model expects: timm's data config, torchvision's default weights' transforms, else
-    the decoder's images as they are (``BridgeConfig()``, channels taken from the first convolution)."""
+    """The preprocessing a model expects: timm's data config, torchvision's default weights' transforms, a
+    Hugging Face image processor (``hf:<dir>``, ``models.hf.hf_bridge``), else the decoder's images as they are
+    (``BridgeConfig()``, channels taken from the first convolution)."""
+    if hf.is_hf_spec(spec):
+        return hf.hf_bridge(spec, model)
     if spec.startswith("timm:") or getattr(model, "pretrained_cfg", None):
         return BridgeConfig.from_timm(model)
     if ":" not in spec:
@@ -182,8 +193,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 
 
 def strip_prefixes(state: Mapping[str, Tensor], model_keys: set[str]) -> dict[str, Tensor]:
-    """Drop ``module.`` / ``model.`` / ``_orig_mod.`` (repeatedly) while every key has one the model lacks."""
+    """Drop ``module.`` / ``model.`` / ``_orig_mod.`` (repeatedly) while every key has one the model lacks; add
+    ``model.`` when every model key has it and no checkpoint key does (a bare transformers state dict, e.g. a
+    ``model.safetensors`` of ``save_pretrained``, for an ``hf:`` classifier)."""
     state = dict(state)
+    if (state and model_keys and all(k.startswith("model.") for k in model_keys)
+            and not any(k.startswith("model.") for k in state)):
+        return {f"model.{k}": v for k, v in state.items()}
     changed = True
     while changed and state:
         changed = False
@@ -246,9 +262,10 @@ def load_classifier(
     """Build ``spec``, load ``checkpoint``, attach Epistemic Head weights ``heads``; eval mode on ``device``.
 
     ``num_heads`` defaults to the head file's metadata (else 5). ``class_names_file`` must list as many names
-    as the classifier has outputs. ``preprocess`` overrides the resolved ``BridgeConfig`` (a dict works).
-    Without a checkpoint the weights are random (tests); real use passes one. Parameters stay trainable (the
-    sampler freezes the classifier for the duration of a call).
+    as the classifier has outputs; without it an ``hf:`` classifier's names are its ``id2label``. ``preprocess``
+    overrides the resolved ``BridgeConfig`` (a dict works). Without a checkpoint the weights are random (tests;
+    an ``hf:`` directory brings its own); real use passes one. Parameters stay trainable (the sampler freezes
+    the classifier for the duration of a call).
     """
     model = build_model(spec, num_classes, model_kwargs)
     if checkpoint is not None:
@@ -268,6 +285,8 @@ def load_classifier(
         model = EpistemicClassifier(model, num_heads=k, head_name=head_name)
         model.load_heads(heads)
     names = read_class_names(class_names_file) if class_names_file is not None else None
+    if names is None:
+        names = hf.hf_class_names(model.base if isinstance(model, EpistemicClassifier) else model)
     if names is not None and outputs is not None and len(names) != outputs:
         raise ValueError(
             f"{class_names_file} lists {len(names)} class names but the classifier has {outputs} outputs"
