@@ -1,6 +1,9 @@
 """Longtail Guidance as small functions (METHOD.md section 3, paper Eq. 8-11), and ``LongtailGuide``.
 
 Notation: ``a_t`` is ``alpha_bar_t`` (the scheduler's ``alphas_cumprod[t]``), ``sigma_t = sqrt(1 - a_t)``.
+Flow matching (rectified flow, diffusers' ``FlowMatchEulerDiscreteScheduler``): ``x_s = (1 - s) x0 + s n`` and
+the model predicts the velocity ``v = n - x0``; ``predicted_x0_flow`` and ``guided_velocity`` are Eq. 8 and
+Eq. 11 on that path (derivation in ``guided_velocity``), and ``LongtailGuide(..., flow=True)`` uses them.
 ``LongtailGuide`` composes the functions around a decoder and a classifier into one call per sampler step,
 ``guide(step, z_t, a_t, eps) -> guided eps`` (guided-diffusion's ``condition_score``); the sampler
 (``longtail.sampling``) owns the loop and knows nothing of windows, normalisation or records.
@@ -61,6 +64,79 @@ def model_output_from_eps(eps: Tensor, z_t: Tensor, alpha_bar_t: Tensor | float,
     if prediction_type == "sample":
         return predicted_z0(z_t, eps, a)
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+# --- flow matching (rectified flow): Eq. 8 and Eq. 11 on x_s = (1 - s) x0 + s n, v = n - x0 ------------------
+
+
+def predicted_x0_flow(x_t: Tensor, velocity: Tensor, sigma: Tensor | float) -> Tensor:
+    """Eq. 8 on a rectified-flow path: the predicted clean latent ``x0_hat = x_s - s v``. Shapes ``[B, ...]``.
+
+    On ``x_s = (1 - s) x0 + s n`` (``s`` = ``sigma``, the scheduler's ``sigmas[i]`` in [0, 1]) a velocity model
+    predicts ``v = n - x0``; eliminating ``n = x0 + v`` gives ``x_s = x0 + s v``, hence ``x0 = x_s - s v``.
+    Unlike Eq. 8 this stays finite at pure noise (``s = 1``: ``x0_hat = x_1 - v``), and with ``v`` held
+    fixed ``d x0_hat / d x_s`` is the identity (Eq. 8's is ``1 / sqrt(a_t)``). Source: Liu et al. 2023
+    (rectified flow), Esser et al. 2024 (SD3); diffusers' ``FlowMatchEulerDiscreteScheduler.step``.
+    """
+    s = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
+    return x_t - s * velocity
+
+
+def flow_guidance_scale(sigma: Tensor | float) -> Tensor:
+    """The factor ``s / (1 - s)`` that ``guided_velocity`` puts in front of ``w * grad`` (a 0-dim tensor).
+
+    Raises ``ValueError`` at ``s >= 1`` (pure noise), where the factor is unbounded (see ``guided_velocity``).
+    """
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    if not bool(s < 1):
+        raise ValueError(f"flow-matching guidance is undefined at sigma = {float(s)} >= 1 (pure noise): "
+                         "x_1 holds no information about x0, and Eq. 11's factor s / (1 - s) is unbounded")
+    return s / (1 - s)
+
+
+def guided_velocity(velocity: Tensor, grad: Tensor, sigma: Tensor | float, weight: float) -> Tensor:
+    """Eq. 11 on a rectified-flow path: the guided velocity ``v - w * s / (1 - s) * grad``. Shapes ``[B, ...]``.
+
+    ``grad`` is d signal / d x_s (the gradient of the signal of the decoded ``predicted_x0_flow``).
+
+    Derivation. Eq. 11 is classifier guidance on the score: the noise estimate is ``-sigma_t`` times the
+    score, so adding ``w * grad`` to the score gives ``eps - w sigma_t grad``. On the flow path the noise has
+    standard deviation ``s`` given ``x0``, so the noise estimate is ``n_hat = -s * score``; with ``x_s`` fixed,
+    ``x_s = (1 - s) x0_hat + s n_hat`` ties ``x0_hat`` to it, and ``v = n_hat - x0_hat``. Then
+
+    * ``n_hat' = n_hat - w s grad``                                (Eq. 11 with sigma_t = s)
+    * ``x0_hat' = (x_s - s n_hat') / (1 - s) = x0_hat + w s^2 / (1 - s) grad``
+    * ``v' = n_hat' - x0_hat' = v - w s (1 + s / (1 - s)) grad = v - w s / (1 - s) grad``.
+
+    The same result comes from rewriting the flow path in variance-preserving form: ``z = x_s / r`` with
+    ``r = sqrt((1 - s)^2 + s^2)`` has ``sqrt(a_t) = (1 - s) / r``, ``sqrt(1 - a_t) = s / r``, eps = ``n_hat``
+    and d signal / dz = ``r grad``, so Eq. 11 reads ``eps - w (s / r) r grad = n_hat - w s grad`` as above:
+    at equal ``w`` the predicted clean latent moves exactly as much as under Eq. 11 on the equivalent
+    diffusion (``(1 - a_t) / sqrt(a_t) * d/dz = s^2 / (1 - s) * d/dx``). ``w = 0`` returns ``velocity``'s
+    values. At ``s = 1`` (the first step of a flow schedule) the factor is unbounded and ``ValueError`` is
+    raised (``flow_guidance_scale``); ``LongtailGuide`` leaves that step unguided.
+    """
+    scale = flow_guidance_scale(sigma).to(device=velocity.device, dtype=velocity.dtype)
+    return velocity - weight * scale * grad.to(velocity.dtype)
+
+
+def noise_from_velocity(x_t: Tensor, velocity: Tensor, sigma: Tensor | float) -> Tensor:
+    """The predicted noise ``n_hat = x_s + (1 - s) v`` ``[B, ...]`` (eps's analogue on the flow path)."""
+    s = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device)
+    return x_t + (1 - s) * velocity
+
+
+def project_velocity(x_t: Tensor, velocity: Tensor, sigma: Tensor | float, decode: Callable[[Tensor], Tensor],
+                     encode: Callable[[Tensor], Tensor]) -> Tensor:
+    """MPGD manifold projection on a flow path: ``x0_p = encode(decode(x_s - s v))``, ``v_p = (x_s - x0_p) / s``.
+
+    The velocity whose predicted clean latent (``predicted_x0_flow``) is the autoencoder's projection of the
+    given one; ``project_eps``'s flow analogue. Shapes ``[B, ...]``; ``sigma > 0``. No autograd.
+    """
+    s = torch.as_tensor(sigma, dtype=velocity.dtype, device=velocity.device)
+    with torch.no_grad():
+        x0_p = encode(decode(predicted_x0_flow(x_t, velocity, s))).to(velocity.dtype)
+        return (x_t.to(velocity.dtype) - x0_p) / s
 
 
 def make_score_fn(
@@ -205,6 +281,7 @@ def longtail_grad(
     eps: Tensor | None = None,
     eps_fn: Callable[[Tensor], Tensor] | None = None,
     on_noisy: bool = False,
+    to_z0: Callable[[Tensor, Tensor, Tensor | float], Tensor] = predicted_z0,
 ) -> LongtailGrad:
     """Gradient ``[B, ...]`` of the longtail signal of the decoded predicted clean image w.r.t. ``z_t [B, ...]``.
 
@@ -218,6 +295,10 @@ def longtail_grad(
 
     ``on_noisy=True`` is the naive ablation of the paper's A.7: score the decoded *noisy* latent ``z_t``
     itself instead of the predicted clean one (then ``eps`` is unused).
+
+    ``to_z0(z_t, eps, level)`` maps the model's prediction to the predicted clean latent: ``predicted_z0``
+    (Eq. 8, ``level`` = a_t) by default; ``predicted_x0_flow`` for a velocity model (``eps`` = v,
+    ``level`` = sigma; then ``d z0 / d z_t`` is the identity with v detached).
 
     Non-finite gradient entries are zeroed per sample and reported in ``finite``.
 
@@ -234,7 +315,7 @@ def longtail_grad(
             score, out = score_fn(z)
         else:
             e = e if e is not None else eps_fn(z)
-            score, out = score_fn(predicted_z0(z, e, alpha_bar_t))
+            score, out = score_fn(to_z0(z, e, alpha_bar_t))
         if not score.requires_grad:
             raise ValueError(
                 "the longtail signal does not depend on the latent: is the classifier's output detached? "
@@ -376,6 +457,12 @@ class LongtailGuide:
     used with ``decode``. ``num_steps`` is the number of sampler steps the window's fractions refer to. The
     classifier should be frozen (``longtail.sampling.frozen``).
 
+    ``flow=True``: a rectified-flow (velocity) model. The call is then ``guide(step, x_s, sigma, v) -> guided
+    v``: the ``a_t`` argument carries ``sigma`` and ``eps`` the velocity, Eq. 8 is ``predicted_x0_flow``,
+    Eq. 11 ``guided_velocity``, projection ``project_velocity``, and normalisation uses the velocity's RMS.
+    A step at ``sigma >= 1`` (pure noise, where Eq. 11's flow factor is unbounded) is left unguided and
+    unrecorded.
+
     Raises ``ValueError`` for an invalid window or option (``GuidanceConfig.check``), an unknown signal,
     ``num_steps < 1``, or ``project`` without ``encode``.
     """
@@ -389,6 +476,7 @@ class LongtailGuide:
         num_steps: int,
         guide_decode: Callable[[Tensor], Tensor] | None = None,
         encode: Callable[[Tensor], Tensor] | None = None,
+        flow: bool = False,
     ) -> None:
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -396,7 +484,7 @@ class LongtailGuide:
         if config.project and encode is None:
             raise ValueError("guidance project=True needs an encode function (latent from image, inverting "
                              "decode's scaling; sample(encode=...), LatentDiffusion.encode)")
-        self.config, self.num_steps = config, num_steps
+        self.config, self.num_steps, self.flow = config, num_steps, flow
         self.window = config.window()
         self.decode, self.encode = decode, encode
         self._guide_decode, self._classifier = guide_decode or decode, classifier
@@ -408,6 +496,11 @@ class LongtailGuide:
     def active(self, step_index: int) -> bool:
         """Does the window guide step ``step_index`` (0 = the noisiest)?"""
         return self.window.active(step_index, self.num_steps)
+
+    def guides(self, step_index: int, level: Tensor | float) -> bool:
+        """Is step ``step_index`` at ``level`` (a_t, or sigma in flow mode) guided: in the window and, for flow,
+        below pure noise (``sigma < 1``)?"""
+        return self.active(step_index) and (not self.flow or bool(torch.as_tensor(level) < 1))
 
     def needs_denoiser_graph(self, step_index: int) -> bool:
         """Should the sampler compute this step's eps from ``z_t`` with autograd on (through-denoiser mode)?"""
@@ -447,14 +540,14 @@ class LongtailGuide:
         Through-denoiser mode: ``eps`` must have been computed from ``z`` with autograd on, ``z`` a leaf that
         requires grad, whenever ``needs_denoiser_graph(step_index)``; raises ``ValueError`` otherwise.
         """
-        if not self.active(step_index):
+        if not self.guides(step_index, a_t):
             return eps.detach()
         if self.needs_denoiser_graph(step_index) and not (z.requires_grad and eps.requires_grad):
             raise ValueError("through_denoiser guidance needs eps computed from z with autograd on "
                              "(z a leaf with requires_grad; see needs_denoiser_graph)")
         attached = eps if self.needs_denoiser_graph(step_index) else eps.detach()
         lg = longtail_grad(z, a_t, self.score_fn_for(step_index, repeat), eps=attached,
-                           on_noisy=self.config.on_noisy)
+                           on_noisy=self.config.on_noisy, to_z0=predicted_x0_flow if self.flow else predicted_z0)
         eps = eps.detach()
         grad = self.shape_grad(lg.grad, eps)
         self.nonfinite += int((~lg.finite).sum())
@@ -462,10 +555,12 @@ class LongtailGuide:
                                        float(lg.score.mean()), float(grad.float().pow(2).mean().sqrt()), repeat))
         if self.config.weight == 0.0:
             return eps
-        guided = guided_eps(eps, grad, a_t, self.config.weight)
+        bias = guided_velocity if self.flow else guided_eps
+        guided = bias(eps, grad, a_t, self.config.weight)
         return self._project(z.detach(), guided, a_t, eps, lg.finite) if self.config.project else guided
 
     def _project(self, z: Tensor, guided: Tensor, a_t: Tensor | float, eps: Tensor, finite: Tensor) -> Tensor:
-        """``project_eps`` of the guided eps; samples whose gradient was non-finite keep their unguided ``eps``."""
-        projected = project_eps(z, guided, a_t, self.decode, self.encode)
+        """``project_eps`` (``project_velocity`` for flow) of the guided prediction; samples whose gradient was
+        non-finite keep their unguided one."""
+        projected = (project_velocity if self.flow else project_eps)(z, guided, a_t, self.decode, self.encode)
         return torch.where(finite.view(-1, *([1] * (eps.dim() - 1))), projected, eps)

@@ -12,6 +12,10 @@ Parts, all supplied by the caller so the same loop serves the embedded model and
 Per step: classifier-free guidance gives eps; a ``LongtailGuide`` (``longtail.guidance``) turns it into the
 guided eps (Eq. 11) before the scheduler step (Eq. 7). Everything about guidance lives in the guide, except
 recurrence (Universal Guidance's time travel), which redoes a whole step and so belongs to the loop.
+
+Flow matching (SD3 and later; ``FlowMatchEulerDiscreteScheduler``): the denoiser predicts a velocity on
+``x_s = (1 - s) x0 + s n``; classifier-free guidance mixes velocities as diffusers' pipelines do, and the guide
+biases the velocity (``longtail.guidance.guided_velocity``, Eq. 11's analogue) before the Euler step.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +37,7 @@ from .guidance import (
     eps_from_model_output,
     model_output_from_eps,
     option_generator,
+    predicted_x0_flow,
     predicted_z0,
 )
 from .outputs import ClassifierOutput, as_output
@@ -60,6 +65,20 @@ SUPPORTED_SCHEDULERS = (
 RECURRENT_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
 # Schedulers that step the sigma-space variable x = z_vp / sqrt(a) rather than z_vp itself.
 SIGMA_SPACE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler")
+# Flow-matching schedulers: the model output is a velocity v = n - x0 on x_s = (1 - s) x0 + s n.
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
+
+def is_flow_scheduler(scheduler: object) -> bool:
+    """Does ``scheduler`` step a rectified flow (velocity predictions) rather than a variance-preserving chain?
+
+    True for the classes in ``FLOW_SCHEDULERS`` and their subclasses (e.g. ``longtail.models.flow``'s
+    ``FluxFlowMatchScheduler``, which bakes FLUX's resolution-dependent schedule into ``set_timesteps``), and
+    for a scheduler configured with ``prediction_type="flow_prediction"`` (DPM-Solver++ with flow sigmas, as
+    Sana ships); each keeps the flow level ``s`` of step ``i`` in ``sigmas[i]``."""
+    if any(c.__name__ in FLOW_SCHEDULERS for c in type(scheduler).__mro__):
+        return True
+    return getattr(scheduler, "config", {}).get("prediction_type") == "flow_prediction"
 
 
 @dataclass
@@ -78,15 +97,19 @@ class SampleResult:
     seconds: float = 0.0
     denoiser_calls: int = 0  # denoiser invocations (a CFG pair is one batched call)
     recurrence_calls: int = 0  # of which spent redoing guided steps (guidance recurrence)
+    # what the decoder had to fall back to during this call (e.g. "vae upcast fp16->fp32: non-finite decode"),
+    # from the generator's ``decode_fallbacks`` notes; images still non-finite after decoding:
+    fallbacks: list[str] = field(default_factory=list)
+    nonfinite_images: int = 0
 
 
 def check_scheduler(scheduler: object) -> None:
     """Refuse schedulers the loop cannot guide, and DDIM's ``clip_sample=True`` trap for latents."""
     name = type(scheduler).__name__
-    if name not in SUPPORTED_SCHEDULERS:
+    if name not in SUPPORTED_SCHEDULERS and not is_flow_scheduler(scheduler):
         raise ValueError(
             f"scheduler {name} is not supported by the guided sampler; use one of {list(SUPPORTED_SCHEDULERS)} "
-            "(variance-preserving, stepping on a noise prediction)"
+            f"(variance-preserving, stepping on a noise prediction) or {list(FLOW_SCHEDULERS)} (flow matching)"
         )
     config = getattr(scheduler, "config", {})
     if config.get("clip_sample", False):
@@ -161,10 +184,17 @@ def check_num_steps(num_steps: int, train_timesteps: int | None, setting: str = 
 
 
 def _check_inputs(scheduler: object, cond: Tensor, latents: Tensor, guidance: GuidanceConfig | None,
-                  classifier: object, encode: object, num_steps: int) -> None:
+                  classifier: object, encode: object, num_steps: int,
+                  timestep_kwargs: Mapping[str, object] | None = None) -> None:
     """Refuse what the loop cannot run, before any denoiser call (``ValueError``)."""
     check_scheduler(scheduler)
     check_num_steps(num_steps, getattr(scheduler, "config", {}).get("num_train_timesteps"))
+    flow = is_flow_scheduler(scheduler)
+    supplies_mu = getattr(scheduler, "image_seq_len", None) is not None  # FluxFlowMatchScheduler: its own mu
+    if (flow and scheduler.config.get("use_dynamic_shifting", False) and not supplies_mu
+            and "mu" not in (timestep_kwargs or {})):
+        raise ValueError(f"{type(scheduler).__name__} has use_dynamic_shifting=True: pass "
+                         "timestep_kwargs={'mu': ...} (the resolution-dependent shift)")
     if latents.shape[0] != cond.shape[0]:
         raise ValueError(f"latents batch {latents.shape[0]} != cond batch {cond.shape[0]}")
     if guidance is None:
@@ -175,7 +205,11 @@ def _check_inputs(scheduler: object, cond: Tensor, latents: Tensor, guidance: Gu
     if guidance.project and encode is None:
         raise ValueError("guidance project=True needs sample(encode=...) (latent from image, inverting decode)")
     name = type(scheduler).__name__
-    if guidance.recurrence > 0 and name not in RECURRENT_SCHEDULERS:
+    flow_euler = any(c.__name__ == "FlowMatchEulerDiscreteScheduler" for c in type(scheduler).__mro__)
+    if guidance.recurrence > 0 and flow and not flow_euler:
+        raise ValueError(f"guidance recurrence={guidance.recurrence} needs a scheduler whose step is stateless; "
+                         f"{name} keeps multistep state (use FlowMatchEulerDiscreteScheduler)")
+    if guidance.recurrence > 0 and not flow and name not in RECURRENT_SCHEDULERS:
         raise ValueError(f"guidance recurrence={guidance.recurrence} needs a scheduler whose step is stateless, "
                          f"one of {list(RECURRENT_SCHEDULERS)}; {name} keeps multistep state")
 
@@ -228,10 +262,23 @@ def renoise(z_prev: Tensor, a_t: Tensor, a_prev: Tensor, noise: Tensor, sigma_sp
     return z_t / a_t.sqrt().to(z_prev.dtype) if sigma_space else z_t
 
 
-def _recurrences(guide: LongtailGuide | None, i: int) -> int:
+def renoise_flow(x_prev: Tensor, sigma: Tensor, sigma_prev: Tensor, noise: Tensor) -> Tensor:
+    """``renoise`` on a rectified-flow path: from level ``sigma_prev`` back up to ``sigma`` (>= it).
+
+    ``x_s = a x_{s'} + b n`` with ``a = (1 - s) / (1 - s')`` and ``b = sqrt(s^2 - a^2 s'^2)``: if
+    ``x_{s'} = (1 - s') x0 + s' n'`` then ``x_s = (1 - s) x0`` plus noise of standard deviation ``s``, the
+    path's marginal at ``s``. Shapes ``[B, ...]``; ``sigma < 1``.
+    """
+    a = ((1 - sigma) / (1 - sigma_prev)).to(x_prev.dtype)
+    b = (sigma**2 - a**2 * sigma_prev**2).clamp_min(0).sqrt().to(x_prev.dtype)
+    return a * x_prev + b * noise.to(x_prev)
+
+
+def _recurrences(guide: LongtailGuide | None, i: int, level: Tensor) -> int:
     """How many times step ``i`` is redone: ``recurrence`` on guided steps at a nonzero weight, else 0
-    (at ``w = 0`` redoing would change the sample without guiding it)."""
-    if guide is None or guide.config.weight == 0.0 or not guide.active(i):
+    (at ``w = 0``, or at a flow step left unguided at sigma = 1, redoing would change the sample without
+    guiding it)."""
+    if guide is None or guide.config.weight == 0.0 or not guide.guides(i, level):
         return 0
     return guide.config.recurrence
 
@@ -240,6 +287,21 @@ def _rewind(scheduler: object) -> None:
     """Undo ``step``'s only state change in a recurrent scheduler: the step index (Euler keeps one)."""
     if getattr(scheduler, "_step_index", None) is not None:
         scheduler._step_index -= 1
+
+
+def _cfg_velocity(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None,
+                  cfg_scale: float) -> Tensor:
+    """Classifier-free guidance on raw model outputs ``v_u + s (v_c - v_u)`` (as diffusers' flow pipelines)."""
+    if uncond is None or cfg_scale == 1.0:
+        return denoiser(x, t, cond)
+    out_u, out_c = denoiser(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+    return out_u + cfg_scale * (out_c - out_u)
+
+
+def _fallback_notes(decode: Callable[[Tensor], Tensor]) -> list[str] | None:
+    """The ``decode_fallbacks`` list of the generator ``decode`` is a bound method of (None for others)."""
+    notes = getattr(getattr(decode, "__self__", None), "decode_fallbacks", None)
+    return notes if isinstance(notes, list) else None
 
 
 @torch.no_grad()
@@ -262,6 +324,7 @@ def sample(
     on_step: StepCallback | None = None,
     guide_decode: Callable[[Tensor], Tensor] | None = None,
     encode: Callable[[Tensor], Tensor] | None = None,
+    timestep_kwargs: Mapping[str, object] | None = None,
 ) -> SampleResult:
     """Run the (optionally longtail-guided) sampler from ``latents`` = z_T ``[B, ...]`` (Algorithm 1).
 
@@ -278,50 +341,69 @@ def sample(
     ``[B, ...]``), ``eps`` (unguided), ``a_t`` (alpha_bar), ``z0`` (Eq. 8 from the unguided eps) and
     ``guided`` (the eps the scheduler steps with).
 
+    Flow matching (a scheduler in ``FLOW_SCHEDULERS``): the denoiser's output is a velocity; CFG mixes
+    velocities, guidance uses ``guided_velocity`` (``LongtailGuide(flow=True)``), and ``on_step``'s dict has
+    ``z`` (= x_s), ``v``, ``sigma``, ``z0`` (``predicted_x0_flow``) and ``guided`` (the velocity stepped
+    with). ``timestep_kwargs`` go to ``scheduler.set_timesteps`` (``mu`` for dynamic shifting, ``sigmas``).
+    Recurrence re-noises with ``renoise_flow``.
+
+    ``decode`` that is a bound method of a generator with a ``decode_fallbacks`` list (``LatentDiffusion``:
+    it upcasts a half-precision VAE whose decode is non-finite) has the notes made during this call copied to
+    ``result.fallbacks``; ``result.nonfinite_images`` counts final images that are still not finite.
+
     A classifier that is an ``nn.Module`` is put in eval mode with frozen parameters for the call (restored
     after). Raises ``ValueError`` for an unsupported scheduler, ``num_steps`` outside ``1 ..
     num_train_timesteps - 1`` (``check_num_steps``), mismatched batches, guidance without a
-    classifier, a bad guidance option (naming it), ``project`` without ``encode``, or ``recurrence`` with a
-    multistep scheduler (not in ``RECURRENT_SCHEDULERS``).
+    classifier, a bad guidance option (naming it), ``project`` without ``encode``, ``recurrence`` with a
+    multistep scheduler (not in ``RECURRENT_SCHEDULERS``, nor flow Euler), or a dynamically shifted
+    flow scheduler without ``timestep_kwargs["mu"]``.
     """
-    _check_inputs(scheduler, cond, latents, guidance, classifier, encode, num_steps)
+    _check_inputs(scheduler, cond, latents, guidance, classifier, encode, num_steps, timestep_kwargs)
     started = time.perf_counter()
-    scheduler.set_timesteps(num_steps, device=latents.device)
+    flow = is_flow_scheduler(scheduler)
+    scheduler.set_timesteps(num_steps, device=latents.device, **dict(timestep_kwargs or {}))
     prediction = scheduler.config.get("prediction_type", "epsilon")
     step_kwargs = _step_kwargs(scheduler, eta, generator)
-    alphas = scheduler.alphas_cumprod.to(latents.device)
+    alphas = None if flow else scheduler.alphas_cumprod.to(latents.device)
     sigma_space = type(scheduler).__name__ in SIGMA_SPACE_SCHEDULERS
+    notes = _fallback_notes(decode)
+    first_note = len(notes) if notes is not None else 0
 
-    def one_pass(i: int, t: Tensor, z: Tensor, a_t: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One denoiser call, guidance and scheduler step from ``z``: (z_vp, unguided eps, guided eps, next z)."""
+    def one_pass(i: int, t: Tensor, z: Tensor, level: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One denoiser call, guidance and scheduler step from ``z``: (model-space z, unguided prediction,
+        guided prediction, next z); the prediction is eps (``level`` = a_t) or, for flow, v (``level`` = sigma)."""
         track = guide is not None and guide.needs_denoiser_graph(i)  # one pass serves eps and the gradient
-        z_vp = scheduler.scale_model_input(z, t).detach().requires_grad_(track)  # z itself for DDIM
+        z_in = z if flow else scheduler.scale_model_input(z, t)  # z itself for DDIM and flow
+        z_in = z_in.detach().requires_grad_(track)
         with torch.set_grad_enabled(track):
-            eps = _cfg_eps(denoiser, z_vp, t, cond, uncond, cfg_scale, a_t, prediction)
-        guided = eps if guide is None else guide(i, z_vp, a_t, eps, timestep=t, repeat=r)
-        z_vp, eps = z_vp.detach(), eps.detach()
-        output = model_output_from_eps(guided, z_vp, a_t, prediction)
-        return z_vp, eps, guided, scheduler.step(output, t, z, **step_kwargs).prev_sample
+            pred = (_cfg_velocity(denoiser, z_in, t, cond, uncond, cfg_scale) if flow else
+                    _cfg_eps(denoiser, z_in, t, cond, uncond, cfg_scale, level, prediction))
+        guided = pred if guide is None else guide(i, z_in, level, pred, timestep=t, repeat=r)
+        z_in, pred = z_in.detach(), pred.detach()
+        output = guided if flow else model_output_from_eps(guided, z_in, level, prediction)
+        return z_in, pred, guided, scheduler.step(output, t, z, **step_kwargs).prev_sample
 
     with frozen(classifier):
         guide = None if guidance is None else LongtailGuide(
             guidance, classifier, decode, num_steps=len(scheduler.timesteps), guide_decode=guide_decode,
-            encode=encode)
+            encode=encode, flow=flow)
         z, calls, extra = latents * getattr(scheduler, "init_noise_sigma", 1.0), 0, 0
         for i, t in enumerate(scheduler.timesteps):
-            a_t = _alpha_bar(scheduler, alphas, i, t).to(z.dtype)
-            repeats = _recurrences(guide, i)
-            z_vp, eps, guided, z_next = one_pass(i, t, z, a_t, 0)
+            level = (scheduler.sigmas[i] if flow else _alpha_bar(scheduler, alphas, i, t)).to(z.dtype)
+            repeats = _recurrences(guide, i, level)
+            z_in, pred, guided, z_next = one_pass(i, t, z, level, 0)
             for r in range(1, repeats + 1):  # time travel: back up to level t, redo the guided step
                 _rewind(scheduler)
                 noise = torch.randn(z.shape, generator=option_generator(guidance.seed, i, r, stream=1))
-                z_back = renoise(z_next, a_t, _alpha_bar_prev(scheduler, alphas, i, t), noise, sigma_space)
-                z_vp, eps, guided, z_next = one_pass(i, t, z_back, a_t, r)
+                z_back = (renoise_flow(z_next, level, scheduler.sigmas[i + 1].to(level), noise) if flow else
+                          renoise(z_next, level, _alpha_bar_prev(scheduler, alphas, i, t), noise, sigma_space))
+                z_in, pred, guided, z_next = one_pass(i, t, z_back, level, r)
             calls, extra, z = calls + 1 + repeats, extra + repeats, z_next
             if on_step is not None:
-                on_step({"step": i, "timestep": t, "z": z_vp, "eps": eps, "a_t": a_t,
-                         "z0": predicted_z0(z_vp, eps, a_t), "guided": guided})
+                on_step(_step_info(flow, i, t, z_in, pred, level, guided))
         result = SampleResult(images=decode(z), latents=z, denoiser_calls=calls, recurrence_calls=extra)
+        result.nonfinite_images = int((~torch.isfinite(result.images).flatten(1).all(dim=1)).sum())
+        result.fallbacks = list(notes[first_note:]) if notes is not None else []
         if guide is not None:
             result.trajectory, result.nonfinite = guide.records, guide.nonfinite
         if classifier is not None:
@@ -329,3 +411,13 @@ def sample(
             _record_final(result, as_output(classifier(result.images)), labels, name)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _step_info(flow: bool, i: int, t: Tensor, z: Tensor, pred: Tensor, level: Tensor, guided: Tensor
+               ) -> dict[str, Any]:
+    """``on_step``'s dict (see ``sample``): eps / a_t keys for diffusion, v / sigma keys for flow matching."""
+    if flow:
+        return {"step": i, "timestep": t, "z": z, "v": pred, "sigma": level,
+                "z0": predicted_x0_flow(z, pred, level), "guided": guided}
+    return {"step": i, "timestep": t, "z": z, "eps": pred, "a_t": level, "z0": predicted_z0(z, pred, level),
+            "guided": guided}

@@ -10,6 +10,11 @@ Components may sit in different dtypes (a bf16 UNet with an fp32 VAE, say): ``de
 ``encode`` cast their inputs to the dtype of the module they call. ``latent_size`` overrides the UNet's
 ``sample_size`` so one model can sample other resolutions (``set_image_size``).
 
+Half precision: a VAE in fp16 can overflow (SDXL's does) and decode to NaN / inf images. ``decode`` checks
+and, on a non-finite decode from a half-precision VAE, upcasts the VAE to fp32 for good (as diffusers'
+``upcast_vae``), decodes again and notes it in ``decode_fallbacks`` (``longtail.sampling.sample`` copies the
+notes into its result, for the manifest).
+
 A prompt longer than the text encoder's ``max_length`` tokens is cut by the tokenizer; ``prompt_seen`` gives
 the part the encoder sees and the first encoding of each such prompt logs one warning naming it and the limit
 (``longtail.generate.records`` writes both texts to the manifest).
@@ -52,10 +57,16 @@ class LatentDiffusion:
     latent_size: tuple[int, int] | None = None  # (h, w) of sampled latents; None = the UNet's sample_size
     _prompt_cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _seen_cache: dict[str, str] = field(default_factory=dict, repr=False)
+    decode_fallbacks: list[str] = field(default_factory=list, repr=False)  # what decode had to fall back to
 
     @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
+
+    @property
+    def shift_factor(self) -> float:
+        """The VAE's latent ``shift_factor`` (SD3, FLUX; 0 for SD 1.x / 2.x, whose config has none)."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
     @property
     def device(self) -> torch.device:
@@ -90,16 +101,23 @@ class LatentDiffusion:
         default_h, default_w = self._default_image_size()
         height, width = height or default_h, width or default_w
         f = self.vae_scale_factor
-        multiple = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        multiple = self._size_multiple()
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % multiple:
                 lower = max(multiple, value // multiple * multiple)
                 raise ValueError(
-                    f"{name}={value} is not a multiple of {multiple} (VAE factor {f} x UNet down-sampling "
-                    f"{multiple // f}); try {lower} or {lower + multiple}"
+                    f"{name}={value} is not a multiple of {multiple} (VAE factor {f} x {self._denoiser_name()} "
+                    f"down-sampling {multiple // f}); try {lower} or {lower + multiple}"
                 )
         self.latent_size = (height // f, width // f)
         return self
+
+    def _size_multiple(self) -> int:
+        """Image sizes must be multiples of this: VAE factor times the UNet's total down-sampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _denoiser_name(self) -> str:
+        return "UNet"
 
     def _default_latent_size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size
@@ -115,8 +133,28 @@ class LatentDiffusion:
         return self.unet(z.to(dtype), t, encoder_hidden_states=cond.to(dtype)).sample
 
     def decode(self, z: Tensor) -> Tensor:
-        """Scaled latents ``[B, c, h, w]`` -> images ``[B, C, H, W]`` in the VAE's range (about [-1, 1])."""
-        return self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample
+        """Scaled latents ``[B, c, h, w]`` -> images ``[B, C, H, W]`` in the VAE's range (about [-1, 1]).
+
+        ``z / scaling_factor + shift_factor`` goes to the VAE. A non-finite result from a half-precision VAE
+        upcasts the VAE to fp32 (``upcast_vae``, noted in ``decode_fallbacks``) and decodes again."""
+        images = self._vae_decode(z)
+        if self.vae.dtype in (torch.float16, torch.bfloat16) and not bool(torch.isfinite(images).all()):
+            self.upcast_vae(f"non-finite {str(self.vae.dtype).removeprefix('torch.')} decode")
+            images = self._vae_decode(z)
+        return images
+
+    def _vae_decode(self, z: Tensor) -> Tensor:
+        latents = z / self.scaling_factor
+        if self.shift_factor:
+            latents = latents + self.shift_factor
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+    def upcast_vae(self, reason: str) -> None:
+        """Move the VAE to fp32 for the rest of this model's life, logging and noting ``reason`` once."""
+        note = f"vae upcast {str(self.vae.dtype).removeprefix('torch.')}->float32: {reason}"
+        self.vae.to(torch.float32)
+        self.decode_fallbacks.append(note)
+        logger.warning("%s (set the VAE dtype to fp32, or give a fixed fp16 VAE, to avoid the retry)", note)
 
     def encode(self, images: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Images ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, c, h, w]`` (posterior mean unless ``sample``).
@@ -126,6 +164,8 @@ class LatentDiffusion:
         """
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mean
+        if self.shift_factor:
+            z = z - self.shift_factor
         return z * self.scaling_factor
 
     def count_tokens(self, prompt: str) -> int:

@@ -1,5 +1,8 @@
 """Stable Diffusion 1.x / 2.x as a ``LatentDiffusion``: loading a diffusers-layout model or hub id.
 
+``load_stable_diffusion`` is also the entry point for the other families (``longtail.models.families``): it
+reads ``model_index.json`` and hands SD3 / SD3.5 directories to their loader, so ``--sd DIR`` takes any of them.
+
 ``load_stable_diffusion`` reads a diffusers-layout directory (``unet/``, ``vae/``, ``text_encoder/``,
 ``tokenizer/``, ``scheduler/``) or a hub id and returns the same ``LatentDiffusion`` the embedded default
 uses, so ``longtail.generate.generate`` and ``longtail.sampling.sample`` run on it unchanged. The noise
@@ -47,6 +50,7 @@ from diffusers import (
 )
 from torch import nn
 
+from ..config import ConfigError
 from .ldm import LatentDiffusion, set_decoder_checkpointing
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,6 +140,52 @@ def check_layout(root: Path) -> None:
             )
 
 
+class ComponentLoader:
+    """Loads the components of one diffusers-layout model, local directory or hub id, with errors that name
+    the component and where it was looked for (``OSError`` / ``ValueError``; a hub id not in the local cache
+    says how to download it)."""
+
+    def __init__(self, where: str | Path, local: bool, *, local_files_only: bool = True,
+                 revision: str | None = None) -> None:
+        self.where, self.local, self.local_files_only = where, local, local_files_only
+        self.hub = {} if local else {"local_files_only": local_files_only, "revision": revision}
+
+    def part(self, name: str) -> tuple[str | Path, dict]:
+        """(path, extra keyword arguments) of sub-folder ``name``."""
+        if self.local:
+            return Path(self.where) / name, {}
+        return self.where, {"subfolder": name, **self.hub}
+
+    def __call__(self, name: str, loader: Callable[..., object], **kw: object) -> object:
+        """Run one component's loader (``Model.from_pretrained`` or ``Scheduler.load_config``)."""
+        path, extra = self.part(name)
+        shown = path if self.local else f"{self.where} (subfolder {name})"
+        try:
+            return loader(path, **extra, **kw)
+        except OSError as err:
+            if not self.local and self.local_files_only:
+                raise OSError(
+                    f"{self.where!r} is not a local directory and its {name} is not in the Hugging Face "
+                    f"cache; pass local_files_only=False to download it, or give a local path ({err})"
+                ) from err
+            raise OSError(f"could not load the {name} from {shown}: {err}") from err
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:
+            raise ValueError(f"could not load the {name} from {shown}: {err}") from err
+
+
+def load_vae(path: str | Path, dtype: torch.dtype, variant: str | None = None) -> AutoencoderKL:
+    """A replacement ``AutoencoderKL`` from its own directory (e.g. a fixed fp16 VAE); errors name ``path``."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'} is missing: the VAE override must be a diffusers "
+                                "AutoencoderKL directory (config.json + weights)")
+    kw = {"variant": variant} if variant else {}
+    try:
+        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, **kw)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise ValueError(f"could not load the VAE override from {folder}: {err}") from err
+
+
 def load_stable_diffusion(
     model: str | Path,
     *,
@@ -150,56 +200,59 @@ def load_stable_diffusion(
     decoder_checkpointing: bool = False,
     revision: str | None = None,
     variant: str | None = None,
+    vae: str | Path | None = None,
+    use_t5: bool = True,
+    t5_max_length: int | None = None,
+    guidance_scale: float | None = None,
 ) -> LatentDiffusion:
-    """Load a Stable Diffusion 1.x / 2.x model as a ``LatentDiffusion`` in eval mode with frozen weights.
+    """Load a diffusers-layout text-to-image model as a ``LatentDiffusion`` in eval mode with frozen weights.
+
+    The family comes from the directory's ``model_index.json`` (``longtail.models.families``): Stable
+    Diffusion 1.x / 2.x load here; SD3 / SD3.5 (``StableDiffusion3Pipeline``) load as a
+    ``longtail.models.flow.StableDiffusion3`` (``use_t5=False`` skips its T5 encoder), SDXL, FLUX.1 and
+    PixArt-Sigma likewise (``FAMILY_DEFAULTS`` there has each family's usual steps and CFG); other families
+    raise ``ConfigError`` naming the directory and its ``_class_name``. ``t5_max_length`` (T5 tokens: SD3,
+    FLUX, PixArt) and ``guidance_scale`` (FLUX.1-dev's distilled guidance) go to the families that have them
+    (``ConfigError`` for others); None keeps the family's default.
 
     ``model``: a local directory in the diffusers layout or a hub id (only the local cache unless
     ``local_files_only=False``). ``dtype`` applies to UNet, VAE and text encoder; ``vae_dtype`` overrides it
-    for the VAE (keep the decoder in fp32 where fp16 overflows). ``height``/``width`` set the sampled image
-    size (default: the UNet's ``sample_size`` times the VAE factor, 512 for SD 1.x). ``decoder_checkpointing``
-    trades decoder recomputation for activation memory on the guidance path.
+    for the VAE (keep the decoder in fp32 where fp16 overflows); ``vae`` replaces the VAE by one from another
+    directory (a fixed fp16 VAE). ``height``/``width`` set the sampled image size (default: the UNet's
+    ``sample_size`` times the VAE factor, 512 for SD 1.x). ``decoder_checkpointing`` trades decoder
+    recomputation for activation memory on the guidance path.
     """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as tlog
 
+    from .families import detect_family, load_family
+
     tlog.disable_progress_bar()
     where, local = _source(model)
+    family = detect_family(where, local, local_files_only=local_files_only, revision=revision)
+    extra = {k: v for k, v in (("t5_max_length", t5_max_length), ("guidance_scale", guidance_scale)) if v is not None}
+    if family != "sd":
+        return load_family(family, where, local, dtype=dtype, vae_dtype=vae_dtype, device=device,
+                           scheduler=scheduler, prediction_type=prediction_type, height=height, width=width,
+                           local_files_only=local_files_only, decoder_checkpointing=decoder_checkpointing,
+                           revision=revision, variant=variant, vae=vae, use_t5=use_t5, **extra)
+    if extra:
+        raise ConfigError(f"{where} is Stable Diffusion 1.x / 2.x; not an option of it: {', '.join(sorted(extra))}")
     if local:
         check_layout(Path(where))
     torch_dtype = resolve_dtype(dtype)
     vae_torch_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else torch_dtype
-    hub = {} if local else {"local_files_only": local_files_only, "revision": revision}
-
-    def part(name: str) -> tuple[str | Path, dict]:
-        if local:
-            return Path(where) / name, {}
-        return where, {"subfolder": name, **hub}
-
-    def load(name: str, loader: Callable[..., object], **kw: object) -> object:
-        """Run one component's loader; failures name the component and where it was looked for."""
-        path, extra = part(name)
-        shown = path if local else f"{where} (subfolder {name})"
-        try:
-            return loader(path, **extra, **kw)
-        except OSError as err:
-            if not local and local_files_only:
-                raise OSError(
-                    f"{where!r} is not a local directory and its {name} is not in the Hugging Face "
-                    f"cache; pass local_files_only=False to download it, or give a local path ({err})"
-                ) from err
-            raise OSError(f"could not load the {name} from {shown}: {err}") from err
-        except (ValueError, KeyError, RuntimeError, TypeError) as err:
-            raise ValueError(f"could not load the {name} from {shown}: {err}") from err
-
+    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision)
     weights_kw = {"variant": variant} if variant else {}
     unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype, **weights_kw)
-    vae = load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights_kw)
+    autoencoder = (load_vae(vae, vae_torch_dtype, variant) if vae is not None else
+                   load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights_kw))
     text_encoder = load("text_encoder", AutoModel.from_pretrained, dtype=torch_dtype)
     tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)
     sched_config = load("scheduler", DDIMScheduler.load_config)
     ldm = LatentDiffusion(
         unet=unet,
-        vae=vae,
+        vae=autoencoder,
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         scheduler=make_scheduler(scheduler, sched_config, prediction_type),
