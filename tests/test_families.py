@@ -376,3 +376,32 @@ def test_generate_job_runs_sd3_from_the_sd_option(sd3_dirs, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["class_name"] for r in rows] == ["cat", "dog"] and all(float(r["weight"]) == 5.0 for r in rows)
     assert all(r["signal"] for r in rows)
+
+
+def test_a_job_takes_each_familys_sampling_defaults_and_its_options(sd3_dirs, flux_dirs):
+    """``with_sampling_defaults`` fills unset steps / CFG from the family (FLUX: no CFG, its distilled guidance
+    instead); ``use_t5`` and ``guidance_scale`` reach the loader through ``GeneratorSpec``."""
+    from longtail.jobs.common import GeneratorSpec, with_sampling_defaults
+    from longtail.jobs.common import load_generator as load_job_generator
+
+    flux = with_sampling_defaults(GeneratorSpec(kind="sd", model=str(flux_dirs["dev"])))
+    assert (flux.num_steps, flux.cfg_scale) == (28, 1.0)
+    sd3 = with_sampling_defaults(GeneratorSpec(kind="sd", model=str(sd3_dirs["t5"]), cfg_scale=2.0))
+    assert (sd3.num_steps, sd3.cfg_scale) == (28, 2.0)  # a value the user set stays
+    hub = with_sampling_defaults(GeneratorSpec(kind="sd", model="org/some-hub-id"))
+    assert (hub.num_steps, hub.cfg_scale) == (50, 7.5)
+    ldm, _, _ = load_job_generator(GeneratorSpec(kind="sd", model=str(sd3_dirs["t5"]), use_t5=False),
+                                   torch.device("cpu"))
+    assert getattr(ldm, "text_encoder_3", None) is None
+    ldm, _, _ = load_job_generator(GeneratorSpec(kind="sd", model=str(flux_dirs["dev"]), guidance_scale=2.5),
+                                   torch.device("cpu"))
+    assert ldm.guidance_scale == 2.5
+
+
+def test_a_setting_added_after_a_run_does_not_make_its_directory_foreign():
+    from longtail.jobs.common import changed_keys
+
+    old = {"generator": {"kind": "sd", "model": "m", "num_steps": 28}}
+    assert changed_keys(old, {"generator": {"kind": "sd", "model": "m", "num_steps": 28, "use_t5": True}}) == []
+    assert changed_keys(old, {"generator": {"kind": "sd", "model": "m", "num_steps": 20}}) == ["generator.num_steps"]
+    assert changed_keys({"a": {"b": 1}}, {"a": {}}) == ["a.b"]

@@ -46,6 +46,23 @@ def _drop(settings: dict, dotted: tuple[str, ...]) -> dict:
     return out
 
 
+def changed_keys(old: object, new: object, prefix: str = "",
+                 normalise: Callable[[dict, dict], tuple[dict, dict]] | None = None) -> list[str]:
+    """The dotted keys (``generator.lora``) at which a finished job's setting ``old`` (from its config.yaml)
+    differs from ``new``. A key that ``old`` lacks was added to the tool after that job ran, with a default that
+    keeps the earlier behaviour, so it does not count. ``normalise(old, new)`` may rewrite each pair of mappings
+    before they are compared (equal spellings of one setting)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix] if old != new else []
+    if normalise is not None:
+        old, new = normalise(old, new)
+    keys: list[str] = []
+    for key, value in old.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        keys += [name] if key not in new else changed_keys(value, new[key], name, normalise)
+    return keys
+
+
 def check_same_settings(out: Path, cfg: object, keys: tuple[str, ...], job: str,
                         free: tuple[str, ...] = FREE_SETTINGS) -> str:
     """Refuse to write ``job`` results into ``out`` when it holds results of other settings.
@@ -58,7 +75,7 @@ def check_same_settings(out: Path, cfg: object, keys: tuple[str, ...], job: str,
     previous = out / "config.yaml"
     if previous.is_file():
         old = _drop(yaml.safe_load(previous.read_text()) or {}, free)
-        changed = [k for k in keys if old.get(k) != new[k]]
+        changed = [k for k in keys if changed_keys(old.get(k), new[k], k)]
         if changed:
             raise ConfigError(f"{out} holds {job} results of other settings ({', '.join(changed)} differ from "
                               f"{previous}); use another --out, or the same settings")
@@ -83,6 +100,9 @@ class GeneratorSpec:
     # a LoRA on the UNet (longtail adapt-generator: its directory or .safetensors file) at lora_scale (0: none)
     lora: str | None = None
     lora_scale: float = 1.0
+    vae: str | None = None  # a replacement VAE directory (e.g. a fixed fp16 VAE for SDXL)
+    use_t5: bool = True  # SD3 / SD3.5: false leaves out the T5 text encoder
+    guidance_scale: float | None = None  # FLUX.1-dev's distilled guidance (None: the family's default, 3.5)
     prompt_template: str = "a photo of {a} {}"
     prompt_file: str | None = None
     negative_prompt: str = ""
@@ -110,6 +130,11 @@ def with_sampling_defaults(gs: GeneratorSpec) -> GeneratorSpec:
     if gs.kind not in SAMPLING_DEFAULTS:
         raise ConfigError(f"generator.kind must be 'embedded' or 'sd', got {gs.kind!r}")
     defaults = SAMPLING_DEFAULTS[gs.kind]
+    if gs.kind == "sd":  # each diffusers family's own steps and CFG (models.families.FAMILY_DEFAULTS)
+        from ..models.families import family_defaults
+
+        family = family_defaults(gs.model)
+        defaults = {**defaults, "num_steps": family["num_steps"], "cfg_scale": family["cfg_scale"]}
     gs = replace(gs, **{k: type(v)(v) for k, v in defaults.items() if getattr(gs, k) is None})
     try:
         check_num_steps(gs.num_steps, scheduler_train_timesteps(gs), "generator.num_steps (--steps)")
@@ -136,7 +161,8 @@ def scheduler_train_timesteps(gs: GeneratorSpec) -> int | None:
 
 @dataclass
 class ClassifierSpec:
-    """``spec``: torchvision name, ``timm:<name>``, ``module:function``, or a ``classifier.json`` of a run."""
+    """``spec``: torchvision name, ``timm:<name>``, ``hf:<local dir>`` (transformers), ``module:function``, or a
+    ``classifier.json`` of a run."""
 
     spec: str | None = None
     checkpoint: str | None = None
@@ -224,7 +250,8 @@ def load_generator(gs: GeneratorSpec, device: torch.device) -> tuple[LatentDiffu
         ldm = load_stable_diffusion(gs.model, dtype=gs.dtype, vae_dtype=gs.vae_dtype, device=device,
                                     scheduler=gs.scheduler, height=gs.height, width=gs.width,
                                     local_files_only=gs.local_files_only,
-                                    decoder_checkpointing=gs.decoder_checkpointing)
+                                    decoder_checkpointing=gs.decoder_checkpointing, vae=gs.vae,
+                                    use_t5=gs.use_t5, guidance_scale=gs.guidance_scale)
         known = []
     else:
         raise ConfigError(f"generator.kind must be 'embedded' or 'sd', got {gs.kind!r}")
