@@ -40,6 +40,13 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     ('["airliner", "fire truck", ...]', "{names}", "the README's placeholder for 'your 10 class names'"),
     ("[8] * 10", "[1] * 10", "80 guided images through ResNet-50 at 224 px: minutes on a CPU; 1 per class"),
     ("weight=10.0))", "weight=10.0), num_steps=2, show=False)", "2 sampling steps instead of generate's 25, no bar"),
+    ("--out runs/generator", "--out runs/generator --set vae_epochs=1 --set unet_steps=2 --set batch_size=8",
+     "training the generator takes ~15 min on 2 cores; 1 VAE epoch and 2 UNet steps show the commands work"),
+    ("--set base.epochs=30 --set heads.epochs=5 --set schedule.epochs=12 --set 'schedule.generate_at=[0, 6]'",
+     "--set base.epochs=1 --set heads.epochs=1 --set schedule.epochs=1 --set 'schedule.generate_at=[0]'",
+     "one epoch per stage and one round instead of minutes of training"),
+    ("--set schedule.per_round=100", "--set schedule.per_round=10 --set generator.num_steps=2 "
+     "--set sweep.images_per_class=1", "10 synthetic images with 2 sampling steps instead of 100 with 20"),
 ]
 NAMES = ["airliner", "fire truck", "tabby cat", "golden retriever", "daisy", "tractor", "lighthouse", "pizza",
          "violin", "canoe"]

@@ -378,7 +378,8 @@ def check_paths(cfg: MineConfig) -> None:
              "data.data_dir": cfg.data.data_dir,
              "classifier.checkpoint": cfg.classifier.checkpoint, "classifier.heads": cfg.classifier.heads,
              "classifier.class_names": cfg.classifier.class_names, "generator.prompt_file": cfg.generator.prompt_file,
-             "generator.guide_decoder": cfg.generator.guide_decoder}
+             "generator.guide_decoder": cfg.generator.guide_decoder, "generator.lora": cfg.generator.lora,
+             "generator.vae": cfg.generator.vae}
     if cfg.generator.model and (cfg.generator.kind == "embedded" or cfg.generator.model.startswith(("/", ".", "~"))):
         from ..models.tiny import generator_dir
 
@@ -388,7 +389,6 @@ def check_paths(cfg: MineConfig) -> None:
                 if path and not Path(path).expanduser().exists()]
     if missing:
         raise ConfigError("the config names paths that are not there:\n  " + "\n  ".join(missing))
-
 
 
 def check_judge(cfg: MineConfig, conditions: list[Condition]) -> None:
