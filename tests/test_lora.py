@@ -163,3 +163,14 @@ def test_generate_job_takes_the_lora_setting(world, tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())["generator"]
     assert saved["lora"] == str(world["trained"]) and saved["lora_scale"] == 0.5
     assert len(list(out.rglob("*.png"))) == 2
+
+
+def test_mine_names_a_missing_lora_or_vae_before_any_work(tmp_path):
+    from longtail.config import ConfigError
+    from longtail.jobs.mine import load_demo_config
+    from longtail.jobs.mine_config import check_paths
+
+    cfg = load_demo_config(overrides=[f"out={tmp_path}", f"generator.lora={tmp_path / 'no-lora'}",
+                                      f"generator.vae={tmp_path / 'no-vae'}"])
+    with pytest.raises(ConfigError, match=r"generator\.lora: .*no-lora does not exist\n  generator\.vae: .*no-vae"):
+        check_paths(cfg)
