@@ -190,10 +190,17 @@ def generate(
     device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:1 ..."),
     force: bool = typer.Option(False, "--force", help="run even when the generator check finds classes the "
                                "generator does not draw (a warning instead of an error)"),
+    shard: str | None = typer.Option(None, help="i/n (0-based): make only every n-th job from the i-th, into "
+                                     "OUT/parts/, independently of the other shards; `auto`: from a SLURM array "
+                                     "task (SLURM_ARRAY_TASK_ID / _COUNT) or torchrun's RANK / WORLD_SIZE; then "
+                                     "`longtail merge OUT`"),
+    format: str | None = typer.Option(None, "--format", help="png (ImageFolder + manifest.csv, the default) | "
+                                      "parquet | webdataset (sharded files for large runs, read by HF datasets)"),
     set_: list[str] = typer.Option([], "--set", help="any config key: --set generator.cfg_scale=5"),
     progress: bool = typer.Option(True, help="progress bars"),
 ) -> None:
-    """Generate a synthetic dataset (guided or not); resumable; `accelerate launch -m longtail generate` shards."""
+    """Generate a synthetic dataset (guided or not); resumable; `accelerate launch -m longtail generate` shards
+    over processes, `--shard i/n` over independent jobs (SLURM arrays), folded by `longtail merge`."""
     from .config import load_config
     from .jobs.generate import GenerateConfig, run_generate
 
@@ -201,7 +208,8 @@ def generate(
                  classifier__spec=classifier, classifier__checkpoint=checkpoint, classifier__heads=heads,
                  classifier__class_names=class_names, per_class=per_class, counts_file=counts_file,
                  guidance__signal=signal, guidance__weight=weight, seed=seed, generator__num_steps=steps,
-                 generator__batch_size=batch_size, device=device, generator_check__force=force or None)
+                 generator__batch_size=batch_size, device=device, generator_check__force=force or None,
+                 shard=shard, format=format)
     run_generate(load_config(GenerateConfig, config, set_, top=top), show=progress)
 
 
@@ -344,6 +352,20 @@ def verify(
     for line in verdict.lines:
         typer.echo(line)
     raise typer.Exit(0 if verdict.ok else 1)
+
+
+@app.command()
+def merge(
+    out: Path = typer.Argument(..., help="the --out of a `longtail generate --shard i/n` run (its shards are in "
+                               "OUT/parts/)"),
+) -> None:
+    """Check the shards of a sharded `generate` run (one config, every id once, every image decodes) and fold
+    them into OUT atomically; when some are missing, fold nothing, print them and the re-run commands, exit 1.
+    Parts made with other settings are refused naming the keys (exit 2)."""
+    from .jobs.merge import merge_parts
+
+    result = merge_parts(out, log=typer.echo)
+    raise typer.Exit(0 if result.ok else 1)
 
 
 from .cli_generator import register  # noqa: E402

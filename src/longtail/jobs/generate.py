@@ -1,4 +1,10 @@
-"""``longtail generate``: a guided (or unguided) synthetic ImageFolder with a manifest; resumable, shardable."""
+"""``longtail generate``: a guided (or unguided) synthetic ImageFolder with a manifest; resumable, shardable.
+
+Under ``accelerate launch`` the processes share one store (manifest parts, merged at the end). With ``shard``
+(``--shard i/n`` or ``auto``, ``longtail.jobs.shards``) the run makes only its share of the job list into
+``<out>/parts/shard-<i>-of-<n>/``; ``longtail merge <out>`` folds the shards. ``format`` picks the store:
+``png`` (default: ImageFolder + manifest.csv), ``parquet`` or ``webdataset`` (``longtail.data.store_formats``).
+"""
 
 from __future__ import annotations
 
@@ -42,11 +48,30 @@ class GenerateConfig:
     counts_file: str | None = None
     seed: int = 0
     device: str = "auto"
-    chunk: int = 64  # images written per step of the resumable loop
+    chunk: int = 64  # images written per step of the resumable loop (one data file per chunk when sharded)
     generator_check: GeneratorCheckSpec = field(default_factory=GeneratorCheckSpec)
+    shard: str | None = None  # i/n (0-based) or auto: only this share of the jobs, into <out>/parts/
+    format: str = "png"  # png (ImageFolder + manifest.csv) | parquet | webdataset
 
 
 GENERATION_KEYS = ("generator", "classifier", "guidance", "classes", "per_class", "counts_file", "seed")
+# ``shard`` and ``format`` decide where the images go, not what they are; the store's format is checked on its own
+
+
+def plan_counts(jobs: list, num_classes: int) -> list[int]:
+    """Images per class of a job list from :func:`job_list` (indices ``0 .. n-1`` per class): the plan
+    ``shard.json`` records, from which ``longtail merge`` rebuilds every id (:func:`planned_ids`)."""
+    counts = [0] * num_classes
+    for job in jobs:
+        counts[job.class_id] += 1
+    return counts
+
+
+def planned_ids(counts: list[int]) -> list[str]:
+    """The ids of a plan, in job-list order (``longtail.generate.job_id`` of class c, index i)."""
+    from ..generate import Job, job_id
+
+    return [job_id(Job(c, i, 0, "")) for c, n in enumerate(counts) for i in range(n)]
 
 
 def job_list(cfg: GenerateConfig, class_names: list[str]) -> list:
@@ -64,18 +89,34 @@ def job_list(cfg: GenerateConfig, class_names: list[str]) -> list:
 
 
 def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], None] = print) -> dict:
-    """Generate (or resume) the dataset; under ``accelerate launch`` every process takes its share of jobs."""
+    """Generate (or resume) the dataset; under ``accelerate launch`` every process takes its share of jobs.
+
+    With ``cfg.shard`` only that shard's jobs, into its part folder (``longtail.jobs.shards``). Raises
+    ConfigError for a bad shard or format, or an output (or part) folder of other settings or format."""
     from accelerate import PartialState
 
-    from ..data.store import SyntheticStore
-    from ..generate import generate_dataset
+    from ..data.store_formats import check_format, open_store
+    from .shards import SHARD_JSON, parse_shard, part_dir
 
     cfg = replace(cfg, generator=with_sampling_defaults(cfg.generator))
+    shard = parse_shard(cfg.shard)
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
     out = Path(cfg.out)
-    if state.is_main_process:
-        identity = check_same_settings(out, cfg, GENERATION_KEYS, "generate")
+    root = part_dir(out, shard) if shard is not None else out
+    alone = shard is not None and shard.source == "torchrun"  # one process per shard: no barrier, no split
+    is_main, index, count = (True, 0, 1) if alone else (state.is_main_process, state.process_index,
+                                                        state.num_processes)
+    if shard is not None:
+        cfg = replace(cfg, shard=shard.text)  # recorded resolved: a re-run with this config.yaml redoes this shard
+    try:
+        check_format(root, cfg.format)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if is_main:
+        identity = check_same_settings(root, cfg, GENERATION_KEYS, "generate")
+        if shard is not None:
+            check_same_settings(out, cfg, GENERATION_KEYS, "generate")
     ldm, guide, known = load_generator(cfg.generator, device)
     loaded = load_classifier_spec(cfg.classifier, device) if cfg.classifier.spec else None
     names = class_list(loaded, known, cfg.classifier.class_names)
@@ -86,30 +127,56 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     check_generator_classes(cfg.generator, known, names)
     guidance = active(cfg.guidance)
     check_guidance(guidance, loaded)
-    jobs = job_list(cfg, names)
+    every = job_list(cfg, names)
+    jobs = shard.take(every) if shard is not None else every
     # the generator check: does the generator draw these classes at all? (before any long work)
-    job_generator_check(cfg, out, ldm, names, loaded, jobs, is_main=state.is_main_process, show=show, log=log)
-    if state.is_main_process:  # only once everything loaded and checked: a failed start leaves no config behind
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-        write_json(out / "settings.json", {"settings_sha256": identity, "keys": list(GENERATION_KEYS)})
-    state.wait_for_everyone()
+    job_generator_check(cfg, root, ldm, names, loaded, jobs, is_main=is_main, show=show, log=log)
+    if is_main:  # only once everything loaded and checked: a failed start leaves no config behind
+        root.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, root / "config.yaml")
+        write_json(root / "settings.json", {"settings_sha256": identity, "keys": list(GENERATION_KEYS)})
+        if shard is not None:
+            write_json(root / SHARD_JSON, {"shard": shard.index, "num_shards": shard.count,
+                                           "settings_sha256": identity, "format": cfg.format, "class_names": names,
+                                           "counts": plan_counts(every, len(names)), "jobs": len(jobs)})
+    if not alone:
+        state.wait_for_everyone()
     gs = cfg.generator
     meta = {"weight": cfg.guidance.weight if guidance else 0.0,
             "model": f"{gs.kind}:{gs.model or 'shipped'}", "num_steps": gs.num_steps, "cfg_scale": gs.cfg_scale}
-    stats = generate_dataset(
-        ldm, jobs, out, names, meta=meta, process_index=state.process_index, num_processes=state.num_processes,
-        chunk=cfg.chunk, show=show and state.is_main_process,
+    store = open_store(root, cfg.format, part=index if count > 1 else None)
+    stats = generate_into(
+        store, ldm, jobs[index::count], names, meta=meta, chunk=cfg.chunk, show=show and is_main,
         classifier=bridged_classifier(loaded) if loaded is not None else None, guidance=guidance,
         num_steps=gs.num_steps, cfg_scale=gs.cfg_scale, negative_prompt=gs.negative_prompt,
         batch_size=gs.batch_size, guide_decode=guide, record_signal=cfg.guidance.signal if loaded else None,
     )
-    state.wait_for_everyone()
-    if state.is_main_process:
-        total = SyntheticStore(out).merge()
-        log(f"{out}: {total} images in the manifest ({stats['written']} written now by process 0, "
-            f"{stats['skipped']} already there) over {state.num_processes} process(es)")
+    if not alone:
+        state.wait_for_everyone()
+    if is_main:
+        total = open_store(root, cfg.format).merge()
+        where = (f"; shard {shard.text} ({shard.source}); when every shard is done: longtail merge {out}"
+                 if shard is not None else "")
+        log(f"{root}: {total} images in the {'manifest' if cfg.format == 'png' else cfg.format + ' store'} "
+            f"({stats['written']} written now by process 0, {stats['skipped']} already there) over {count} "
+            f"process(es){where}")
         stats["total"] = total
     return stats
 
 
+def generate_into(store, ldm, jobs: list, class_names: list[str], *, meta: dict, chunk: int, show: bool,
+                  **generate_kwargs: object) -> dict[str, int]:
+    """Generate the ``jobs`` not yet in ``store`` (a ``SyntheticStore`` or ``ShardedStore``), ``chunk`` images
+    per write, so a kill loses at most one chunk; returns ``assigned``, ``skipped`` and ``written`` counts.
+    The loop of ``longtail.generate.generate_dataset``, over any store format."""
+    from tqdm.auto import tqdm
+
+    from ..data.store import to_uint8
+    from ..generate import generate, job_id, records
+
+    todo = [j for j in jobs if job_id(j) not in store]
+    written = 0
+    for start in tqdm(range(0, len(todo), chunk), desc="generate", disable=not show, leave=False):
+        gen = generate(ldm, todo[start : start + chunk], show=False, **generate_kwargs)
+        written += store.add(to_uint8(gen.images), records(gen, class_names, meta))
+    return {"assigned": len(jobs), "skipped": len(jobs) - len(todo), "written": written}
