@@ -131,7 +131,8 @@ def test_safetensors_are_read_only_by_the_one_loader():
         return getattr(f, "id", getattr(f, "attr", None)) in ("load_file", "safe_open")
 
     found = _calls(is_safetensors_load)
-    assert found - SAFETENSORS_PENDING == {("files.py", "load_checkpoint"), ("files.py", "safetensors_metadata")}
+    assert found - SAFETENSORS_PENDING == {("files.py", "load_checkpoint"), ("files.py", "safetensors_metadata"),
+                                                   ("files.py", "safetensors_shapes")}
 
 
 @pytest.mark.parametrize("kind", ["pickled module", "bare tensor", "not safetensors", "not a torch file"])

@@ -158,3 +158,18 @@ def safetensors_metadata(path: str | Path, what: str = "weights file") -> dict[s
             return dict(f.metadata() or {})
     except Exception as err:
         raise _refused(what, path, "safetensors", err) from err
+
+
+def safetensors_shapes(path: str | Path, what: str = "weights file") -> dict[str, list[int]]:
+    """Tensor name -> shape of a safetensors file, from its header only (no tensor is read); ``WeightsError`` if
+    unreadable, ``FileNotFoundError`` when there is no file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as err:
+        raise _refused(what, path, "safetensors", err) from err

@@ -138,7 +138,7 @@ def check_label_count(spec: str, path: Path) -> None:
     classification layer (the one 2-D ``classifier*.weight`` tensor of ``model.safetensors``; nothing is checked
     when there is no such single tensor or file). ``ValueError`` in one line naming the directory, both numbers
     and the tensor."""
-    from safetensors import safe_open
+    from ..files import safetensors_shapes
 
     weights = path / "model.safetensors"
     try:
@@ -147,11 +147,8 @@ def check_label_count(spec: str, path: Path) -> None:
         return
     if not weights.is_file() or not id2label:
         return
-    with safe_open(str(weights), framework="pt") as f:
-        names = f.keys()  # a safe_open handle is not iterable
-        heads = [(k, f.get_slice(k).get_shape()) for k in names
-                 if k.startswith("classifier") and k.endswith("weight")]
-    heads = [(k, shape) for k, shape in heads if len(shape) == 2]
+    heads = [(k, shape) for k, shape in safetensors_shapes(weights, f"classifier {spec} weights").items()
+             if k.startswith("classifier") and k.endswith("weight") and len(shape) == 2]
     if len(heads) == 1 and heads[0][1][0] != len(id2label):
         key, shape = heads[0]
         raise ValueError(f"classifier {spec}: config.json id2label names {len(id2label)} classes but {key} in "
