@@ -117,3 +117,34 @@ def test_nuisance_rates_for_the_generator() -> None:
         cli_generator.parse_rates("spin=0.1")
     with pytest.raises(ConfigError, match="not mode=rate"):
         cli_generator.parse_rates("rotate")
+
+
+def test_model_is_the_family_agnostic_name_of_sd_and_mine_takes_an_embedded_generator(calls: list[Any]) -> None:
+    invoke("generate", "--out", "o", "--model", "flux-dir", "--no-progress")
+    invoke("calibrate", "--model", "sd3-dir", "--no-progress")
+    invoke("mine", "--model", "sdxl-dir", "--no-progress")
+    invoke("mine", "--generator", "runs/generator", "--no-progress")
+    gen, cal, mine_sd, mine_embedded = calls
+    assert (gen.generator.kind, gen.generator.model) == ("sd", "flux-dir")
+    assert (cal.generator.kind, cal.generator.model) == ("sd", "sd3-dir")
+    assert (mine_sd.generator.kind, mine_sd.generator.model) == ("sd", "sdxl-dir")
+    assert (mine_embedded.generator.kind, mine_embedded.generator.model) == ("embedded", "runs/generator")
+
+
+def test_a_command_missing_an_sd_extra_package_says_which_extra(monkeypatch, capsys) -> None:
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+
+    monkeypatch.setattr(cli, "app", missing)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    err = capsys.readouterr().err.strip()
+    assert done.value.code == 2 and err == ("longtail: error: this command needs the [sd] extra (diffusers is not "
+                                            "installed): pip install 'longtail[sd]'")
+
+    def other(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'mypackage'", name="mypackage")
+
+    monkeypatch.setattr(cli, "app", other)
+    with pytest.raises(ModuleNotFoundError):  # not one of the extra's packages: the traceback, exit code 1
+        cli.main()

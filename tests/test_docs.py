@@ -92,7 +92,8 @@ def test_the_option_tables_escape_what_markdown_would_read_as_html():
     assert hook.escape("timm:<name> | `a <b>`") == r"timm:&lt;name&gt; \| `a <b>`"
     table = hook.render("heads overhead")
     assert table.startswith("`longtail heads overhead [OPTIONS]`")
-    assert "| `--arch` | `vit_b_16` | torchvision name (vit_b_16, resnet50 ...) or timm:&lt;name&gt; |" in table
+    assert ("| `--arch` | `vit_b_16` | torchvision name (vit_b_16, resnet50 ...), timm:&lt;name&gt; or "
+            "hf:&lt;dir&gt; |") in table
     assert "| `--time` / `--no-time` | `--time` |" in table
     with pytest.raises(ValueError, match="no command 'nonsense'"):
         hook.render("nonsense")

