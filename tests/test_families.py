@@ -405,3 +405,52 @@ def test_a_setting_added_after_a_run_does_not_make_its_directory_foreign():
     assert changed_keys(old, {"generator": {"kind": "sd", "model": "m", "num_steps": 28, "use_t5": True}}) == []
     assert changed_keys(old, {"generator": {"kind": "sd", "model": "m", "num_steps": 20}}) == ["generator.num_steps"]
     assert changed_keys({"a": {"b": 1}}, {"a": {}}) == ["a.b"]
+
+
+def test_the_generate_job_records_the_vae_fallback_in_the_manifest(sd3_dirs, tmp_path):
+    """A half-precision VAE that overflows (its first decoder conv scaled by 1e5 on disk): the job's images come
+    out finite, every row says which dtype decoded it, and the fallback is logged."""
+    import csv
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from longtail.config import load_config
+    from longtail.jobs.generate import GenerateConfig, run_generate
+
+    model = tmp_path / "sd3"
+    shutil.copytree(sd3_dirs["no_t5"], model)
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+    vae.save_pretrained(model / "vae")
+    lines: list[str] = []
+    cfg = load_config(GenerateConfig, overrides=[
+        f"out={tmp_path / 'out'}", "generator.kind=sd", f"generator.model={model}", "generator.vae_dtype=fp16",
+        "generator.num_steps=2", "generator.cfg_scale=2.0", "per_class=2", "device=cpu",
+        f"classifier.class_names={tmp_path / 'names.json'}", "generator_check.per_class=0"])
+    (tmp_path / "names.json").write_text(json.dumps(["cat", "dog"]))
+    try:
+        stats = run_generate(cfg, show=False, log=lines.append)
+    except RuntimeError as err:  # some CPU builds lack fp16 kernels
+        pytest.skip(f"fp16 compute not supported on this CPU: {err}")
+    with (tmp_path / "out" / "manifest.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["vae_dtype"] for r in rows} == {"float32"}
+    assert stats["decode_fallbacks"] == ["vae upcast float16->float32: non-finite float16 decode"]
+    assert any(line.startswith("warning: vae upcast float16->float32") for line in lines)
+
+
+def test_a_chunk_with_non_finite_images_is_refused_before_anything_is_written():
+    from types import SimpleNamespace
+
+    from longtail.data.datasets import DataError
+    from longtail.generate import job_id, plan_jobs
+    from longtail.jobs.generate import check_finite
+
+    jobs = plan_jobs([2], lambda c, i: "a cat")
+    images = torch.zeros(2, 3, 4, 4)
+    check_finite(SimpleNamespace(jobs=jobs, images=images))  # finite: nothing to say
+    images[1, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match=rf"1 of 2 generated images are not finite .*\(ids {job_id(jobs[1])}\)"):
+        check_finite(SimpleNamespace(jobs=jobs, images=images))

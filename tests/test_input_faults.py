@@ -364,7 +364,7 @@ def damage(manifest: Path, kind: str) -> None:
     ("cut_header", [], "manifest.csv: cut header 'id,path,class_id,cla' (no line end"),
     ("cut_row_mid_number", ["c0_00000", "c0_00001"], "manifest.csv: line 4 (id c0_00002) dropped: cut short"),
     ("id_only_row", ["c0_00000", "c0_00001", "c0_00002"],
-     "manifest.csv: line 5 (id c0_00003) dropped: 1 field where the header has 18"),
+     "manifest.csv: line 5 (id c0_00003) dropped: 1 field where the header has 19"),
     ("cut_id_then_glued", ["c0_00000", "c0_00001"],
      "manifest.csv: line 4 (id c0_0c0_00002) dropped: path 'coat/c0_00002.png' is not its id's image"),
     ("missing_image", ["c0_00000", "c0_00002"],

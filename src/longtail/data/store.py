@@ -59,11 +59,13 @@ PART_GLOB = "manifest.part-*.csv"
 DAMAGED = ".damaged"  # suffix of a manifest set aside because its header is damaged
 COLUMNS = (
     "id", "path", "class_id", "class_name", "index", "seed", "prompt", "prompt_full", "weight", "signal_name",
-    "signal", "p_class", "pred", "model", "round", "num_steps", "cfg_scale", "seconds",
+    "signal", "p_class", "pred", "model", "round", "num_steps", "cfg_scale", "seconds", "vae_dtype",
 )
 # ``prompt`` is the text the generator's text encoder saw; ``prompt_full`` the prompt as written, only when the
 # encoder's token limit cut it (empty otherwise). Manifests written before ``prompt_full`` existed lack it.
-ADDED_COLUMNS = ("prompt_full",)
+# ``vae_dtype``: the dtype the VAE decoded the image in (``float32`` after a half-precision VAE's non-finite decode
+# made it fall back; empty where the job did not record it).
+ADDED_COLUMNS = ("prompt_full", "vae_dtype")
 REQUIRED = ("id", "path", "class_name")  # never empty
 INTEGERS = ("class_id", "index", "seed", "pred", "round", "num_steps")  # parse as int when not empty
 FLOATS = ("weight", "signal", "p_class", "cfg_scale", "seconds")  # parse as float when not empty

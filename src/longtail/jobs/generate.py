@@ -161,6 +161,8 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
             f"({stats['written']} written now by process 0, {stats['skipped']} already there) over {count} "
             f"process(es){where}")
         stats["total"] = total
+        for note in stats["decode_fallbacks"]:
+            log(f"warning: {note}")
     return stats
 
 
@@ -178,5 +180,28 @@ def generate_into(store, ldm, jobs: list, class_names: list[str], *, meta: dict,
     written = 0
     for start in tqdm(range(0, len(todo), chunk), desc="generate", disable=not show, leave=False):
         gen = generate(ldm, todo[start : start + chunk], show=False, **generate_kwargs)
-        written += store.add(to_uint8(gen.images), records(gen, class_names, meta))
-    return {"assigned": len(jobs), "skipped": len(jobs) - len(todo), "written": written}
+        check_finite(gen)
+        written += store.add(to_uint8(gen.images), records(gen, class_names, {**meta, "vae_dtype": vae_dtype(ldm)}))
+    return {"assigned": len(jobs), "skipped": len(jobs) - len(todo), "written": written,
+            "decode_fallbacks": list(getattr(ldm, "decode_fallbacks", []))}
+
+
+def vae_dtype(ldm) -> str:
+    """The dtype the generator's VAE decodes in now (``float16`` / ``bfloat16``, or ``float32`` after a
+    non-finite half-precision decode made it fall back), for the manifest's ``vae_dtype``."""
+    dtype = getattr(getattr(ldm, "vae", None), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""
+
+
+def check_finite(gen) -> None:
+    """Refuse a chunk with images that are not finite (NaN / inf) even after the VAE's fp32 fallback: nothing of
+    it is written, so no black image enters a dataset. ``DataError`` naming the first ids."""
+    from ..data.datasets import DataError
+    from ..generate import job_id
+
+    bad = [job_id(j) for j, ok in zip(gen.jobs, torch.isfinite(gen.images).flatten(1).all(dim=1).tolist(),
+                                      strict=True) if not ok]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(gen.jobs)} generated images are not finite even after the VAE's "
+                        f"fp32 fallback (ids {', '.join(bad[:5])}); nothing of this chunk was written: try "
+                        "generator.dtype=fp32 or generator.vae=<a fixed fp16 VAE>")
