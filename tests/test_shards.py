@@ -145,3 +145,17 @@ def test_an_undecodable_image_is_set_aside_reported_and_made_again(tmp_path):
     run_generate(config(out, "per_class=2", "shard=1/2", "classes=[coat, bag]"), show=False, log=lambda m: None)
     assert merge_parts(out, log=lambda m: None).merged == 4
     assert (out / "bag" / "c8_00001.png").read_bytes() == good
+
+
+def test_the_cluster_recipes_parse_and_use_real_generate_options():
+    """scripts/cluster/*: valid bash, and every `longtail generate` option they pass exists."""
+    import re as _re
+
+    from longtail.cli import app
+
+    options = CliRunner().invoke(app, ["generate", "--help"], terminal_width=200).output
+    for script in sorted((Path(__file__).resolve().parents[1] / "scripts" / "cluster").iterdir()):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+        line = next(x for x in script.read_text().splitlines() if "longtail generate" in x and not x.startswith("#"))
+        for flag in _re.findall(r"(--[a-z][\w-]*)", line.split("longtail generate", 1)[1]):
+            assert flag in options, (script.name, flag)
