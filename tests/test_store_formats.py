@@ -40,6 +40,11 @@ def test_sharded_formats_merge_to_the_png_runs_images_and_load_with_hf_datasets(
     assert result.ok and result.merged == 4 and store_format(out) == fmt
     assert len(list(out.glob(f"data-*.{ext}"))) == 4  # chunk=1: one data file per image
     assert sorted(r["id"] for r in ShardedStore(out, fmt).rows()) == sorted(png_reference)
+    from longtail.report import load_run, write_report
+
+    run = load_run(out)  # `longtail report` on a sharded generate run: its rows, no gallery of missing files
+    assert run.kind == "generate" and sorted(r["id"] for r in run.manifest) == sorted(png_reference)
+    assert "4 images" in write_report(out).read_text()
 
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, "1")

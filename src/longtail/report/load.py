@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..conditions import Condition, ConditionError, condition_label
 from ..data.store import SyntheticStore
+from ..data.store_formats import open_store
 from ..files import read_json
 
 KINDS = ("mine", "generate", "calibrate")
@@ -126,11 +127,22 @@ def seed_dirs(root: Path) -> set[int]:
     return {int(m[1]) for d in root.glob("seed_*") if d.is_dir() and (m := SEED_DIR.fullmatch(d.name))}
 
 
+def _sharded(root: Path) -> str | None:
+    """The format of a Parquet / WebDataset store at ``root`` (``generate --format``), else None."""
+    from ..data.store_formats import store_format
+
+    try:
+        fmt = store_format(root)
+    except ValueError:
+        return None
+    return fmt if fmt in ("parquet", "webdataset") else None
+
+
 def run_kind(root: Path, config: dict | None = None) -> str:
     """``mine``, ``generate`` or ``calibrate`` from the files present (then the config's keys)."""
     if (root / "calibration.json").is_file():
         return "calibrate"
-    if (root / "manifest.csv").is_file() or any(root.glob("manifest.part-*.csv")):
+    if (root / "manifest.csv").is_file() or any(root.glob("manifest.part-*.csv")) or _sharded(root):
         return "generate"
     config = config or {}
     if "min_p_ratio" in config:
@@ -215,7 +227,7 @@ def load_run(run_dir: str | Path) -> RunData:
         efficiency = run.json("efficiency.json") or (run.metrics or {}).get("efficiency")
         run.efficiency = efficiency if isinstance(efficiency, dict) else None
     _load_seeds(run)
-    if run.kind == "generate":
-        run.manifest = SyntheticStore(root).rows()
+    if run.kind == "generate":  # a PNG ImageFolder, or a Parquet / WebDataset store (--format)
+        run.manifest = open_store(root, fmt).rows() if (fmt := _sharded(root)) else SyntheticStore(root).rows()
     run.class_names = _class_names(run)
     return run
