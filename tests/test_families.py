@@ -454,3 +454,23 @@ def test_a_chunk_with_non_finite_images_is_refused_before_anything_is_written():
     images[1, 0, 0, 0] = float("nan")
     with pytest.raises(DataError, match=rf"1 of 2 generated images are not finite .*\(ids {job_id(jobs[1])}\)"):
         check_finite(SimpleNamespace(jobs=jobs, images=images))
+
+
+def test_missing_parts_name_the_way_out(sd3_dirs, tmp_path):
+    import shutil
+
+    sd3 = tmp_path / "sd3"
+    shutil.copytree(sd3_dirs["t5"], sd3)
+    shutil.rmtree(sd3 / "text_encoder_3")
+    with pytest.raises(FileNotFoundError, match=r"text_encoder_3 is missing.*; without the T5 encoder set "
+                                                r"generator\.use_t5=false"):
+        load_stable_diffusion(sd3)
+    assert load_stable_diffusion(sd3, use_t5=False) is not None
+    shutil.rmtree(sd3 / "transformer")  # not a T5 part: no T5 hint
+    with pytest.raises(FileNotFoundError) as err:
+        load_stable_diffusion(sd3, use_t5=False)
+    assert "use_t5" not in str(err.value)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"unet is missing.*also has no model_index\.json"):
+        load_stable_diffusion(bare)

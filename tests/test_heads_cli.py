@@ -222,3 +222,18 @@ def test_a_named_architecture_without_checkpoint_is_flagged_as_untrained():
     assert not untrained_base(ClassifierSpec(spec="resnet18", checkpoint="w.safetensors"))
     assert not untrained_base(ClassifierSpec(spec=SPEC))  # an entry point may load its own weights
     assert not untrained_base(ClassifierSpec(spec="hf:/models/vit"))  # a Hugging Face directory holds weights
+
+
+def test_a_classifier_json_names_local_specs_by_absolute_path(tmp_path, monkeypatch):
+    """``hf:<dir>`` and ``file.py:function`` specs written relative to one working directory load from another."""
+    from longtail.jobs.common import portable_spec
+
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "clf.py").write_text("def make(num_classes=3):\n    raise NotImplementedError\n")
+    monkeypatch.chdir(tmp_path)
+    assert portable_spec("hf:vit") == f"hf:{tmp_path / 'vit'}"
+    assert portable_spec("clf.py:make") == f"{tmp_path / 'clf.py'}:make"
+    for unchanged in ("resnet18", "timm:resnet18", SPEC, "hf:/no/such/dir", "missing.py:make"):
+        assert portable_spec(unchanged) == unchanged
+    written = write_classifier_json(tmp_path / "out", "hf:vit", None)
+    assert json.loads(written.read_text())["spec"] == f"hf:{tmp_path / 'vit'}"

@@ -578,6 +578,12 @@ def test_verify_reports_what_a_rerun_redoes_and_exits_1(tmp_path, tiny_cnn):
     assert sorted(p.name for p in (run / "synthetic").iterdir()) == before  # verify changes nothing
     store_only = CliRunner().invoke(app, ["verify", str(run / "synthetic")])
     assert store_only.exit_code == 1 and "2 problem(s)" in store_only.output
+    from longtail.data.datasets import DataError
+
+    (tmp_path / "empty").mkdir()
+    nothing = CliRunner().invoke(app, ["verify", str(tmp_path / "empty")])  # main() turns it into exit 2
+    assert isinstance(nothing.exception, DataError) and "is neither a synthetic store nor a run" in str(
+        nothing.exception)
 
 
 # --- 11. prompts over the text encoder's limit ---------------------------------------------------------------

@@ -174,3 +174,11 @@ def test_mine_names_a_missing_lora_or_vae_before_any_work(tmp_path):
                                       f"generator.vae={tmp_path / 'no-vae'}"])
     with pytest.raises(ConfigError, match=r"generator\.lora: .*no-lora does not exist\n  generator\.vae: .*no-vae"):
         check_paths(cfg)
+
+
+def test_a_lora_of_another_base_model_is_one_line(world):
+    """The tiny SD's adapter on the embedded generator's UNet (other widths): one line, not peft's list."""
+    with pytest.raises(ValueError) as err:
+        load_generator(GeneratorSpec(kind="embedded", lora=str(world["trained"])), torch.device("cpu"))
+    message = str(err.value)
+    assert "do not fit this generator's denoiser" in message and "\n" not in message and len(message) < 600

@@ -79,7 +79,10 @@ def check_sharded_store(root: Path, fmt: str, verdict: Verdict) -> None:
 
 
 def verify(out: str | Path) -> Verdict:
-    """Check every store and every folder of mining rounds under ``out`` (``out`` itself included)."""
+    """Check every store and every folder of mining rounds under ``out`` (``out`` itself included).
+
+    Raises ``FileNotFoundError`` when ``out`` is not a directory and ``DataError`` when nothing under it is a
+    store or a run (both exit code 2 on the command line)."""
     out = Path(out)
     if not out.is_dir():
         raise FileNotFoundError(f"{out} is not a directory")
@@ -111,9 +114,12 @@ def verify(out: str | Path) -> Verdict:
             done = sorted(int(d.name[6:]) for d in run.glob("round_*") if ROUND.fullmatch(d.name) and
                           (d / "metrics.json").is_file())
             verdict.lines.append(f"{run}: rounds {', '.join(map(str, done)) or 'none'} intact")
-    if not stores and not runs:
-        verdict.problem(f"{out}: no synthetic store (manifest.csv) and no mining rounds (round_<r>/) found")
-    elif verdict.ok:
+    if not stores and not runs:  # bad input (exit 2), not "something needs redoing" (exit 1)
+        from .data.datasets import DataError
+
+        raise DataError(f"{out} is neither a synthetic store nor a run: no manifest.csv, store.json or mining "
+                        "rounds (round_<r>/) under it")
+    if verdict.ok:
         verdict.lines.append("intact: a re-run redoes nothing")
     else:
         verdict.lines.append(f"{verdict.problems} problem(s): a re-run redoes what is listed above")

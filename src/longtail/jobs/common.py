@@ -206,6 +206,18 @@ def resolve_classifier_spec(cs: ClassifierSpec) -> ClassifierSpec:
     return ClassifierSpec(**merged)
 
 
+def portable_spec(spec: str) -> str:
+    """``spec`` with the local path inside it made absolute, so a ``classifier.json`` written from one working
+    directory loads from any other: ``hf:<dir>`` and ``path/file.py:function`` (when the path exists); other
+    specs (torchvision / ``timm:`` names, ``package.module:function``) unchanged."""
+    if spec.startswith("hf:") and Path(spec[3:]).expanduser().exists():
+        return f"hf:{Path(spec[3:]).expanduser().resolve()}"
+    file, sep, function = spec.rpartition(":")
+    if sep and file.endswith(".py") and Path(file).expanduser().is_file():
+        return f"{Path(file).expanduser().resolve()}:{function}"
+    return spec
+
+
 def write_classifier_json(directory: Path, spec: str, checkpoint: str | None, *, model_kwargs: dict | None = None,
                           num_classes: int | None = None, class_names: list[str] | None = None,
                           preprocess: dict | None = None, heads: str | None = None, num_heads: int | None = None,
@@ -217,7 +229,8 @@ def write_classifier_json(directory: Path, spec: str, checkpoint: str | None, *,
     if class_names:
         write_json(directory / "class_names.json", list(class_names))
         names_file = "class_names.json"
-    data = {"spec": spec, "checkpoint": checkpoint, "model_kwargs": model_kwargs or {}, "num_classes": num_classes,
+    data = {"spec": portable_spec(spec), "checkpoint": checkpoint, "model_kwargs": model_kwargs or {},
+            "num_classes": num_classes,
             "class_names": names_file, "preprocess": preprocess, "heads": heads, "num_heads": num_heads,
             "head_name": head_name}
     return write_json(directory / "classifier.json", data)
@@ -325,7 +338,8 @@ def check_guidance(guidance: GuidanceConfig | None, loaded: LoadedClassifier | N
     if loaded is None:
         raise ConfigError("guidance needs a classifier (--classifier), or use --weight 0 for unguided data")
     if get_signal(guidance.signal).needs_heads and not isinstance(loaded.model, EpistemicClassifier):
-        raise ConfigError(f"signal {guidance.signal!r} needs an Epistemic Head: pass its weights (--heads) or use "
-                          "--signal entropy / energy")
+        raise ConfigError(f"signal {guidance.signal!r} needs an Epistemic Head: pass its weights (--heads; in mine "
+                          "also heads.epochs=N trains one) or use a signal without one (--signal entropy / energy; "
+                          "in mine guidance.signal=entropy)")
 
 

@@ -155,7 +155,12 @@ def check_sd3_layout(root: Path, use_t5: bool = True) -> bool:
     index = read_model_index(root, True) or {}
     entry = index.get("text_encoder_3")
     has_t5 = use_t5 and isinstance(entry, list) and entry[:1] != [None]
-    check_parts(root, {**SD3_LAYOUT, **(SD3_T5 if has_t5 else {})}, "StableDiffusion3Pipeline")
+    try:
+        check_parts(root, {**SD3_LAYOUT, **(SD3_T5 if has_t5 else {})}, "StableDiffusion3Pipeline")
+    except FileNotFoundError as err:
+        if has_t5 and any(str(err).startswith(str(root / part)) for part in SD3_T5):  # a T5 part is missing
+            raise FileNotFoundError(f"{err}; without the T5 encoder set generator.use_t5=false") from None
+        raise
     return has_t5
 
 

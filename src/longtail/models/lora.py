@@ -134,7 +134,10 @@ def load_lora(unet: torch.nn.Module, path: str | Path, scale: float = 1.0, adapt
     try:
         unet.load_lora_adapter(state, prefix="unet", adapter_name=adapter_name)
     except (ValueError, KeyError, RuntimeError) as err:
-        raise ValueError(f"{file}: these LoRA weights do not fit this UNet (another base model?): {err}") from err
+        lines = [x.strip() for x in str(err).strip().splitlines() if x.strip()] or [type(err).__name__]
+        more = f" (+{len(lines) - 1} more lines; LONGTAIL_DEBUG=1 shows them)" if len(lines) > 1 else ""
+        raise ValueError(f"{file}: these LoRA weights do not fit this generator's denoiser (made for another base "
+                         f"model?): {lines[0][:200]}{more}") from err
     if not getattr(unet, "peft_config", None) or adapter_name not in unet.peft_config:
         raise ValueError(f"{file}: no adapter of this UNet is in it (keys start with 'unet.'?)")
     unet.set_adapters([adapter_name], weights=[float(scale)])

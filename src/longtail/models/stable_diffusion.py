@@ -114,7 +114,7 @@ def _source(model: str | Path) -> tuple[str | Path, bool]:
     if isinstance(model, str) and _HUB_ID.fullmatch(text) and not text.startswith((".", "~")):
         return text, False
     raise FileNotFoundError(
-        f"no Stable Diffusion directory at {path} (and {text!r} is not a hub id 'org/name')"
+        f"no diffusers model directory at {path} (and {text!r} is not a hub id 'org/name')"
     )
 
 
@@ -127,6 +127,9 @@ def check_layout(root: Path) -> None:
                 f"{folder} is missing: a Stable Diffusion directory in the diffusers layout has "
                 f"{', '.join(f'{p}/' for p in LAYOUT)} "
                 "(write one with StableDiffusionPipeline.save_pretrained)"
+                + ("" if (root / "model_index.json").is_file() else
+                   f"; {root} also has no model_index.json, which names the pipeline of other families "
+                   "(SDXL, SD3, FLUX, PixArt, Sana): copy the model's whole directory")
             )
         if config is not None and not (folder / config).is_file():
             raise FileNotFoundError(f"{folder / config} is missing (is {folder} a diffusers {part} folder?)")
