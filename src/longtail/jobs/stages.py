@@ -101,6 +101,9 @@ class Context:
     hard: torch.Tensor | None = None  # [N] bool: evaluation images most base classifiers get wrong
     judge: object = None  # longtail.evaluation.judge.Judge, when the run has one
     round0: dict = field(default_factory=dict)  # seed -> the base classifier's evaluation (round 0 of mining)
+    # seed -> the base stage's predictions on the evaluation split (ClassifierOutput, labels), reused by mining's
+    # round 0 instead of a second pass of the same classifier over the same images (set only in this process)
+    base_predictions: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -142,16 +145,17 @@ def train_on(source: DataSource, model: nn.Module, recipe: FinetuneSpec, *, acce
 
 
 def evaluate(ctx: Context, model: nn.Module, detection: bool = False, scores_path: Path | None = None,
-             splits: bool = True) -> dict:
+             splits: bool = True, predictions: tuple[ClassifierOutput, torch.Tensor] | None = None) -> dict:
     """Accuracy on the evaluation split (top-1, per class, Many / Medium / Few); with ``detection`` also the
     signals' AUROC for rare and hard examples, and (``scores_path``) every example's signals for ROC curves;
-    with ``splits`` the extra evaluation splits (:func:`evaluate_splits`)."""
+    with ``splits`` the extra evaluation splits (:func:`evaluate_splits`). ``predictions``: ``model``'s
+    ``(output, labels)`` on the evaluation split when already computed (``predict_loader``), else computed."""
     from safetensors.torch import save_file
 
     from ..evaluation.stats import accuracy_on
     from ..train import predict_loader
 
-    out, labels = predict_loader(model, ctx.source.eval_loader(), ctx.acc)
+    out, labels = predictions or predict_loader(model, ctx.source.eval_loader(), ctx.acc)
     preds = out.logits.argmax(-1)
     groups = ctx.source.groups
     report = accuracy_report(preds, labels, groups)
@@ -220,6 +224,8 @@ def load_base(ctx: Context, seed: int) -> LoadedClassifier:
 
 def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
     """Train (or take) the seed's classifier, attach and train an Epistemic Head if asked, evaluate."""
+    from ..train import predict_loader
+
     cfg, base_dir = ctx.cfg, base_dir_of(ctx.run, seed)
     metrics_path = base_dir / "metrics.json"
     if metrics_path.is_file() and (base_dir / "classifier.json").is_file():
@@ -245,7 +251,9 @@ def stage_base(ctx: Context, seed: int) -> tuple[LoadedClassifier, dict]:
         if ctx.is_main:
             loaded.model.save_heads(base_dir / heads)
     num_heads = loaded.model.heads.num_heads if isinstance(loaded.model, EpistemicClassifier) else None
-    metrics = {**evaluate(ctx, loaded.model, detection=True, scores_path=base_dir / "test_scores.safetensors"),
+    ctx.base_predictions[seed] = predict_loader(loaded.model, ctx.source.eval_loader(), ctx.acc)
+    metrics = {**evaluate(ctx, loaded.model, detection=True, scores_path=base_dir / "test_scores.safetensors",
+                          predictions=ctx.base_predictions[seed]),
                "seconds": time.perf_counter() - started}
     if cfg.base.ensemble > 0 and "detection" in metrics:
         metrics["detection"].update(ensemble_detection(ctx, seed))
@@ -639,8 +647,8 @@ def stage_mining(ctx: Context, seed: int, cond: Condition, guidance: GuidanceCon
     def evaluate_round(m: nn.Module) -> dict:
         if pending_round0[0]:
             pending_round0[0] = False
-            if seed not in ctx.round0:
-                ctx.round0[seed] = evaluate(ctx, m, splits=False)
+            if seed not in ctx.round0:  # the same classifier the base stage evaluated: its predictions, if kept
+                ctx.round0[seed] = evaluate(ctx, m, splits=False, predictions=ctx.base_predictions.get(seed))
             return copy.deepcopy(ctx.round0[seed])
         return evaluate(ctx, m, splits=False)
 
@@ -860,7 +868,7 @@ def stage_trajectory(ctx: Context, loaded: LoadedClassifier, guidance: GuidanceC
 def stage_distances(ctx: Context, conditions: list[Condition]) -> dict:
     """FID / precision / recall of each condition's synthetic images vs the real evaluation images (per seed),
     on the seed's base-classifier features (the input of its head)."""
-    from ..evaluation.distribution import distribution_report
+    from ..evaluation.distribution import distribution_report, real_reference
     from ..evaluation.features import LayerFeatures, extract
 
     path = ctx.run / "distribution.json"
@@ -875,12 +883,15 @@ def stage_distances(ctx: Context, conditions: list[Condition]) -> dict:
             ctx.log(f"distances skipped: {err}")
             return {"skipped": str(err), "summary": {}}
         real = extract(features, real_x)
+        reference = None  # the real side (k-NN radii of 10k features, class statistics): once per seed
         for cond in conditions:
             store = ctx.run / f"seed_{seed}" / "mining" / cond.dirname / "synthetic"
             if not (store / "manifest.csv").is_file():
                 continue
             fake_x, fake_y = ctx.source.synthetic_inputs(store)
-            report = distribution_report(real, real_y, extract(features, fake_x), fake_y, ctx.source.class_names)
+            reference = reference or real_reference(real, real_y, len(ctx.source.class_names))
+            report = distribution_report(real, real_y, extract(features, fake_x), fake_y, ctx.source.class_names,
+                                         reference=reference)
             result["conditions"].setdefault(cond.text, {})[str(seed)] = report
     result["summary"] = {
         cond: {key: mean_std([r["overall"][key] for r in per_seed.values()]) for key in ("fid", "precision", "recall")}
