@@ -168,7 +168,8 @@ def test_judge_trained_once_and_its_columns_in_the_sweep(tmp_path, parts):
     out = tmp_path / "run"
     over = [*overrides(out, *parts), "conditions=[none]", *rounds(1), "trajectory=false", "distances=false",
             "judge.spec=train", "judge.epochs=1", "judge.min_ratio=0.9", "judge.real_per_class=5"]
-    summary = run_mine(load_demo_config(overrides=over), show=False, log=lambda _msg: None)
+    lines: list[str] = []
+    summary = run_mine(load_demo_config(overrides=over), show=False, log=lines.append)
     assert (out / "judge" / "classifier.json").is_file()
     points = summary["sweep"]["points"]
     assert all(0.0 <= p["judge_accuracy"] <= 1.0 and 0.0 <= p["judge_p_class"] <= 1.0 for p in points)
@@ -177,6 +178,9 @@ def test_judge_trained_once_and_its_columns_in_the_sweep(tmp_path, parts):
         if choice["weight"] is not None:  # a chosen weight keeps >= 90% of the unguided judge accuracy
             chosen = next(p for p in points if p["signal"] == name and p["weight"] == choice["weight"])
             assert chosen["judge_accuracy"] >= 0.9 * choice["baseline_judge_accuracy"] - 1e-9
+        else:  # the rule passed none: the log says which weight mining uses instead
+            assert f"weight for {name}: the rule passed none, so mining uses the smallest swept weight" in "\n".join(
+                lines)
 
 
 def test_the_shipped_judge_is_copied_into_the_run_not_trained(tmp_path, parts):

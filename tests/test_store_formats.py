@@ -45,6 +45,11 @@ def test_sharded_formats_merge_to_the_png_runs_images_and_load_with_hf_datasets(
     run = load_run(out)  # `longtail report` on a sharded generate run: its rows, no gallery of missing files
     assert run.kind == "generate" and sorted(r["id"] for r in run.manifest) == sorted(png_reference)
     assert "4 images" in write_report(out).read_text()
+    from longtail.data.datasets import DataError
+    from longtail.evaluation.run import check_imagefolder
+
+    with pytest.raises(DataError, match=rf"is a {fmt} store; evaluate reads ImageFolders"):
+        check_imagefolder(str(out))
 
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.setenv(name, "1")

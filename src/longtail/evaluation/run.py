@@ -95,6 +95,7 @@ def run_evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dic
 
     if not cfg.data:
         raise ValueError("evaluate needs data (an ImageFolder directory)")
+    check_imagefolder(cfg.data)
     device = pick_device(cfg.device)
     loaded = load_classifier_spec(cfg.classifier, device)
     names = read_class_names(cfg.classifier.class_names) if cfg.classifier.class_names else loaded.class_names
@@ -148,6 +149,21 @@ def run_evaluate(cfg: EvaluateConfig, log: Callable[[str], None] = print) -> dic
 
 NO_COUNTS = ("no training counts given (--train or counts_file), so no class is known to be rare; "
              "Many / Medium / Few are not reported either")
+
+
+def check_imagefolder(root: str) -> None:
+    """``DataError`` naming ``root`` when it is a Parquet / WebDataset store (``generate --format``), which
+    ``evaluate`` does not read: it takes ImageFolders (a ``--format png`` store is one)."""
+    from ..data.datasets import DataError
+    from ..data.store_formats import store_format
+
+    try:
+        fmt = store_format(root)
+    except ValueError:
+        return
+    if fmt in ("parquet", "webdataset"):
+        raise DataError(f"{root} is a {fmt} store; evaluate reads ImageFolders (class folders of images): generate "
+                        "with --format png to evaluate it, or load it with datasets.load_dataset")
 
 
 def _scan(root: str, names: list[str] | None, num_classes: int | None, log: Callable[[str], None],

@@ -445,6 +445,10 @@ def run_mine(cfg: MineConfig, dry_run: bool = False, show: bool = True, log: Log
         sweep = stage_sweep(ctx, first, ctx.judge)
     tracker.sweep(sweep, run / "sweep")
     weight = weight_of(cfg, sweep)
+    for signal, choice in ((sweep or {}).get("choices") or {}).items():
+        if cfg.sweep.choose and choice.get("weight") is None:  # the rule passed no weight: say what is used
+            ctx.log(f"weight for {signal}: the rule passed none, so mining uses the smallest swept weight, "
+                    f"{weight(signal):g}")
     guidance_of = {c.text: {"signal": g.signal, "weight": g.weight} for c in conditions
                    if (g := c.guidance(cfg.guidance, weight)) is not None}
     main_guidance = replace(cfg.guidance, weight=weight(cfg.guidance.signal))
