@@ -24,3 +24,14 @@ def test_version_from_the_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "longtail", "--version"], capture_output=True, text=True,
                          timeout=120, check=True)
     assert out.stdout.strip() == f"longtail {version('longtail')}"
+
+
+def test_shell_completion_is_typers():
+    """`longtail --install-completion` / `--show-completion` (typer's): the bash script completes `longtail`."""
+    from typer.testing import CliRunner
+
+    from longtail.cli import app
+
+    result = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="longtail")
+    assert result.exit_code == 0 and "_LONGTAIL_COMPLETE" in result.output and "complete" in result.output
+    assert "--install-completion" in CliRunner().invoke(app, ["--help"], prog_name="longtail").output

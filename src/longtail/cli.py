@@ -15,7 +15,7 @@ EXIT_CODES = ("Exit codes: 0 ok; 2 bad input (an unknown option or command, or a
               "data the job cannot use, or classes the generator check refuses: one line on stderr, no traceback, "
               "LONGTAIL_DEBUG=1 shows it); 1 failure (anything else, with its traceback; `longtail verify` when "
               "something needs redoing).")
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
                   help=f"Longtail Guidance: mine a classifier's longtail.\n\n{EXIT_CODES}")
 heads_app = typer.Typer(no_args_is_help=True, help="Epistemic Head utilities.")
 app.add_typer(heads_app, name="heads")
