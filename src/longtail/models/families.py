@@ -256,6 +256,13 @@ def load_sd3(
                                  where),
         t5_max_length=t5_max_length,
     )
+    return finish_loading(ldm, device, decoder_checkpointing, height, width)
+
+
+def finish_loading(ldm: LatentDiffusion, device: str | torch.device, decoder_checkpointing: bool,
+                   height: int | None, width: int | None) -> LatentDiffusion:
+    """The end of every family's loader: ``ldm`` on ``device`` in eval mode, the VAE decoder checkpointed if
+    asked, sampling at ``height`` x ``width`` (None: the model's own size)."""
     ldm.to(device).eval()
     if decoder_checkpointing:
         set_decoder_checkpointing(ldm.vae, True)
@@ -321,10 +328,7 @@ def load_flux(
         t5_max_length=t5_max_length,
         guidance_scale=guidance_scale,
     )
-    ldm.to(device).eval()
-    if decoder_checkpointing:
-        set_decoder_checkpointing(ldm.vae, True)
-    return ldm.set_image_size(height, width)
+    return finish_loading(ldm, device, decoder_checkpointing, height, width)
 
 
 def load_sdxl(
@@ -378,10 +382,7 @@ def load_sdxl(
         scheduler=sched,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
-    ldm.to(device).eval()
-    if decoder_checkpointing:
-        set_decoder_checkpointing(ldm.vae, True)
-    return ldm.set_image_size(height, width)
+    return finish_loading(ldm, device, decoder_checkpointing, height, width)
 
 
 def load_pixart(
@@ -434,10 +435,7 @@ def load_pixart(
         scheduler=sched,
         max_length=t5_max_length,
     )
-    ldm.to(device).eval()
-    if decoder_checkpointing:
-        set_decoder_checkpointing(ldm.vae, True)
-    return ldm.set_image_size(height, width)
+    return finish_loading(ldm, device, decoder_checkpointing, height, width)
 
 
 def load_sana(
