@@ -445,8 +445,7 @@ def test_a_chunk_with_non_finite_images_is_refused_before_anything_is_written():
     from types import SimpleNamespace
 
     from longtail.data.datasets import DataError
-    from longtail.generate import job_id, plan_jobs
-    from longtail.jobs.generate import check_finite
+    from longtail.generate import check_finite, job_id, plan_jobs
 
     jobs = plan_jobs([2], lambda c, i: "a cat")
     images = torch.zeros(2, 3, 4, 4)

@@ -109,7 +109,7 @@ def test_mini_mining_run_end_to_end(world, tmp_path):
     assert all(0 <= h["top1"] <= 1 for h in rows_by_round) and "detection" in rows_by_round[-1]
     rows = manifest(out)
     assert len(rows) == 12 == len({r["id"] for r in rows}) and {r["class_name"] for r in rows} == set(CLASSES)
-    assert {float(r["weight"]) for r in rows} == {1.0}
+    assert {float(r["weight"]) for r in rows} == {1.0} and {r["vae_dtype"] for r in rows} == {"float32"}
     for name in ("config.yaml", "plan.json", "metrics.json", "summary.txt", "report.html", "seed_0/base/metrics.json",
                  "seed_0/base/classifier.json", "seed_0/mining/ltg/round_2/classifier.safetensors"):
         assert (out / name).is_file(), name

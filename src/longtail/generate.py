@@ -186,23 +186,51 @@ def generate_dataset(
     num_processes: int = 1,
     chunk: int = 64,
     show: bool = True,
+    store: object | None = None,
     **generate_kwargs: object,
-) -> dict[str, int]:
+) -> dict[str, object]:
     """Generate ``jobs`` into an ImageFolder store at ``out``, resumably and shardably.
 
     This process takes ``jobs[process_index::num_processes]`` and skips those already in the store; images are
     written ``chunk`` at a time, so a kill loses at most one chunk. With several processes each writes its own
     manifest part; call ``SyntheticStore(out).merge()`` once all are done. ``prefix`` starts every image id
     (e.g. the mining round). Class names that would share a folder (``check_class_folders``) are refused
-    before anything is written.
+    before anything is written. ``store``: write there instead (any store with ``in`` and ``add``, e.g. a
+    ``longtail.data.store_formats.ShardedStore``). Every row records the VAE's dtype (``vae_dtype``); a chunk
+    with non-finite images is refused (``check_finite``). Returns ``assigned`` / ``skipped`` / ``written``
+    counts and the generator's ``decode_fallbacks`` notes.
     """
     check_class_folders(class_names)
-    store = SyntheticStore(out, part=process_index if num_processes > 1 else None)
+    if store is None:
+        store = SyntheticStore(out, part=process_index if num_processes > 1 else None)
     mine = list(jobs)[process_index::num_processes]
     todo = [j for j in mine if job_id(j, prefix) not in store]
     written = 0
     desc = str(generate_kwargs.pop("desc", f"generate [{process_index}]"))
     for start in tqdm(range(0, len(todo), chunk), desc=desc, disable=not show, leave=False):
         gen = generate(ldm, todo[start : start + chunk], show=False, **generate_kwargs)
-        written += store.add(to_uint8(gen.images), records(gen, class_names, meta, prefix))
-    return {"assigned": len(mine), "skipped": len(mine) - len(todo), "written": written}
+        check_finite(gen)
+        rows = records(gen, class_names, {**meta, "vae_dtype": vae_dtype(ldm)}, prefix)
+        written += store.add(to_uint8(gen.images), rows)
+    return {"assigned": len(mine), "skipped": len(mine) - len(todo), "written": written,
+            "decode_fallbacks": list(getattr(ldm, "decode_fallbacks", []))}
+
+
+def vae_dtype(ldm: object) -> str:
+    """The dtype the generator's VAE decodes in now (``float16`` / ``bfloat16``, or ``float32`` after a
+    non-finite half-precision decode made it fall back), for the manifest's ``vae_dtype``."""
+    dtype = getattr(getattr(ldm, "vae", None), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else ""
+
+
+def check_finite(gen: Generated) -> None:
+    """Refuse a chunk with images that are not finite (NaN / inf) even after the VAE's fp32 fallback: nothing of
+    it is written, so no black image enters a dataset. ``DataError`` naming the first ids."""
+    from .data.datasets import DataError
+
+    ok = torch.isfinite(gen.images).flatten(1).all(dim=1).tolist()
+    bad = [job_id(j) for j, fine in zip(gen.jobs, ok, strict=True) if not fine]
+    if bad:
+        raise DataError(f"{len(bad)} of {len(gen.jobs)} generated images are not finite even after the VAE's "
+                        f"fp32 fallback (ids {', '.join(bad[:5])}); nothing of this chunk was written: try "
+                        "generator.dtype=fp32 or generator.vae=<a fixed fp16 VAE>")

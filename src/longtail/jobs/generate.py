@@ -96,6 +96,7 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     from accelerate import PartialState
 
     from ..data.store_formats import check_format, open_store
+    from ..generate import generate_dataset
     from .shards import SHARD_JSON, parse_shard, part_dir
 
     cfg = replace(cfg, generator=with_sampling_defaults(cfg.generator))
@@ -145,8 +146,9 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
     meta = {"weight": cfg.guidance.weight if guidance else 0.0,
             "model": f"{gs.kind}:{gs.model or 'shipped'}", "num_steps": gs.num_steps, "cfg_scale": gs.cfg_scale}
     store = open_store(root, cfg.format, part=index if count > 1 else None)
-    stats = generate_into(
-        store, ldm, jobs[index::count], names, meta=meta, chunk=cfg.chunk, show=show and is_main,
+    stats = generate_dataset(
+        ldm, jobs[index::count], root, names, meta=meta, chunk=cfg.chunk, show=show and is_main, store=store,
+        desc="generate",
         classifier=bridged_classifier(loaded) if loaded is not None else None, guidance=guidance,
         num_steps=gs.num_steps, cfg_scale=gs.cfg_scale, negative_prompt=gs.negative_prompt,
         batch_size=gs.batch_size, guide_decode=guide, record_signal=cfg.guidance.signal if loaded else None,
@@ -164,44 +166,3 @@ def run_generate(cfg: GenerateConfig, show: bool = True, log: Callable[[str], No
         for note in stats["decode_fallbacks"]:
             log(f"warning: {note}")
     return stats
-
-
-def generate_into(store, ldm, jobs: list, class_names: list[str], *, meta: dict, chunk: int, show: bool,
-                  **generate_kwargs: object) -> dict[str, int]:
-    """Generate the ``jobs`` not yet in ``store`` (a ``SyntheticStore`` or ``ShardedStore``), ``chunk`` images
-    per write, so a kill loses at most one chunk; returns ``assigned``, ``skipped`` and ``written`` counts.
-    The loop of ``longtail.generate.generate_dataset``, over any store format."""
-    from tqdm.auto import tqdm
-
-    from ..data.store import to_uint8
-    from ..generate import generate, job_id, records
-
-    todo = [j for j in jobs if job_id(j) not in store]
-    written = 0
-    for start in tqdm(range(0, len(todo), chunk), desc="generate", disable=not show, leave=False):
-        gen = generate(ldm, todo[start : start + chunk], show=False, **generate_kwargs)
-        check_finite(gen)
-        written += store.add(to_uint8(gen.images), records(gen, class_names, {**meta, "vae_dtype": vae_dtype(ldm)}))
-    return {"assigned": len(jobs), "skipped": len(jobs) - len(todo), "written": written,
-            "decode_fallbacks": list(getattr(ldm, "decode_fallbacks", []))}
-
-
-def vae_dtype(ldm) -> str:
-    """The dtype the generator's VAE decodes in now (``float16`` / ``bfloat16``, or ``float32`` after a
-    non-finite half-precision decode made it fall back), for the manifest's ``vae_dtype``."""
-    dtype = getattr(getattr(ldm, "vae", None), "dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else ""
-
-
-def check_finite(gen) -> None:
-    """Refuse a chunk with images that are not finite (NaN / inf) even after the VAE's fp32 fallback: nothing of
-    it is written, so no black image enters a dataset. ``DataError`` naming the first ids."""
-    from ..data.datasets import DataError
-    from ..generate import job_id
-
-    bad = [job_id(j) for j, ok in zip(gen.jobs, torch.isfinite(gen.images).flatten(1).all(dim=1).tolist(),
-                                      strict=True) if not ok]
-    if bad:
-        raise DataError(f"{len(bad)} of {len(gen.jobs)} generated images are not finite even after the VAE's "
-                        f"fp32 fallback (ids {', '.join(bad[:5])}); nothing of this chunk was written: try "
-                        "generator.dtype=fp32 or generator.vae=<a fixed fp16 VAE>")

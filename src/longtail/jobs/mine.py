@@ -43,6 +43,7 @@ from ..models.classifiers import LoadedClassifier, bridged_classifier
 from . import tracking
 from .common import (
     active,
+    changed_keys,
     check_generator_classes,
     check_guidance,
     load_classifier_spec,
@@ -300,21 +301,20 @@ def differs(old: object, new: object) -> bool:
 
 
 def differing_keys(old: object, new: object, prefix: str = "") -> list[str]:
-    """The dotted keys (``heads.epsilon``) at which a finished run's setting ``old`` differs from ``new``. Keys
-    the run's config does not have were added to the tool later, with defaults that keep earlier behaviour, so
-    they do not count; an embedded generator ``model: null`` is the shipped ``clean`` one, and
-    ``judge.spec: shipped`` is ``train`` with 3 epochs (the shipped judges are those weights)."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [prefix] if old != new else []
+    """The dotted keys (``heads.epsilon``) at which a finished run's setting ``old`` differs from ``new``
+    (``common.changed_keys``: keys the run's config lacks do not count), where an embedded generator
+    ``model: null`` is the shipped ``clean`` one and ``judge.spec: shipped`` is ``train`` with 3 epochs (the
+    shipped judges are those weights)."""
+    return changed_keys(old, new, prefix, normalise=_same_spelling)
+
+
+def _same_spelling(old: dict, new: dict) -> tuple[dict, dict]:
+    """One spelling for settings that mean the same (see ``differing_keys``)."""
     if "spec" in old and "min_ratio" in old:  # a judge: the shipped one is what `train` (3 epochs) makes
         old, new = _judge_as_trained(old), _judge_as_trained(new)
     if old.get("kind") == "embedded" and "model" in old:
         old, new = {**old, "model": old["model"] or "clean"}, {**new, "model": new.get("model") or "clean"}
-    keys: list[str] = []
-    for key, value in old.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        keys += [name] if key not in new else differing_keys(value, new[key], name)
-    return keys
+    return old, new
 
 
 def _lookup(settings: dict, dotted: str) -> object:
