@@ -17,7 +17,6 @@ endif
 
 $(VENV)/.longtail-%: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PINS)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$*]' $(TORCH_PINS)
 	@touch $@
 

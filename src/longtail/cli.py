@@ -57,7 +57,9 @@ def _emit(job: Callable[[], Any], as_json: bool) -> Any:
 @app.callback()
 def _app(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                       help="print the installed version and exit")) -> None:
-    pass
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()
 
 
 @heads_app.command("overhead")

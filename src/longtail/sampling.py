@@ -156,14 +156,22 @@ def initial_latents(
     )
 
 
+def cfg_text(cond: Tensor, uncond: Tensor | None, cfg_scale: float) -> Tensor | None:
+    """The denoiser's text batch under CFG, ``cat([uncond, cond])`` ``[2B, ...]``; None without CFG. Built once
+    per sampling call: the same tensor at every step lets the UNet reuse its cross-attention keys / values
+    (``longtail.models.text_kv``)."""
+    return None if uncond is None or cfg_scale == 1.0 else torch.cat([uncond, cond])
+
+
 def _cfg_eps(
-    denoiser: Denoiser, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None, cfg_scale: float,
+    denoiser: Denoiser, z: Tensor, t: Tensor, cond: Tensor, both: Tensor | None, cfg_scale: float,
     alpha_bar: Tensor, prediction_type: str,
 ) -> Tensor:
-    """Classifier-free guidance ``eps_u + s (eps_c - eps_u)`` in noise space; one batched denoiser call."""
-    if uncond is None or cfg_scale == 1.0:
+    """Classifier-free guidance ``eps_u + s (eps_c - eps_u)`` in noise space; one batched denoiser call on
+    ``both`` (``cfg_text``; None: no CFG, ``cond`` alone)."""
+    if both is None:
         return eps_from_model_output(denoiser(z, t, cond), z, alpha_bar, prediction_type)
-    out = denoiser(torch.cat([z, z]), t, torch.cat([uncond, cond]))
+    out = denoiser(torch.cat([z, z]), t, both)
     out_u, out_c = out.chunk(2)
     eps_u = eps_from_model_output(out_u, z, alpha_bar, prediction_type)
     eps_c = eps_from_model_output(out_c, z, alpha_bar, prediction_type)
@@ -289,12 +297,13 @@ def _rewind(scheduler: object) -> None:
         scheduler._step_index -= 1
 
 
-def _cfg_velocity(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None,
+def _cfg_velocity(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Tensor, both: Tensor | None,
                   cfg_scale: float) -> Tensor:
-    """Classifier-free guidance on raw model outputs ``v_u + s (v_c - v_u)`` (as diffusers' flow pipelines)."""
-    if uncond is None or cfg_scale == 1.0:
+    """Classifier-free guidance on raw model outputs ``v_u + s (v_c - v_u)`` (as diffusers' flow pipelines);
+    ``both`` as ``_cfg_eps``."""
+    if both is None:
         return denoiser(x, t, cond)
-    out_u, out_c = denoiser(torch.cat([x, x]), t, torch.cat([uncond, cond])).chunk(2)
+    out_u, out_c = denoiser(torch.cat([x, x]), t, both).chunk(2)
     return out_u + cfg_scale * (out_c - out_u)
 
 
@@ -368,6 +377,7 @@ def sample(
     sigma_space = type(scheduler).__name__ in SIGMA_SPACE_SCHEDULERS
     notes = _fallback_notes(decode)
     first_note = len(notes) if notes is not None else 0
+    both = cfg_text(cond, uncond, cfg_scale)
 
     def one_pass(i: int, t: Tensor, z: Tensor, level: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One denoiser call, guidance and scheduler step from ``z``: (model-space z, unguided prediction,
@@ -376,8 +386,8 @@ def sample(
         z_in = z if flow else scheduler.scale_model_input(z, t)  # z itself for DDIM and flow
         z_in = z_in.detach().requires_grad_(track)
         with torch.set_grad_enabled(track):
-            pred = (_cfg_velocity(denoiser, z_in, t, cond, uncond, cfg_scale) if flow else
-                    _cfg_eps(denoiser, z_in, t, cond, uncond, cfg_scale, level, prediction))
+            pred = (_cfg_velocity(denoiser, z_in, t, cond, both, cfg_scale) if flow else
+                    _cfg_eps(denoiser, z_in, t, cond, both, cfg_scale, level, prediction))
         guided = pred if guide is None else guide(i, z_in, level, pred, timestep=t, repeat=r)
         z_in, pred = z_in.detach(), pred.detach()
         output = guided if flow else model_output_from_eps(guided, z_in, level, prediction)

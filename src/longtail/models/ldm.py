@@ -32,6 +32,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .text_kv import install_text_kv
+
 logger = logging.getLogger(__name__)
 _warned: set[tuple[int, str]] = set()  # (limit, prompt): each cut prompt is warned about once per process
 
@@ -58,6 +60,10 @@ class LatentDiffusion:
     _prompt_cache: dict[str, Tensor] = field(default_factory=dict, repr=False)
     _seen_cache: dict[str, str] = field(default_factory=dict, repr=False)
     decode_fallbacks: list[str] = field(default_factory=list, repr=False)  # what decode had to fall back to
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, UNet2DConditionModel):  # text keys / values once per sampling call
+            install_text_kv(self.unet)
 
     @property
     def scaling_factor(self) -> float:

@@ -1,0 +1,172 @@
+"""The embedded demo's speed levers, each measured within one run, each checked to leave results unchanged.
+
+    python benchmarks/demo_levers.py [--passes 2]
+
+1. The allocator (``longtail.allocator.keep_freed_memory``): the same slice of the demo (base-classifier
+   training epochs, evaluation of the 10k test set, unguided and guided generation with the shipped nuisance
+   generator) in fresh processes with glibc's default malloc settings and with the tuned ones, alternating;
+   seconds per part, the ratio, and the minor page faults of each process (``getrusage``).
+2. Text keys / values once per sampling call (``longtail.models.text_kv``): one UNet call at the demo's CFG batch
+   (200) with diffusers' ``AttnProcessor2_0`` vs ``TextKVProcessor``; outputs compared with ``torch.equal``.
+3. Evaluation batch 512 vs 128 (``longtail.data.sources.EVAL_BATCH``): ``predict_loader`` over the 10k test set;
+   logits compared with ``torch.equal``.
+
+2 and 3 run in this process with the allocator tuned, as ``longtail`` runs. Medians over ``--passes``; the
+ratios are the point (a busy machine moves seconds, much less ratios measured side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+PARTS = ("training (3 epochs)", "evaluation (10k)", "generation unguided (100)", "generation guided (100)")
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def worker(tuned: bool) -> dict:
+    """One process: the demo slice, timed per part (``PARTS``), plus the process's minor page faults."""
+    if tuned:
+        from longtail.allocator import keep_freed_memory
+
+        assert keep_freed_memory(), "the allocator settings did not apply (not glibc, or a MALLOC_* variable set)"
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from longtail.data.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist, to_model_range
+    from longtail.data.sources import FashionMNISTLT
+    from longtail.generate import generate, plan_jobs
+    from longtail.guidance import GuidanceConfig
+    from longtail.models.tiny import class_prompt, load_tiny_generator
+    from longtail.train import TrainConfig, fit, make_classifier, predict_loader
+
+    source = FashionMNISTLT()
+    model = make_classifier(num_classes=10, width=16, num_heads=5, seed=0)
+    cfg = TrainConfig(epochs=3, lr=0.002, batch_size=128)
+    test_x, test_y = to_model_range(load_fashion_mnist("test")[0]), load_fashion_mnist("test")[1]
+    ldm = load_tiny_generator("nuisance")
+    jobs = plan_jobs([10] * len(FASHION_MNIST_CLASSES), lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]),
+                     base_seed=7)
+    out = {
+        PARTS[0]: _timed(lambda: fit(model, (source.train_x, source.train_y), cfg, show=False)),
+        PARTS[1]: _timed(lambda: predict_loader(model, DataLoader(TensorDataset(test_x, test_y), batch_size=128))),
+        PARTS[2]: _timed(lambda: generate(ldm, jobs, num_steps=20, cfg_scale=3.0, batch_size=100, show=False)),
+        PARTS[3]: _timed(lambda: generate(ldm, jobs, classifier=model, guidance=GuidanceConfig("total", 1.0),
+                                          num_steps=20, cfg_scale=3.0, batch_size=100, show=False)),
+    }
+    out["minor page faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return out
+
+
+def allocator_table(passes: int) -> None:
+    runs: dict[str, list[dict]] = {"default": [], "tuned": []}
+    for p in range(passes):
+        for name in (("default", "tuned") if p % 2 == 0 else ("tuned", "default")):
+            env_flag = "tuned" if name == "tuned" else "default"
+            done = subprocess.run([sys.executable, __file__, "--worker", env_flag], check=True,
+                                  capture_output=True, text=True, env=_env(name))
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"1. allocator: glibc defaults vs keep_freed_memory(), fresh processes, median of {passes}")
+    print(f"   {'part':28s} {'default s':>10s} {'tuned s':>10s} {'ratio':>7s}")
+    for part in PARTS:
+        d = statistics.median(r[part] for r in runs["default"])
+        t = statistics.median(r[part] for r in runs["tuned"])
+        print(f"   {part:28s} {d:10.2f} {t:10.2f} {t / d:6.2f}x")
+    d_total = statistics.median(sum(r[p] for p in PARTS) for r in runs["default"])
+    t_total = statistics.median(sum(r[p] for p in PARTS) for r in runs["tuned"])
+    print(f"   {'all four':28s} {d_total:10.2f} {t_total:10.2f} {t_total / d_total:6.2f}x")
+    faults = {k: statistics.median(r["minor page faults"] for r in v) for k, v in runs.items()}
+    print(f"   minor page faults per process: default {faults['default']:,.0f}, tuned {faults['tuned']:,.0f}")
+
+
+def _env(name: str) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["LONGTAIL_MALLOC"] = "default" if name == "default" else ""
+    return env
+
+
+def text_kv_table(passes: int) -> None:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from longtail.models.text_kv import TextKVProcessor
+    from longtail.models.tiny import load_tiny_generator
+
+    torch.manual_seed(0)
+    ldm = load_tiny_generator("nuisance")
+    text = ldm.encode_prompts(["a photo of a shirt"] * 100 + [""] * 100)
+    z, t = torch.randn(200, 4, 8, 8), torch.full((200,), 500)
+    names = list(ldm.unet.attn_processors)
+    timings: dict[str, list[float]] = {"AttnProcessor2_0": [], "TextKVProcessor": []}
+    outputs = {}
+    with torch.no_grad():
+        for _ in range(passes):
+            for name, make in (("AttnProcessor2_0", AttnProcessor2_0), ("TextKVProcessor", TextKVProcessor)):
+                ldm.unet.set_attn_processor({n: make() for n in names})
+                outputs[name] = ldm.denoise(z, t, text)  # warm-up, and (for the cache) the one projection
+                started = time.perf_counter()
+                for _ in range(10):
+                    ldm.denoise(z, t, text)
+                timings[name].append((time.perf_counter() - started) / 10)
+    plain, cached = (statistics.median(v) for v in timings.values())
+    same = torch.equal(outputs["AttnProcessor2_0"], outputs["TextKVProcessor"])
+    print(f"2. text keys / values: UNet call at batch 200, median of {passes} x 10 calls")
+    print(f"   AttnProcessor2_0 {plain * 1000:.1f} ms, TextKVProcessor {cached * 1000:.1f} ms: "
+          f"{cached / plain:.2f}x, outputs torch.equal: {same}")
+
+
+def eval_batch_table(passes: int) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from longtail.data.datasets import load_fashion_mnist, to_model_range
+    from longtail.train import make_classifier, predict_loader
+
+    images, labels = load_fashion_mnist("test")
+    data = TensorDataset(to_model_range(images), labels)
+    model = make_classifier(num_classes=10, width=16, num_heads=5, seed=0)
+    timings: dict[int, list[float]] = {512: [], 128: []}
+    logits = {}
+    for _ in range(passes):
+        for bs in timings:
+            started = time.perf_counter()
+            out, _ = predict_loader(model, DataLoader(data, batch_size=bs))
+            timings[bs].append(time.perf_counter() - started)
+            logits[bs] = out.logits
+    t512, t128 = (statistics.median(v) for v in timings.values())
+    print(f"3. evaluation batch: predict_loader over the 10k test set, median of {passes}")
+    print(f"   512: {t512:.2f} s, 128: {t128:.2f} s: {t128 / t512:.2f}x, logits torch.equal: "
+          f"{torch.equal(logits[512], logits[128])}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--passes", type=int, default=2, help="timed passes per lever (medians are printed)")
+    ap.add_argument("--worker", choices=("tuned", "default"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker == "tuned")))
+        return
+    print(f"command: python benchmarks/demo_levers.py --passes {args.passes}  (torch threads: "
+          f"{torch.get_num_threads()})")
+    allocator_table(args.passes)
+    from longtail.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    text_kv_table(max(args.passes, 3))
+    eval_batch_table(max(args.passes, 3))
+
+
+if __name__ == "__main__":
+    main()
