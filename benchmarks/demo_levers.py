@@ -3,15 +3,17 @@
     python benchmarks/demo_levers.py [--passes 2]
 
 1. The allocator (``longtail.allocator.keep_freed_memory``): the same slice of the demo (base-classifier
-   training epochs, evaluation of the 10k test set, unguided and guided generation with the shipped nuisance
-   generator) in fresh processes with glibc's default malloc settings and with the tuned ones, alternating;
-   seconds per part, the ratio, and the minor page faults of each process (``getrusage``).
+   training epochs, evaluation of the 10k test set at batch 512 and 128, unguided and guided generation with
+   the shipped nuisance generator) in fresh processes with glibc's default malloc settings and with the tuned
+   ones, alternating; seconds and minor page faults (``getrusage``) per part, and the ratio.
 2. Text keys / values once per sampling call (``longtail.models.text_kv``): one UNet call at the demo's CFG batch
    (200) with diffusers' ``AttnProcessor2_0`` vs ``TextKVProcessor``; outputs compared with ``torch.equal``.
 3. Evaluation batch 512 vs 128 (``longtail.data.sources.EVAL_BATCH``): ``predict_loader`` over the 10k test set;
    logits compared with ``torch.equal``.
+4. The UNet's CFG batch of 200 in one call vs two calls of 100 (why ``generator.batch_size`` stays 100: the
+   smaller batches that ran faster before were avoiding page faults, which 1 removes).
 
-2 and 3 run in this process with the allocator tuned, as ``longtail`` runs. Medians over ``--passes``; the
+2-4 run in this process with the allocator tuned, as ``longtail`` runs. Medians over ``--passes``; the
 ratios are the point (a busy machine moves seconds, much less ratios measured side by side).
 """
 
@@ -27,13 +29,19 @@ import time
 
 import torch
 
-PARTS = ("training (3 epochs)", "evaluation (10k)", "generation unguided (100)", "generation guided (100)")
+PARTS = ("training (3 epochs)", "evaluation (10k, batch 512)", "evaluation (10k, batch 128)",
+         "generation unguided (100)", "generation guided (100)")
 
 
-def _timed(fn) -> float:
-    started = time.perf_counter()
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn) -> tuple[float, int]:
+    """Seconds and minor page faults of ``fn()``."""
+    faults, started = _faults(), time.perf_counter()
     fn()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, _faults() - faults
 
 
 def worker(tuned: bool) -> dict:
@@ -58,15 +66,15 @@ def worker(tuned: bool) -> dict:
     ldm = load_tiny_generator("nuisance")
     jobs = plan_jobs([10] * len(FASHION_MNIST_CLASSES), lambda c, i: class_prompt(FASHION_MNIST_CLASSES[c]),
                      base_seed=7)
-    out = {
+    test = TensorDataset(test_x, test_y)
+    return {
         PARTS[0]: _timed(lambda: fit(model, (source.train_x, source.train_y), cfg, show=False)),
-        PARTS[1]: _timed(lambda: predict_loader(model, DataLoader(TensorDataset(test_x, test_y), batch_size=128))),
-        PARTS[2]: _timed(lambda: generate(ldm, jobs, num_steps=20, cfg_scale=3.0, batch_size=100, show=False)),
-        PARTS[3]: _timed(lambda: generate(ldm, jobs, classifier=model, guidance=GuidanceConfig("total", 1.0),
+        PARTS[1]: _timed(lambda: predict_loader(model, DataLoader(test, batch_size=512))),
+        PARTS[2]: _timed(lambda: predict_loader(model, DataLoader(test, batch_size=128))),
+        PARTS[3]: _timed(lambda: generate(ldm, jobs, num_steps=20, cfg_scale=3.0, batch_size=100, show=False)),
+        PARTS[4]: _timed(lambda: generate(ldm, jobs, classifier=model, guidance=GuidanceConfig("total", 1.0),
                                           num_steps=20, cfg_scale=3.0, batch_size=100, show=False)),
     }
-    out["minor page faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    return out
 
 
 def allocator_table(passes: int) -> None:
@@ -78,16 +86,19 @@ def allocator_table(passes: int) -> None:
                                   capture_output=True, text=True, env=_env(name))
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"1. allocator: glibc defaults vs keep_freed_memory(), fresh processes, median of {passes}")
-    print(f"   {'part':28s} {'default s':>10s} {'tuned s':>10s} {'ratio':>7s}")
+    print(f"   {'part':30s} {'default s':>10s} {'tuned s':>8s} {'ratio':>6s} {'faults default':>15s} "
+          f"{'faults tuned':>13s}")
+
+    def med(name: str, part: str, i: int) -> float:
+        return statistics.median(r[part][i] for r in runs[name])
+
     for part in PARTS:
-        d = statistics.median(r[part] for r in runs["default"])
-        t = statistics.median(r[part] for r in runs["tuned"])
-        print(f"   {part:28s} {d:10.2f} {t:10.2f} {t / d:6.2f}x")
-    d_total = statistics.median(sum(r[p] for p in PARTS) for r in runs["default"])
-    t_total = statistics.median(sum(r[p] for p in PARTS) for r in runs["tuned"])
-    print(f"   {'all four':28s} {d_total:10.2f} {t_total:10.2f} {t_total / d_total:6.2f}x")
-    faults = {k: statistics.median(r["minor page faults"] for r in v) for k, v in runs.items()}
-    print(f"   minor page faults per process: default {faults['default']:,.0f}, tuned {faults['tuned']:,.0f}")
+        d, t = med("default", part, 0), med("tuned", part, 0)
+        print(f"   {part:30s} {d:10.2f} {t:8.2f} {t / d:5.2f}x {med('default', part, 1):15,.0f} "
+              f"{med('tuned', part, 1):13,.0f}")
+    d_total = statistics.median(sum(r[p][0] for p in PARTS) for r in runs["default"])
+    t_total = statistics.median(sum(r[p][0] for p in PARTS) for r in runs["tuned"])
+    print(f"   {'all':30s} {d_total:10.2f} {t_total:8.2f} {t_total / d_total:5.2f}x")
 
 
 def _env(name: str) -> dict:
@@ -150,6 +161,34 @@ def eval_batch_table(passes: int) -> None:
           f"{torch.equal(logits[512], logits[128])}")
 
 
+def unet_chunk_table(passes: int) -> None:
+    from longtail.models.tiny import load_tiny_generator
+
+    torch.manual_seed(0)
+    ldm = load_tiny_generator("nuisance")
+    text = ldm.encode_prompts(["a photo of a shirt"] * 100 + [""] * 100)
+    z, t = torch.randn(200, 4, 8, 8), torch.full((200,), 500)
+    halves = [(z[i:i + 100], t[i:i + 100], text[i:i + 100]) for i in (0, 100)]
+    timings: dict[str, list[float]] = {"1 x 200": [], "2 x 100": []}
+    outputs = {}
+    with torch.no_grad():
+        for _ in range(passes):
+            for name in timings:
+                def once(name: str = name) -> torch.Tensor:
+                    if name == "1 x 200":
+                        return ldm.denoise(z, t, text)
+                    return torch.cat([ldm.denoise(*half) for half in halves])
+                outputs[name] = once()
+                started = time.perf_counter()
+                for _ in range(10):
+                    once()
+                timings[name].append((time.perf_counter() - started) / 10)
+    whole, split = (statistics.median(v) for v in timings.values())
+    print(f"4. UNet batch: the CFG batch of 200 in one call vs two calls of 100, median of {passes} x 10")
+    print(f"   1 x 200: {whole * 1000:.1f} ms, 2 x 100: {split * 1000:.1f} ms: {split / whole:.2f}x, outputs "
+          f"torch.equal: {torch.equal(outputs['1 x 200'], outputs['2 x 100'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--passes", type=int, default=2, help="timed passes per lever (medians are printed)")
@@ -166,6 +205,7 @@ def main() -> None:
     keep_freed_memory()
     text_kv_table(max(args.passes, 3))
     eval_batch_table(max(args.passes, 3))
+    unet_chunk_table(max(args.passes, 3))
 
 
 if __name__ == "__main__":

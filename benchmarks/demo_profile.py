@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
         stats = pstats.Stats(args.load)
         print_profile(stats, stats.total_tt, metrics.get("stage_seconds"))  # type: ignore[attr-defined]
         return
+    from longtail.allocator import keep_freed_memory
     from longtail.jobs.mine import load_demo_config, quick_overrides, run_mine
 
+    keep_freed_memory()  # as the `longtail` command does before any job
     out = Path(args.out)
     if out.exists():
         sys.exit(f"{out} exists: a resumed run would skip its stages; pass a fresh --out")

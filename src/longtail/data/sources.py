@@ -137,8 +137,8 @@ def _add_rows(counts: list[int], class_names: Sequence[str], rows: Sequence[dict
     return counts
 
 
-# evaluation batch of the 32 px sources: a batch's activations stay small enough for the CPU's caches and the
-# allocator's reused heap; 128 ran ~2.7x faster than 512 on 2 cores, with the same logits (benchmarks/demo_levers.py)
+# evaluation batch of the 32 px sources: a batch's activations (8 MB at 128, 34 MB at 512) stay in the allocator's
+# reused heap instead of fresh mmaps; 0.72x-0.89x of 512's time on 2 cores, the same logits (benchmarks/demo_levers.py)
 EVAL_BATCH = 128
 
 

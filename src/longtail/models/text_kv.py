@@ -6,8 +6,8 @@ at every denoising step, although they depend on the prompts only. ``TextKVProce
 ``encoder_hidden_states`` tensor is the same object, unmodified, and the projection weights are unchanged; the
 sampler (``longtail.sampling.sample``) passes one text batch to every step, so each call projects once. The
 result is bit-identical to diffusers' processor (the same modules on the same input): the saving is the
-projections' share of the UNet (``0.84x`` per call at the embedded default's batch of 200 on 2 CPU cores,
-``benchmarks/demo_levers.py``).
+projections' share of the UNet (0.84x-0.88x the time per call at the embedded default's batch of 200 on 2 CPU
+cores, ``benchmarks/demo_levers.py``).
 
 Only plain ``nn.Linear`` projections are cached (a peft LoRA layer has a scale that can change between calls
 without touching its weights), only without ``norm_cross``, and only projections that need no gradient, so
