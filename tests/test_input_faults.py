@@ -601,7 +601,10 @@ def test_a_prompt_over_the_token_limit_is_warned_once_and_recorded_as_seen(tiny_
     with caplog.at_level(logging.WARNING, logger="longtail.models.ldm"):
         gen = generate(tiny_ldm, jobs, num_steps=1, cfg_scale=1.0, show=False)
         generate(tiny_ldm, jobs[:2], num_steps=1, cfg_scale=1.0, show=False)
-    assert torch.equal(gen.images[0], gen.images[1])  # the encoder never saw the difference ...
+    # the encoder never saw the difference (same embedding; the images agree up to the batch row's float rounding,
+    # which differs between rows with some thread settings) ...
+    assert torch.equal(tiny_ldm.encode_prompts([red]), tiny_ldm.encode_prompts([blue]))
+    assert torch.allclose(gen.images[0], gen.images[1], atol=1e-5)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 2 and all("over the text encoder's limit of 12" in w for w in warnings)  # ... now said
     assert any("red collar" in w for w in warnings) and any("blue collar" in w for w in warnings)

@@ -130,6 +130,25 @@ def test_merge_refuses_parts_of_other_settings_naming_the_keys(tmp_path, monkeyp
     assert ended.value.code == 2 and stderr.count("\n") == 1 and "(seed differ)" in stderr
 
 
+def test_merge_names_every_plan_difference_at_once(tmp_path):
+    import json
+
+    from longtail.jobs.shards import SHARD_JSON
+
+    out = tmp_path / "out"
+    for k in range(2):
+        run_generate(config(out, "per_class=1", f"shard={k}/2", "classes=[coat, bag]"), show=False,
+                     log=lambda m: None)
+    plan_file = part_dir(out, Shard(1, 2)) / SHARD_JSON
+    plan = json.loads(plan_file.read_text())
+    plan.update(num_shards=3, format="parquet")  # as if made by another kind of run
+    plan_file.write_text(json.dumps(plan))
+    with pytest.raises(ConfigError) as refused:
+        merge_parts(out, log=lambda m: None)
+    message = str(refused.value)
+    assert "shard count (num_shards: 3 vs 2)" in message and "format (format: 'parquet' vs 'png')" in message
+
+
 def test_an_undecodable_image_is_set_aside_reported_and_made_again(tmp_path):
     out = tmp_path / "out"
     for k in range(2):

@@ -30,7 +30,9 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-FREE_SETTINGS = ("generator.batch_size",)  # change speed and memory, not results
+# change speed and memory, not what is generated (a guided image can differ in its last bits: the gradient's
+# batched floating-point sums)
+FREE_SETTINGS = ("generator.batch_size",)
 
 
 def _drop(settings: dict, dotted: tuple[str, ...]) -> dict:

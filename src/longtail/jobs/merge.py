@@ -106,10 +106,12 @@ def check_one_config(out: Path, parts: list[Part]) -> tuple[Part, GenerateConfig
             keys = differing_keys(ref.path, part.path) or ["settings_sha256"]
             raise ConfigError(f"refusing to merge {out}: {part.path.name} was made with other settings than "
                               f"{ref.path.name} ({', '.join(keys)} differ); re-run it with the same config")
-        for key, what in (("num_shards", "shard count"), ("format", "format"), ("counts", "plan")):
-            if part.plan.get(key) != ref.plan.get(key):
-                raise ConfigError(f"refusing to merge {out}: {part.path.name} and {ref.path.name} differ in "
-                                  f"{what} ({key}: {part.plan.get(key)!r} vs {ref.plan.get(key)!r})")
+        differ = [f"{what} ({key}: {part.plan.get(key)!r} vs {ref.plan.get(key)!r})"
+                  for key, what in (("num_shards", "shard count"), ("format", "format"), ("counts", "plan"))
+                  if part.plan.get(key) != ref.plan.get(key)]
+        if differ:
+            raise ConfigError(f"refusing to merge {out}: {part.path.name} and {ref.path.name} differ in "
+                              f"{'; '.join(differ)}")
     strays = [p.path.name for p in parts if p.count != ref.plan["num_shards"]]
     if strays:
         raise ConfigError(f"refusing to merge {out}: {', '.join(strays)} belong to a run of another shard count "
