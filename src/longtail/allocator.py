@@ -12,14 +12,15 @@ the 10k test set at batch 512 takes 0.72x the time, with 12k page faults instead
 faults were these); at the demo's evaluation batch of 128 and in training and generation it changes nothing
 measurable (0.98x over the whole slice), so it is a guard for larger batches, not a speed-up of the demo.
 
-Skipped (returns False) off glibc, when the user set any of those variables or preloads another allocator
-(jemalloc, tcmalloc, mimalloc in ``LD_PRELOAD``), or with ``LONGTAIL_MALLOC=default``.
+Skipped (returns False) off glibc, when the user set any of those variables or a ``glibc.malloc`` tunable
+(``GLIBC_TUNABLES``) or preloads another allocator (jemalloc, tcmalloc, mimalloc in ``LD_PRELOAD``), or with
+``LONGTAIL_MALLOC=default``. The ``longtail`` command calls it before any job; a program using the library calls
+it itself if it wants it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -27,7 +28,7 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 
-MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit (HEAP_MAX_SIZE / 2): below it, the heap
+MMAP_THRESHOLD = 32 << 20  # below it, the heap (the ceiling of glibc's own dynamic threshold on 64-bit)
 TRIM_THRESHOLD = 1 << 30  # free heap top kept before trimming
 TOP_PAD = 64 << 20  # extra heap asked for at each growth
 
@@ -50,15 +51,17 @@ def _apply() -> bool:
         return False
     if any(v in os.environ for v in USER_VARIABLES):
         return False
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
     if any(a in os.environ.get("LD_PRELOAD", "") for a in OTHER_ALLOCATORS):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return all(mallopt(param, value) == 1 for param, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    applied = [mallopt(param, value) == 1 for param, value in (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))]
+    return all(applied)

@@ -307,6 +307,13 @@ def _cfg_velocity(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Tensor, both: 
     return out_u + cfg_scale * (out_c - out_u)
 
 
+def _sampling_scope(denoiser: Denoiser) -> contextlib.AbstractContextManager:
+    """The generator's ``sampling_scope()`` when ``denoiser`` is a bound method of one (``LatentDiffusion``:
+    text projections reused within the call), else a no-op."""
+    scope = getattr(getattr(denoiser, "__self__", None), "sampling_scope", None)
+    return scope() if callable(scope) else contextlib.nullcontext()
+
+
 def _fallback_notes(decode: Callable[[Tensor], Tensor]) -> list[str] | None:
     """The ``decode_fallbacks`` list of the generator ``decode`` is a bound method of (None for others)."""
     notes = getattr(getattr(decode, "__self__", None), "decode_fallbacks", None)
@@ -393,7 +400,7 @@ def sample(
         output = guided if flow else model_output_from_eps(guided, z_in, level, prediction)
         return z_in, pred, guided, scheduler.step(output, t, z, **step_kwargs).prev_sample
 
-    with frozen(classifier):
+    with frozen(classifier), _sampling_scope(denoiser):
         guide = None if guidance is None else LongtailGuide(
             guidance, classifier, decode, num_steps=len(scheduler.timesteps), guide_decode=guide_decode,
             encode=encode, flow=flow)

@@ -22,6 +22,7 @@ the part the encoder sees and the first encoding of each such prompt logs one wa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .text_kv import install_text_kv
+from .text_kv import install_text_kv, text_kv_scope
 
 logger = logging.getLogger(__name__)
 _warned: set[tuple[int, str]] = set()  # (limit, prompt): each cut prompt is warned about once per process
@@ -64,6 +65,11 @@ class LatentDiffusion:
     def __post_init__(self) -> None:
         if isinstance(self.unet, UNet2DConditionModel):  # text keys / values once per sampling call
             install_text_kv(self.unet)
+
+    def sampling_scope(self) -> contextlib.AbstractContextManager:
+        """Entered by ``longtail.sampling.sample`` for one call of ``denoise``-s: the UNet may reuse its
+        cross-attention text projections meanwhile (``longtail.models.text_kv``)."""
+        return text_kv_scope(self.unet)
 
     @property
     def scaling_factor(self) -> float:
