@@ -8,9 +8,9 @@ sets the three ``mallopt`` parameters that the PyTorch CPU tuning guides set thr
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``), from inside the process, so
 ``longtail`` gets them however it is started. Results do not change (allocation only); the resident memory
 stays near its peak instead of shrinking between batches. ``benchmarks/demo_levers.py`` measures it: evaluating
-the 10k test set at batch 512 takes 0.72x the time, with 12k page faults instead of 406k (most of the demo's
-faults were these); at the demo's evaluation batch of 128 and in training and generation it changes nothing
-measurable (0.98x over the whole slice), so it is a guard for larger batches, not a speed-up of the demo.
+the 10k test set at batch 512 takes 0.72x-0.81x the time, with far fewer page faults (most of the demo's faults
+were these); at the demo's evaluation batch of 128 and in training and generation it is within noise (0.95x-0.98x
+over the whole slice), so it is a guard for larger batches more than a speed-up of the demo.
 
 Skipped (returns False) off glibc, when the user set any of those variables or a ``glibc.malloc`` tunable
 (``GLIBC_TUNABLES``) or preloads another allocator (jemalloc, tcmalloc, mimalloc in ``LD_PRELOAD``), or with

@@ -138,7 +138,7 @@ def _add_rows(counts: list[int], class_names: Sequence[str], rows: Sequence[dict
 
 
 # evaluation batch of the 32 px sources: a batch's activations (8 MB at 128, 34 MB at 512) stay in the allocator's
-# reused heap instead of fresh mmaps; 0.72x-0.89x of 512's time on 2 cores, the same logits (benchmarks/demo_levers.py)
+# reused heap instead of fresh mmaps; 0.68x-0.93x of 512's time on 2 cores, the same logits (benchmarks/demo_levers.py)
 EVAL_BATCH = 128
 
 

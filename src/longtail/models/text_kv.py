@@ -16,7 +16,7 @@ sighting), so a caller that passes a new tensor at every step (SDXL's packed con
 holds no extra memory and pays nothing. The sampler builds its CFG text batch once per call
 (``sampling.cfg_text``), so the embedded default and SD 1.x / 2.x project twice per call instead of once per
 step. The result is bit-identical to diffusers' processor (the same modules on the same input): the saving is
-the projections' share of the UNet (0.84x-0.88x the time per call at the embedded default's batch of 200 on 2
+the projections' share of the UNet (0.82x-0.88x the time per call at the embedded default's batch of 200 on 2
 CPU cores, ``benchmarks/demo_levers.py``).
 
 Only plain ``nn.Linear`` projections are reused (a peft LoRA layer has a scale that can change without touching
