@@ -105,6 +105,25 @@ def parity(ldm, device: torch.device, steps: int, cfg: float) -> float:
     return float(((ours.float().clamp(-1, 1) + 1) / 2 - theirs.float().to(ours.device)).abs().max())
 
 
+def text_kv_off_row(ldm, jobs, steps: int, kw: dict, device: torch.device, reference: float) -> None:
+    """Unguided again with diffusers' own attention processors: what ``longtail.models.text_kv`` (text keys /
+    values once per sampling call, on by default) saves at this scale."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    saved = ldm.unet.attn_processors
+    ldm.unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        generate(ldm, jobs, guidance=None, num_steps=steps, **kw)
+        sync(device)
+    finally:
+        ldm.unet.set_attn_processor(saved)
+    per_image = (time.perf_counter() - t0) / len(jobs)
+    print(f"{'unguided, text K/V per step':<30}{per_image:>9.3f}{per_image / reference:>9.2f}x  (diffusers' "
+          "AttnProcessor2_0; the rows above reuse them per call)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse ``argv`` (default: ``sys.argv``) and print the sampling table."""
     ap = argparse.ArgumentParser(prog="sd_cost.py --sampling", description=__doc__.split("\n")[0])
@@ -185,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<30}{per_image:>9.3f}{per_image / reference:>9.2f}x{peak:>10.0f}{peak - base_mib:>11.0f}"
                   f"{signal:>9.3f}{out.nonfinite:>12}")
         set_decoder_checkpointing(ldm.vae, False)
+        if reference is not None:
+            text_kv_off_row(ldm, jobs, args.steps, kw, device, reference)
         if not args.sd:
             print("(random weights: times and memory are the architecture's; the signal column means nothing)")
 
