@@ -23,11 +23,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import ConfigError
 from .ldm import LatentDiffusion, set_decoder_checkpointing
+
+if TYPE_CHECKING:
+    from .stable_diffusion import ComponentLoader
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +205,26 @@ def flow_scheduler(name: str, config: dict, where: str | Path, cls: type | None 
     return cls.from_config(config)
 
 
+def refuse_prediction_type(where: str | Path, prediction_type: str | None) -> None:
+    """A flow-matching family predicts velocities: ``ConfigError`` for any ``prediction_type``."""
+    if prediction_type is not None:
+        raise ConfigError(f"{where} is a flow-matching model (velocity); prediction_type={prediction_type!r} "
+                          "does not apply")
+
+
+def noise_scheduler(load: ComponentLoader, name: str, prediction_type: str | None) -> object:
+    """A diffusion family's scheduler ``name`` (ddim | dpm++ | euler) from the model's scheduler config;
+    ``ConfigError`` naming the model for an unknown name or prediction type."""
+    from diffusers import DDIMScheduler
+
+    from .stable_diffusion import make_scheduler
+
+    try:
+        return make_scheduler(name, dict(load("scheduler", DDIMScheduler.load_config)), prediction_type)
+    except ValueError as err:
+        raise ConfigError(f"{load.where}: {err}") from None
+
+
 def load_sd3(
     where: str | Path,
     local: bool,
@@ -228,30 +252,25 @@ def load_sd3(
     or broken component, ``ConfigError`` for a ``prediction_type`` (flow models predict velocities) or a
     scheduler other than the family's own.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
     from .flow import StableDiffusion3
-    from .stable_diffusion import ComponentLoader, load_vae, resolve_dtype
+    from .stable_diffusion import ComponentLoader
 
-    if prediction_type is not None:
-        raise ConfigError(f"{where} is a flow-matching model (velocity); prediction_type={prediction_type!r} "
-                          "does not apply")
+    refuse_prediction_type(where, prediction_type)
     has_t5 = check_sd3_layout(Path(where), use_t5) if local else use_t5
-    torch_dtype = resolve_dtype(dtype)
-    vae_torch_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else torch_dtype
-    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision)
-    weights = {"variant": variant} if variant else {}
+    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision, dtype=dtype,
+                           vae_dtype=vae_dtype, variant=variant)
     ldm = StableDiffusion3(
-        unet=load("transformer", SD3Transformer2DModel.from_pretrained, torch_dtype=torch_dtype, **weights),
-        vae=(load_vae(vae, vae_torch_dtype, variant) if vae is not None else
-             load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights)),
+        unet=load.model("transformer", SD3Transformer2DModel),
+        vae=load.vae(vae),
         tokenizer=load("tokenizer", AutoTokenizer.from_pretrained),
-        text_encoder=load("text_encoder", CLIPTextModelWithProjection.from_pretrained, dtype=torch_dtype),
+        text_encoder=load.text_encoder("text_encoder", CLIPTextModelWithProjection),
         tokenizer_2=load("tokenizer_2", AutoTokenizer.from_pretrained),
-        text_encoder_2=load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained, dtype=torch_dtype),
+        text_encoder_2=load.text_encoder("text_encoder_2", CLIPTextModelWithProjection),
         tokenizer_3=load("tokenizer_3", AutoTokenizer.from_pretrained) if has_t5 else None,
-        text_encoder_3=load("text_encoder_3", T5EncoderModel.from_pretrained, dtype=torch_dtype) if has_t5 else None,
+        text_encoder_3=load.text_encoder("text_encoder_3", T5EncoderModel) if has_t5 else None,
         scheduler=flow_scheduler(scheduler, dict(load("scheduler", FlowMatchEulerDiscreteScheduler.load_config)),
                                  where),
         t5_max_length=t5_max_length,
@@ -295,34 +314,29 @@ def load_flux(
     ``ConfigError``). ``t5_max_length``: T5 tokens (default 512 for dev, 256 for schnell, i.e. a transformer
     without ``guidance_embeds``); ``guidance_scale``: dev's distilled guidance. Errors as ``load_sd3``.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     from .flow import Flux, FluxFlowMatchScheduler
-    from .stable_diffusion import ComponentLoader, load_vae, resolve_dtype
+    from .stable_diffusion import ComponentLoader
 
-    if prediction_type is not None:
-        raise ConfigError(f"{where} is a flow-matching model (velocity); prediction_type={prediction_type!r} "
-                          "does not apply")
+    refuse_prediction_type(where, prediction_type)
     if not use_t5:
         raise ConfigError(f"{where}: FLUX conditions on its T5 encoder only; use_t5=False is not possible")
     if local:
         check_parts(Path(where), FLUX_LAYOUT, "FluxPipeline")
-    torch_dtype = resolve_dtype(dtype)
-    vae_torch_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else torch_dtype
-    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision)
-    weights = {"variant": variant} if variant else {}
-    transformer = load("transformer", FluxTransformer2DModel.from_pretrained, torch_dtype=torch_dtype, **weights)
+    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision, dtype=dtype,
+                           vae_dtype=vae_dtype, variant=variant)
+    transformer = load.model("transformer", FluxTransformer2DModel)
     if t5_max_length is None:
         t5_max_length = 512 if transformer.config.guidance_embeds else 256
     ldm = Flux(
         unet=transformer,
-        vae=(load_vae(vae, vae_torch_dtype, variant) if vae is not None else
-             load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights)),
+        vae=load.vae(vae),
         tokenizer=load("tokenizer", AutoTokenizer.from_pretrained),
-        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained, dtype=torch_dtype),
+        text_encoder=load.text_encoder("text_encoder", CLIPTextModel),
         tokenizer_2=load("tokenizer_2", AutoTokenizer.from_pretrained),
-        text_encoder_2=load("text_encoder_2", T5EncoderModel.from_pretrained, dtype=torch_dtype),
+        text_encoder_2=load.text_encoder("text_encoder_2", T5EncoderModel),
         scheduler=flow_scheduler(scheduler, dict(load("scheduler", FlowMatchEulerDiscreteScheduler.load_config)),
                                  where, FluxFlowMatchScheduler),
         t5_max_length=t5_max_length,
@@ -354,32 +368,25 @@ def load_sdxl(
     Arguments as ``load_stable_diffusion`` (``scheduler``: ddim | dpm++ | euler from the model's scheduler
     config; ``use_t5`` does not apply). ``force_zeros_for_empty_prompt`` is read from ``model_index.json``
     (default True). Errors as ``load_sd3``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     from .sdxl import StableDiffusionXL
-    from .stable_diffusion import ComponentLoader, load_vae, make_scheduler, resolve_dtype
+    from .stable_diffusion import ComponentLoader
 
     if local:
         check_parts(Path(where), SDXL_LAYOUT, "StableDiffusionXLPipeline")
     index = read_model_index(where, local, local_files_only=local_files_only, revision=revision) or {}
-    torch_dtype = resolve_dtype(dtype)
-    vae_torch_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else torch_dtype
-    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision)
-    weights = {"variant": variant} if variant else {}
-    try:
-        sched = make_scheduler(scheduler, dict(load("scheduler", DDIMScheduler.load_config)), prediction_type)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision, dtype=dtype,
+                           vae_dtype=vae_dtype, variant=variant)
     ldm = StableDiffusionXL(
-        unet=load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype, **weights),
-        vae=(load_vae(vae, vae_torch_dtype, variant) if vae is not None else
-             load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights)),
+        unet=load.model("unet", UNet2DConditionModel),
+        vae=load.vae(vae),
         tokenizer=load("tokenizer", AutoTokenizer.from_pretrained),
-        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained, dtype=torch_dtype),
+        text_encoder=load.text_encoder("text_encoder", CLIPTextModel),
         tokenizer_2=load("tokenizer_2", AutoTokenizer.from_pretrained),
-        text_encoder_2=load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained, dtype=torch_dtype),
-        scheduler=sched,
+        text_encoder_2=load.text_encoder("text_encoder_2", CLIPTextModelWithProjection),
+        scheduler=noise_scheduler(load, scheduler, prediction_type),
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
     )
     return finish_loading(ldm, device, decoder_checkpointing, height, width)
@@ -408,31 +415,24 @@ def load_pixart(
 
     Arguments as ``load_stable_diffusion``; ``t5_max_length``: T5 tokens (300, diffusers' default); its T5 is its
     only text encoder (``use_t5=False`` raises ``ConfigError``). Errors as ``load_sd3``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
+    from diffusers import PixArtTransformer2DModel
     from transformers import AutoTokenizer, T5EncoderModel
 
     from .pixart import PixArtSigma
-    from .stable_diffusion import ComponentLoader, load_vae, make_scheduler, resolve_dtype
+    from .stable_diffusion import ComponentLoader
 
     if not use_t5:
         raise ConfigError(f"{where}: PixArt conditions on its T5 encoder only; use_t5=False is not possible")
     if local:
         check_parts(Path(where), PIXART_LAYOUT, "PixArtSigmaPipeline")
-    torch_dtype = resolve_dtype(dtype)
-    vae_torch_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else torch_dtype
-    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision)
-    weights = {"variant": variant} if variant else {}
-    try:
-        sched = make_scheduler(scheduler, dict(load("scheduler", DDIMScheduler.load_config)), prediction_type)
-    except ValueError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision, dtype=dtype,
+                           vae_dtype=vae_dtype, variant=variant)
     ldm = PixArtSigma(
-        unet=load("transformer", PixArtTransformer2DModel.from_pretrained, torch_dtype=torch_dtype, **weights),
-        vae=(load_vae(vae, vae_torch_dtype, variant) if vae is not None else
-             load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights)),
+        unet=load.model("transformer", PixArtTransformer2DModel),
+        vae=load.vae(vae),
         tokenizer=load("tokenizer", AutoTokenizer.from_pretrained),
-        text_encoder=load("text_encoder", T5EncoderModel.from_pretrained, dtype=torch_dtype),
-        scheduler=sched,
+        text_encoder=load.text_encoder("text_encoder", T5EncoderModel),
+        scheduler=noise_scheduler(load, scheduler, prediction_type),
         max_length=t5_max_length,
     )
     return finish_loading(ldm, device, decoder_checkpointing, height, width)
@@ -468,19 +468,15 @@ def load_sana(
     from transformers import AutoModel, AutoTokenizer
 
     from .sana import Sana
-    from .stable_diffusion import ComponentLoader, resolve_dtype
+    from .stable_diffusion import ComponentLoader
 
-    if prediction_type is not None:
-        raise ConfigError(f"{where} is a flow-matching model (velocity); prediction_type={prediction_type!r} "
-                          "does not apply")
+    refuse_prediction_type(where, prediction_type)
     if not use_t5 or decoder_checkpointing:
         raise ConfigError(f"{where}: Sana has no T5 to leave out and its AutoencoderDC no decoder checkpointing")
     if local:
         check_parts(Path(where), PIXART_LAYOUT, "SanaPipeline")
-    torch_dtype = resolve_dtype(dtype)
-    vae_torch_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else torch_dtype
-    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision)
-    weights = {"variant": variant} if variant else {}
+    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision, dtype=dtype,
+                           vae_dtype=vae_dtype, variant=variant)
     config = dict(load("scheduler", FlowMatchEulerDiscreteScheduler.load_config))
     name = scheduler.lower()
     if name in ("ddim", "dpm++", "default"):
@@ -493,18 +489,16 @@ def load_sana(
     else:
         raise ConfigError(f"{where} is a flow-matching model; scheduler must be dpm++ (its own) or euler, "
                           f"not {scheduler!r}")
-    autoencoder = (AutoencoderDC.from_pretrained(Path(vae), torch_dtype=vae_torch_dtype) if vae is not None else
-                   load("vae", AutoencoderDC.from_pretrained, torch_dtype=vae_torch_dtype, **weights))
     ldm = Sana(
-        unet=load("transformer", SanaTransformer2DModel.from_pretrained, torch_dtype=torch_dtype, **weights),
-        vae=autoencoder,
+        unet=load.model("transformer", SanaTransformer2DModel),
+        vae=(AutoencoderDC.from_pretrained(Path(vae), torch_dtype=load.vae_dtype) if vae is not None else
+             load.vae(cls=AutoencoderDC)),
         tokenizer=load("tokenizer", AutoTokenizer.from_pretrained),
-        text_encoder=load("text_encoder", AutoModel.from_pretrained, dtype=torch_dtype),
+        text_encoder=load.text_encoder("text_encoder", AutoModel),
         scheduler=sched,
         max_length=t5_max_length,
     )
-    ldm.to(device).eval()
-    return ldm.set_image_size(height, width)
+    return finish_loading(ldm, device, False, height, width)
 
 
 LOADERS = {"sd3": load_sd3, "flux": load_flux, "sdxl": load_sdxl, "pixart": load_pixart, "sana": load_sana}

@@ -146,12 +146,32 @@ def check_layout(root: Path) -> None:
 class ComponentLoader:
     """Loads the components of one diffusers-layout model, local directory or hub id, with errors that name
     the component and where it was looked for (``OSError`` / ``ValueError``; a hub id not in the local cache
-    says how to download it)."""
+    says how to download it). ``dtype`` is the weights' dtype, ``vae_dtype`` the VAE's (default ``dtype``),
+    ``variant`` the weights files' variant (``"fp16"``: ``*.fp16.safetensors``)."""
 
     def __init__(self, where: str | Path, local: bool, *, local_files_only: bool = True,
-                 revision: str | None = None) -> None:
+                 revision: str | None = None, dtype: str | torch.dtype = "fp32",
+                 vae_dtype: str | torch.dtype | None = None, variant: str | None = None) -> None:
         self.where, self.local, self.local_files_only = where, local, local_files_only
         self.hub = {} if local else {"local_files_only": local_files_only, "revision": revision}
+        self.dtype = resolve_dtype(dtype)
+        self.vae_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else self.dtype
+        self.variant = variant
+        self.weights = {"variant": variant} if variant else {}
+
+    def model(self, name: str, cls: type) -> object:
+        """A diffusers model (``cls.from_pretrained``) from sub-folder ``name``, in ``dtype``."""
+        return self(name, cls.from_pretrained, torch_dtype=self.dtype, **self.weights)
+
+    def text_encoder(self, name: str, cls: type) -> object:
+        """A transformers model (``cls.from_pretrained``) from sub-folder ``name``, in ``dtype``."""
+        return self(name, cls.from_pretrained, dtype=self.dtype)
+
+    def vae(self, override: str | Path | None = None, cls: type = AutoencoderKL) -> object:
+        """The VAE from sub-folder ``vae``, or from the directory ``override`` (``load_vae``), in ``vae_dtype``."""
+        if override is not None:
+            return load_vae(override, self.vae_dtype, self.variant)
+        return self("vae", cls.from_pretrained, torch_dtype=self.vae_dtype, **self.weights)
 
     def part(self, name: str) -> tuple[str | Path, dict]:
         """(path, extra keyword arguments) of sub-folder ``name``."""
@@ -243,14 +263,11 @@ def load_stable_diffusion(
         raise ConfigError(f"{where} is Stable Diffusion 1.x / 2.x; not an option of it: {', '.join(sorted(extra))}")
     if local:
         check_layout(Path(where))
-    torch_dtype = resolve_dtype(dtype)
-    vae_torch_dtype = resolve_dtype(vae_dtype) if vae_dtype is not None else torch_dtype
-    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision)
-    weights_kw = {"variant": variant} if variant else {}
-    unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype, **weights_kw)
-    autoencoder = (load_vae(vae, vae_torch_dtype, variant) if vae is not None else
-                   load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights_kw))
-    text_encoder = load("text_encoder", AutoModel.from_pretrained, dtype=torch_dtype)
+    load = ComponentLoader(where, local, local_files_only=local_files_only, revision=revision, dtype=dtype,
+                           vae_dtype=vae_dtype, variant=variant)
+    unet = load.model("unet", UNet2DConditionModel)
+    autoencoder = load.vae(vae)
+    text_encoder = load.text_encoder("text_encoder", AutoModel)
     tokenizer = load("tokenizer", AutoTokenizer.from_pretrained)
     sched_config = load("scheduler", DDIMScheduler.load_config)
     ldm = LatentDiffusion(
