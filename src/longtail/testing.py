@@ -44,21 +44,29 @@ T5_WORDS = ("a", "photo", "of", "an", "the", "cat", "dog", "blurry", "t-shirt/to
             "upside", "down")
 
 
-def tiny_t5_tokenizer(max_length: int = 512) -> object:
-    """A T5-style fast tokenizer built in memory: ``tokenizers`` WordLevel over ``T5_WORDS`` (lower-cased,
-    split on whitespace and punctuation), ``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2. Nothing downloaded."""
+def _word_level_tokenizer(specials: dict[str, int], template: str, marker: str, max_length: int,
+                          **names: str) -> object:
+    """A fast tokenizer built in memory: ``tokenizers`` WordLevel over ``specials`` then ``T5_WORDS`` (lower-cased,
+    split on whitespace), the ``template`` post-processor adding ``marker``; ``names`` are the special tokens'
+    roles (``pad_token=...``). Nothing downloaded."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    vocab = dict(specials)
     for word in T5_WORDS:
         vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=names["unk_token"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[(marker, vocab[marker])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **names)
+
+
+def tiny_t5_tokenizer(max_length: int = 512) -> object:
+    """A T5-style fast tokenizer built in memory: WordLevel over ``T5_WORDS`` (lower-cased, split on whitespace),
+    ``<pad>`` 0, ``</s>`` 1 appended, ``<unk>`` 2. Nothing downloaded."""
+    return _word_level_tokenizer({"<pad>": 0, "</s>": 1, "<unk>": 2}, "$A </s>", "</s>", max_length,
+                                 pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny_sd3_components(*, seed: int = 0, with_t5: bool = True, sample_size: int = 8, patch_size: int = 2,
@@ -110,16 +118,7 @@ def write_tiny_sd3(root: str | Path, *, seed: int = 0, with_t5: bool = True, sam
     parts = tiny_sd3_components(seed=seed, with_t5=with_t5, sample_size=sample_size)
     parts["tokenizer"] = tiny_clip_tokenizer(root / "tokenizer")
     parts["tokenizer_2"] = tiny_clip_tokenizer(root / "tokenizer_2")
-    index: dict[str, object] = {"_class_name": "StableDiffusion3Pipeline"}
-    for name, part in parts.items():
-        if part is None:
-            index[name] = [None, None]
-            continue
-        part.save_pretrained(root / name)
-        library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
-        index[name] = [library, type(part).__name__]
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root
+    return save_pipeline("StableDiffusion3Pipeline", parts, root)
 
 
 def tiny_flux_components(*, seed: int = 0, guidance_embeds: bool = True) -> dict[str, object]:
@@ -161,13 +160,7 @@ def write_tiny_flux(root: str | Path, *, seed: int = 0, guidance_embeds: bool = 
     root = Path(root)
     parts = tiny_flux_components(seed=seed, guidance_embeds=guidance_embeds)
     parts["tokenizer"] = tiny_clip_tokenizer(root / "tokenizer")
-    index: dict[str, object] = {"_class_name": "FluxPipeline"}
-    for name, part in parts.items():
-        part.save_pretrained(root / name)
-        library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
-        index[name] = [library, type(part).__name__]
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root
+    return save_pipeline("FluxPipeline", parts, root)
 
 
 def tiny_sdxl_components(*, seed: int = 0, prediction_type: str = "epsilon") -> dict[str, object]:
@@ -210,13 +203,7 @@ def write_tiny_sdxl(root: str | Path, *, seed: int = 0, prediction_type: str = "
     parts = tiny_sdxl_components(seed=seed, prediction_type=prediction_type)
     parts["tokenizer"] = tiny_clip_tokenizer(root / "tokenizer")
     parts["tokenizer_2"] = tiny_clip_tokenizer(root / "tokenizer_2")
-    index: dict[str, object] = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}
-    for name, part in parts.items():
-        part.save_pretrained(root / name)
-        library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
-        index[name] = [library, type(part).__name__]
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root
+    return save_pipeline("StableDiffusionXLPipeline", parts, root)
 
 
 def write_tiny_pixart(root: str | Path, *, seed: int = 0) -> Path:
@@ -245,30 +232,24 @@ def write_tiny_pixart(root: str | Path, *, seed: int = 0) -> Path:
         "tokenizer": tiny_t5_tokenizer(),
         "scheduler": DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
     }
-    index: dict[str, object] = {"_class_name": "PixArtSigmaPipeline"}
-    for name, part in parts.items():
-        part.save_pretrained(root / name)
-        library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
-        index[name] = [library, type(part).__name__]
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return save_pipeline("PixArtSigmaPipeline", parts, root)
+
+
+def save_pipeline(pipeline: str, parts: dict[str, object], root: Path) -> Path:
+    """Write ``parts`` (components under the pipeline's argument names; None for a left-out optional one) to
+    ``root`` with diffusers' own ``<pipeline>(**parts).save_pretrained``: every sub-folder plus
+    ``model_index.json`` (with the pipeline's registered config, SDXL's ``force_zeros_for_empty_prompt``)."""
+    import diffusers
+
+    getattr(diffusers, pipeline)(**parts).save_pretrained(root)
     return root
 
 
 def tiny_gemma_tokenizer(max_length: int = 512) -> object:
     """A Gemma-style fast tokenizer built in memory: WordLevel over ``T5_WORDS``, ``<pad>`` 0, ``<eos>`` 1,
     ``<bos>`` 2 prepended, ``<unk>`` 3. Nothing downloaded."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
-    for word in T5_WORDS:
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
-                                   unk_token="<unk>", model_max_length=max_length)
+    return _word_level_tokenizer({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}, "<bos> $A", "<bos>", max_length,
+                                 pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")
 
 
 def write_tiny_sana(root: str | Path, *, seed: int = 0) -> Path:
@@ -302,13 +283,7 @@ def write_tiny_sana(root: str | Path, *, seed: int = 0) -> Path:
         "scheduler": DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True,
                                                  prediction_type="flow_prediction"),
     }
-    index: dict[str, object] = {"_class_name": "SanaPipeline"}
-    for name, part in parts.items():
-        part.save_pretrained(root / name)
-        library = "diffusers" if type(part).__module__.startswith("diffusers") else "transformers"
-        index[name] = [library, type(part).__name__]
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
-    return root
+    return save_pipeline("SanaPipeline", parts, root)
 
 
 def write_tiny_stable_diffusion(
