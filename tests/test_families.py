@@ -117,15 +117,25 @@ def test_sd3_unguided_equals_diffusers_pipeline(sd3_dirs, variant):
     assert torch.allclose(res.latents, raw, atol=1e-5)
 
 
-def test_sd3_guided_generation(sd3_dirs, classifier):
-    ldm = load_generator(sd3_dirs["t5"])
+def guided_run(ldm, classifier, weight: float = 200.0, cfg_scale: float = 2.0):
+    """The guided-generation checks every family shares: w = 0 gives exactly the unguided images; w > 0 finite
+    images, different ones, with a higher signal. Returns (jobs, generate's keywords, the guided result)."""
     jobs = plan_jobs([1, 1], lambda c, i: PROMPTS[c])
-    kw = dict(classifier=classifier, num_steps=3, cfg_scale=2.0, show=False)
+    kw = dict(classifier=classifier, num_steps=3, cfg_scale=cfg_scale, show=False)
     plain = generate(ldm, jobs, **kw)
-    guided = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=200.0), **kw)
-    assert guided.images.shape == (2, 3, 32, 32) and torch.isfinite(guided.images).all() and guided.nonfinite == 0
+    zero = generate(ldm, jobs, guidance=GuidanceConfig("entropy", 0.0), **kw)
+    guided = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=weight), **kw)
+    assert torch.equal(zero.images, plain.images)
+    assert torch.isfinite(guided.images).all() and guided.nonfinite == 0
     assert not torch.allclose(guided.images, plain.images, atol=1e-4)
     assert guided.signal.mean() > plain.signal.mean()
+    return jobs, kw, guided
+
+
+def test_sd3_guided_generation(sd3_dirs, classifier):
+    ldm = load_generator(sd3_dirs["t5"])
+    jobs, kw, guided = guided_run(ldm, classifier)
+    assert guided.images.shape == (2, 3, 32, 32)
     projected = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=200.0, project=True, lowpass=1.0), **kw)
     assert torch.isfinite(projected.images).all() and not torch.allclose(projected.images, guided.images, atol=1e-4)
     z = initial_latents([3], ldm.latent_shape)  # encode inverts decode's scaling and shift
@@ -158,15 +168,7 @@ def test_flux_unguided_equals_diffusers_pipeline(flux_dirs, variant, cfg):
 
 def test_flux_guided_generation_and_resolution(flux_dirs, classifier):
     ldm = load_generator(flux_dirs["dev"], height=32, width=32)
-    jobs = plan_jobs([1, 1], lambda c, i: PROMPTS[c])
-    kw = dict(classifier=classifier, num_steps=3, cfg_scale=1.0, show=False)
-    plain = generate(ldm, jobs, **kw)
-    zero = generate(ldm, jobs, guidance=GuidanceConfig("entropy", 0.0), **kw)
-    guided = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=200.0), **kw)
-    assert torch.equal(zero.images, plain.images)
-    assert torch.isfinite(guided.images).all() and guided.nonfinite == 0
-    assert not torch.allclose(guided.images, plain.images, atol=1e-4)
-    assert guided.signal.mean() > plain.signal.mean()
+    guided_run(ldm, classifier, cfg_scale=1.0)
     ldm.set_image_size(64, 32)
     assert ldm.latent_shape == (4, 16, 8) and ldm.scheduler.image_seq_len == 32  # FLUX's shift follows the size
     with pytest.raises(ValueError, match="height=36 is not a multiple of 8"):
@@ -196,16 +198,7 @@ def test_sdxl_unguided_equals_diffusers_pipeline(sdxl_dir, scheduler, negative):
 
 
 def test_sdxl_guided_generation(sdxl_dir, classifier):
-    ldm = load_generator(sdxl_dir)
-    jobs = plan_jobs([1, 1], lambda c, i: PROMPTS[c])
-    kw = dict(classifier=classifier, num_steps=3, cfg_scale=2.0, show=False)
-    plain = generate(ldm, jobs, **kw)
-    zero = generate(ldm, jobs, guidance=GuidanceConfig("entropy", 0.0), **kw)
-    guided = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=200.0), **kw)
-    assert torch.equal(zero.images, plain.images)
-    assert torch.isfinite(guided.images).all() and guided.nonfinite == 0
-    assert not torch.allclose(guided.images, plain.images, atol=1e-4)
-    assert guided.signal.mean() > plain.signal.mean()
+    guided_run(load_generator(sdxl_dir), classifier)
 
 
 @pytest.mark.parametrize(("scheduler", "negative"), [("dpm++", ""), ("ddim", "blurry")])
@@ -229,16 +222,7 @@ def test_pixart_unguided_equals_diffusers_pipeline(pixart_dir, scheduler, negati
 
 
 def test_pixart_guided_generation(pixart_dir, classifier):
-    ldm = load_generator(pixart_dir, scheduler="dpm++")
-    jobs = plan_jobs([1, 1], lambda c, i: PROMPTS[c])
-    kw = dict(classifier=classifier, num_steps=3, cfg_scale=2.0, show=False)
-    plain = generate(ldm, jobs, **kw)
-    zero = generate(ldm, jobs, guidance=GuidanceConfig("entropy", 0.0), **kw)
-    guided = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=200.0), **kw)
-    assert torch.equal(zero.images, plain.images)
-    assert torch.isfinite(guided.images).all() and guided.nonfinite == 0
-    assert not torch.allclose(guided.images, plain.images, atol=1e-4)
-    assert guided.signal.mean() > plain.signal.mean()
+    guided_run(load_generator(pixart_dir, scheduler="dpm++"), classifier)
 
 
 @pytest.mark.parametrize(("scheduler", "negative"), [("dpm++", ""), ("euler", "blurry")])
@@ -262,15 +246,7 @@ def test_sana_unguided_equals_diffusers_pipeline(sana_dir, scheduler, negative):
 
 def test_sana_guided_generation(sana_dir, classifier):
     ldm = load_generator(sana_dir)
-    jobs = plan_jobs([1, 1], lambda c, i: PROMPTS[c])
-    kw = dict(classifier=classifier, num_steps=3, cfg_scale=2.0, show=False)
-    plain = generate(ldm, jobs, **kw)
-    zero = generate(ldm, jobs, guidance=GuidanceConfig("entropy", 0.0), **kw)
-    guided = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=20.0), **kw)
-    assert torch.equal(zero.images, plain.images)
-    assert torch.isfinite(guided.images).all() and guided.nonfinite == 0
-    assert not torch.allclose(guided.images, plain.images, atol=1e-4)
-    assert guided.signal.mean() > plain.signal.mean()
+    jobs, kw, _ = guided_run(ldm, classifier, weight=20.0)
     projected = generate(ldm, jobs, guidance=GuidanceConfig("entropy", weight=20.0, project=True), **kw)
     assert torch.isfinite(projected.images).all()  # AutoencoderDC's encode (no latent_dist) serves MPGD
 
