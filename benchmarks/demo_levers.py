@@ -81,8 +81,7 @@ def allocator_table(passes: int) -> None:
     runs: dict[str, list[dict]] = {"default": [], "tuned": []}
     for p in range(passes):
         for name in (("default", "tuned") if p % 2 == 0 else ("tuned", "default")):
-            env_flag = "tuned" if name == "tuned" else "default"
-            done = subprocess.run([sys.executable, __file__, "--worker", env_flag], check=True,
+            done = subprocess.run([sys.executable, __file__, "--worker", name], check=True,
                                   capture_output=True, text=True, env=_env(name))
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"1. allocator: glibc defaults vs keep_freed_memory(), fresh processes, median of {passes}")

@@ -66,19 +66,22 @@ class TextKVProcessor(AttnProcessor2_0):
         self._entry: tuple[weakref.ref, tuple[int, ...], tuple[Tensor, Tensor] | None] | None = None
         self._lock = threading.RLock()
 
-    def _reusable(self, attn: Attention, text: Tensor | None) -> bool:
+    def _reusable(self, attn: Attention, text: Tensor | None) -> list[Tensor] | None:
+        """The projections' weights when ``text``'s projection may be kept or reused here, else None."""
         if not self.active or text is None or attn.norm_cross or attn.spatial_norm is not None:
-            return False
+            return None
         if type(attn.to_k) is not nn.Linear or type(attn.to_v) is not nn.Linear:
-            return False
+            return None
         if torch.compiler.is_compiling() or _autocast_on():
-            return False
-        needs_grad = torch.is_grad_enabled() and (text.requires_grad or any(w.requires_grad for w in _weights(attn)))
-        return not needs_grad
+            return None
+        weights = _weights(attn)
+        if torch.is_grad_enabled() and (text.requires_grad or any(w.requires_grad for w in weights)):
+            return None
+        return weights
 
-    def _keys_values(self, attn: Attention, text: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _keys_values(self, attn: Attention, text: Tensor, weights: list[Tensor]) -> tuple[Tensor, Tensor] | None:
         """The kept projection of ``text``, filling it at the text's second sighting; None at its first."""
-        versions = (text._version, *(w._version for w in _weights(attn)))
+        versions = (text._version, *(w._version for w in weights))
         entry = self._entry
         if entry is None or entry[0]() is not text or entry[1] != versions:
             self._entry = (weakref.ref(text), versions, None)
@@ -93,8 +96,8 @@ class TextKVProcessor(AttnProcessor2_0):
     def __call__(self, attn: Attention, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  *args: object, **kwargs: object) -> Tensor:
         with self._lock:
-            kept = self._keys_values(attn, encoder_hidden_states) if self._reusable(attn, encoder_hidden_states) \
-                else None
+            weights = self._reusable(attn, encoder_hidden_states)
+            kept = None if weights is None else self._keys_values(attn, encoder_hidden_states, weights)
             if kept is None:
                 return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
             modules = attn._modules
