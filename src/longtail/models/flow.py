@@ -133,18 +133,6 @@ class StableDiffusion3(LatentDiffusion):
                 self._prompt_cache[prompt] = row.to(self.dtype)
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusion3:
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in self.modules():
-            module.to(**kwargs)
-        self._prompt_cache.clear()
-        return self
-
-    def eval(self) -> StableDiffusion3:
-        for module in self.modules():
-            module.eval().requires_grad_(False)
-        return self
-
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
                     max_shift: float = 1.15) -> float:
@@ -281,15 +269,3 @@ class Flux(LatentDiffusion):
             for prompt, row in zip(chunk, pack_cond(embeds, pooled), strict=True):
                 self._prompt_cache[prompt] = row.to(self.dtype)
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Flux:
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in self.modules():
-            module.to(**kwargs)
-        self._prompt_cache.clear()
-        return self
-
-    def eval(self) -> Flux:
-        for module in self.modules():
-            module.eval().requires_grad_(False)
-        return self

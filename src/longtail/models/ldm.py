@@ -226,15 +226,19 @@ class LatentDiffusion:
                 self._prompt_cache[prompt] = h.to(self.dtype)
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
 
+    def modules(self) -> list[nn.Module]:
+        """Every module this generator holds (a family with more text encoders lists them too)."""
+        return [self.unet, self.vae, self.text_encoder]
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LatentDiffusion:
         kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.to(**kwargs)
         self._prompt_cache.clear()
         return self
 
     def eval(self) -> LatentDiffusion:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.eval().requires_grad_(False)
         return self
 

@@ -16,9 +16,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .ldm import LatentDiffusion
+
+
+def encode_masked_prompts(ldm: LatentDiffusion, prompts: Sequence[str], cache_dtype: torch.dtype | None = None
+                          ) -> Tensor:
+    """Prompts -> ``[B, max_length, D + 1]``: the text encoder's last hidden states and the attention mask
+    (last column) of the lower-cased, stripped prompts padded to ``ldm.max_length``, cached per prompt in
+    ``ldm._prompt_cache`` (in ``cache_dtype``; None keeps the encoder's). PixArt's and Sana's prompt encoding
+    (``clean_caption=False``)."""
+    missing = sorted({p for p in prompts if p not in ldm._prompt_cache})
+    for prompt in missing:
+        ldm.prompt_seen(prompt)
+    encoder, dtype = ldm.text_encoder, ldm.text_encoder.dtype
+    for start in range(0, len(missing), 64):
+        chunk = missing[start : start + 64]
+        tokens = ldm.tokenizer([p.lower().strip() for p in chunk], padding="max_length", max_length=ldm.max_length,
+                               truncation=True, add_special_tokens=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(encoder.device)
+        hidden = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
+        packed = torch.cat([hidden.to(dtype), mask[..., None].to(dtype)], -1)
+        for prompt, row in zip(chunk, packed, strict=True):
+            ldm._prompt_cache[prompt] = row if cache_dtype is None else row.to(cache_dtype)
+    return torch.stack([ldm._prompt_cache[p] for p in prompts]).to(ldm.device)
 
 
 def split_masked(cond: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,20 +76,4 @@ class PixArtSigma(LatentDiffusion):
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> ``[B, max_length, D + 1]``: T5's last hidden states and the attention mask (last column),
         cached per prompt; the numbers of ``PixArtSigmaPipeline.encode_prompt`` with ``clean_caption=False``."""
-        missing = sorted({p for p in prompts if p not in self._prompt_cache})
-        for prompt in missing:
-            self.prompt_seen(prompt)
-        for start in range(0, len(missing), 64):
-            chunk = missing[start : start + 64]
-            tokens = self.tokenizer([p.lower().strip() for p in chunk], padding="max_length",
-                                    max_length=self.max_length, truncation=True, add_special_tokens=True,
-                                    return_tensors="pt")
-            mask = tokens.attention_mask.to(self.text_encoder.device)
-            hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device), attention_mask=mask)[0]
-            packed = torch.cat([hidden.to(self.text_encoder.dtype), mask[..., None].to(self.text_encoder.dtype)], -1)
-            for prompt, row in zip(chunk, packed, strict=True):
-                self._prompt_cache[prompt] = row.to(self.dtype)
-        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
-
-    def modules(self) -> list[nn.Module]:
-        return [self.unet, self.vae, self.text_encoder]
+        return encode_masked_prompts(self, prompts, cache_dtype=self.dtype)

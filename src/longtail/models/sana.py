@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .ldm import LatentDiffusion
-from .pixart import split_masked
+from .pixart import encode_masked_prompts, split_masked
 
 
 @dataclass
@@ -61,22 +61,5 @@ class Sana(LatentDiffusion):
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """Prompts -> ``[B, max_length, D + 1]``: Gemma 2's last hidden states and the attention mask (last
         column), right-padded, cached per prompt; ``SanaPipeline.encode_prompt`` without the instruction prefix."""
-        missing = sorted({p for p in prompts if p not in self._prompt_cache})
-        for prompt in missing:
-            self.prompt_seen(prompt)
         self.tokenizer.padding_side = "right"
-        for start in range(0, len(missing), 64):
-            chunk = missing[start : start + 64]
-            tokens = self.tokenizer([p.lower().strip() for p in chunk], padding="max_length",
-                                    max_length=self.max_length, truncation=True, add_special_tokens=True,
-                                    return_tensors="pt")
-            mask = tokens.attention_mask.to(self.text_encoder.device)
-            hidden = self.text_encoder(tokens.input_ids.to(self.text_encoder.device), attention_mask=mask)[0]
-            dtype = self.text_encoder.dtype
-            packed = torch.cat([hidden.to(dtype), mask[..., None].to(dtype)], -1)
-            for prompt, row in zip(chunk, packed, strict=True):
-                self._prompt_cache[prompt] = row
-        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
-
-    def modules(self) -> list[nn.Module]:
-        return [self.unet, self.vae, self.text_encoder]
+        return encode_masked_prompts(self, prompts)

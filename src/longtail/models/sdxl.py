@@ -78,15 +78,3 @@ class StableDiffusionXL(LatentDiffusion):
                     e, p = torch.zeros_like(e), torch.zeros_like(p)
                 self._prompt_cache[prompt] = pack_cond(e[None], p[None])[0].to(self.dtype)
         return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.device)
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> StableDiffusionXL:
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        for module in self.modules():
-            module.to(**kwargs)
-        self._prompt_cache.clear()
-        return self
-
-    def eval(self) -> StableDiffusionXL:
-        for module in self.modules():
-            module.eval().requires_grad_(False)
-        return self
