@@ -74,6 +74,23 @@ def read_json(path: str | Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_run_marker(marker: Path, settings: Mapping[str, Any], started: bool, what: str, way_out: str) -> None:
+    """Resume guard of a training run: when ``started``, refuse (ValueError naming the keys that differ) a
+    ``marker`` file written with other ``settings``, or no marker at all; then record ``settings`` there.
+    ``what`` names the run ("a LoRA training run"), ``way_out`` ends the message ("use another --out")."""
+    wanted = json.loads(to_json(settings, indent=None, sort_keys=True))
+    if started:
+        if not marker.is_file():
+            raise ValueError(f"{marker.parent} holds {what} of other settings (no {marker.name}); {way_out}")
+        old = json.loads(marker.read_text())
+        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+        if changed:
+            raise ValueError(f"{marker.parent} holds {what} begun with other settings ({', '.join(changed)} "
+                             f"differ); {way_out}, or the same settings to resume")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(to_json(wanted, indent=None, sort_keys=True))
+
+
 # --- weights ------------------------------------------------------------------------------------------------
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")

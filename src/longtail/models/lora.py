@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..config import ConfigError
-from ..files import load_checkpoint, read_state_dict, to_json, write_json
+from ..files import check_run_marker, load_checkpoint, read_state_dict, write_json
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' file name for LoRA weights
 LORA_META = "longtail_lora.json"
@@ -168,17 +168,10 @@ def _digest(value: object) -> str:
 
 
 def _check_marker(out: Path, settings: dict) -> None:
-    """Refuse to resume a run in ``out`` begun with other settings (naming them); record the settings."""
-    marker = out / MARKER
-    wanted = json.loads(to_json(settings, indent=None, sort_keys=True))
-    if (out / "checkpoint" / "state.pt").is_file() and marker.is_file():
-        old = json.loads(marker.read_text())
-        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-        if changed:
-            raise ValueError(f"{out} holds a LoRA training run begun with other settings ({', '.join(changed)} "
-                             "differ); use another --out, or the same settings to resume")
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(to_json(wanted, indent=None, sort_keys=True))
+    """Refuse to resume a run in ``out`` begun with other settings (naming them); record the settings. A run
+    without a checkpoint yet starts afresh whatever its marker says."""
+    check_run_marker(out / MARKER, settings, started=(out / "checkpoint" / "state.pt").is_file()
+                     and (out / MARKER).is_file(), what="a LoRA training run", way_out="use another --out")
 
 
 def _save_state(path: Path, step: int, unet, opt, sched, gen: torch.Generator, losses: list[float]) -> None:

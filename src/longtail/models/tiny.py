@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..files import load_checkpoint, read_state_dict, to_json, write_json
+from ..files import check_run_marker, load_checkpoint, read_state_dict, to_json, write_json
 from .ldm import LatentDiffusion, ddim_scheduler
 
 if TYPE_CHECKING:
@@ -650,20 +650,9 @@ def _digest(values: list) -> str:
 def _check_data_marker(root: Path, settings: dict) -> None:
     """Record the settings of a folder run in progress; refuse to resume one begun with other settings (the
     error names the keys that differ)."""
-    marker = root / DATA_MARKER
     started = (root / "vae_done").is_file() or (root / "unet_checkpoint" / "state.pt").is_file()
-    wanted = json.loads(to_json(settings, indent=None, sort_keys=True))
-    if started:
-        if not marker.is_file():
-            raise ValueError(f"{root} holds a generator training run of other data (no {DATA_MARKER}); use "
-                             "another output directory")
-        old = json.loads(marker.read_text())
-        changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-        if changed:
-            raise ValueError(f"{root} holds a generator training run begun with other settings ({', '.join(changed)} "
-                             "differ); use another output directory, or the same settings to resume")
-    root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(to_json(wanted, indent=None, sort_keys=True))
+    check_run_marker(root / DATA_MARKER, settings, started, what="a generator training run",
+                     way_out="use another output directory")
 
 
 def resolve_folder_config(cfg: TinyGeneratorConfig, modes: Sequence[tuple[str, int, int]]) -> TinyGeneratorConfig:
