@@ -69,3 +69,13 @@ class Brightness(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.mean(dim=(1, 2, 3))[:, None])
+
+
+def toy_parts(dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(decoder 6 -> 10, classifier 10 -> 3, denoiser 6 -> 6: an eps or velocity model), seeded, for gradient
+    checks of the guidance in double precision."""
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Linear(6, 10), nn.Tanh()).to(dtype)
+    classifier = nn.Linear(10, 3).to(dtype)
+    denoiser = nn.Sequential(nn.Linear(6, 6), nn.Tanh()).to(dtype)
+    return decoder, classifier, denoiser

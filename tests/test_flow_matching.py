@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
+from helpers import toy_parts
 from longtail.guidance import (
     LongtailGuide,
     flow_guidance_scale,
@@ -58,17 +59,9 @@ def test_guided_velocity_is_eq11_on_the_equivalent_variance_preserving_path(s):
     assert torch.allclose(shift, w * s**2 / (1 - s) * g, atol=1e-12)
 
 
-def _toy_parts(dtype=torch.float64):
-    torch.manual_seed(0)
-    decoder = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh()).to(dtype)
-    classifier = torch.nn.Linear(10, 3).to(dtype)
-    velocity = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()).to(dtype)
-    return decoder, classifier, velocity
-
-
 @pytest.mark.parametrize("through_denoiser", [False, True])
 def test_flow_latent_gradient_matches_finite_differences(through_denoiser):
-    decoder, classifier, velocity = _toy_parts()
+    decoder, classifier, velocity = toy_parts()
     score_fn = make_score_fn(decoder, classifier, "entropy")
     s = 0.6
     x = torch.randn(2, 6, dtype=torch.float64)

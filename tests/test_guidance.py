@@ -16,6 +16,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from helpers import toy_parts
 from longtail.generate import generate, plan_jobs
 from longtail.guidance import (
     GuidanceWindow,
@@ -58,17 +59,9 @@ def test_model_output_conversions_round_trip(kind):
     assert torch.allclose(model_output_from_eps(eps, z, 0.3, kind), out, atol=1e-5)
 
 
-def _toy_parts(dtype=torch.float64):
-    torch.manual_seed(0)
-    decoder = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh()).to(dtype)
-    classifier = torch.nn.Linear(10, 3).to(dtype)
-    denoise = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()).to(dtype)
-    return decoder, classifier, denoise
-
-
 @pytest.mark.parametrize("through_denoiser", [False, True])
 def test_latent_gradient_matches_finite_differences(through_denoiser):
-    decoder, classifier, denoise = _toy_parts()
+    decoder, classifier, denoise = toy_parts()
     score_fn = make_score_fn(decoder, classifier, "entropy")
     a = 0.5
     z = torch.randn(2, 6, dtype=torch.float64)
